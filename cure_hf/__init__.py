@@ -1,0 +1,19 @@
+"""cure_hf: robust image classifiers with adversarial training (CURE, TRADES, PGD-AT, MART, FGSM-RS)
+inside the Hugging Face Trainer."""
+from .config import CURETrainingArguments
+from .data import collate_pixels, image_transform, load_digits_dataset
+from .models import PixelNormalized, create_model, find_head_modules
+from .trainer import CURETrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CURETrainer",
+    "CURETrainingArguments",
+    "PixelNormalized",
+    "create_model",
+    "find_head_modules",
+    "load_digits_dataset",
+    "image_transform",
+    "collate_pixels",
+]

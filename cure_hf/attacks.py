@@ -1,0 +1,156 @@
+"""Adversarial attacks in pixel space [0, 1] as pure functions.
+
+Nothing here knows about the Trainer. Every attack:
+- runs the model in eval mode (BatchNorm uses running statistics) and restores its mode,
+- turns off parameter gradients while it runs, so no gradient leaks into ``.grad``,
+- returns a detached tensor inside the eps-ball around ``x`` and inside [0, 1].
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "logits_of",
+    "attack_mode",
+    "cross_entropy_loss",
+    "kl_divergence",
+    "margin_loss",
+    "project_linf",
+    "pgd",
+    "fgsm_rs",
+]
+
+
+def logits_of(output) -> torch.Tensor:
+    """Logits from a timm module (a tensor) or a transformers model (an output with ``.logits``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}")
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and frozen parameters for the duration of an attack; both restored afterwards."""
+    was_training = model.training
+    params = list(model.parameters())
+    requires_grad = [p.requires_grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(params, requires_grad):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+    """KL(softmax(teacher) || softmax(student)), summed over classes; "batchmean" averages over the batch."""
+    return F.kl_div(
+        F.log_softmax(student_logits.float(), dim=1),
+        F.softmax(teacher_logits.float(), dim=1),
+        reduction=reduction,
+    )
+
+
+def margin_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Carlini-Wagner margin: best wrong logit minus the true logit (positive means misclassified)."""
+    logits = logits.float()
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    wrong = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    margin = wrong - true
+    return margin.sum() if reduction == "sum" else margin.mean() if reduction == "mean" else margin
+
+
+def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Closest point to ``x_adv`` inside the L-inf eps-ball around ``x`` and inside [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def _random_start(x: torch.Tensor, eps: float, init: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+    if init == "none":
+        return x.clone()
+    if init == "uniform":
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+        return project_linf(x + eps * noise, x, eps)
+    if init == "normal":  # TRADES/CURE: x + 0.001 * N(0, I)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return project_linf(x + 0.001 * noise, x, eps)
+    raise ValueError(f"init={init!r} is not one of 'uniform', 'normal', 'none'")
+
+
+def _attack_objective(logits, labels, clean_logits, loss: str) -> torch.Tensor:
+    # Summed over the batch, so each example's step does not depend on the batch size.
+    if loss == "ce":
+        return cross_entropy_loss(logits, labels, reduction="sum")
+    if loss == "kl":
+        return kl_divergence(logits, clean_logits, reduction="sum")
+    if loss == "margin":
+        return margin_loss(logits, labels, reduction="sum")
+    raise ValueError(f"loss={loss!r} is not one of 'ce', 'kl', 'margin'")
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss: str = "ce",
+    init: str = "uniform",
+    clean_logits: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """L-inf projected gradient ascent on ``loss`` ("ce", "kl" as in TRADES, or "margin" as in CW-inf).
+
+    For "kl" the clean logits are computed once (in eval mode) unless given.
+    """
+    if loss in ("ce", "margin") and labels is None:
+        raise ValueError(f"pgd with loss={loss!r} needs labels")
+    with attack_mode(model):
+        x = x.detach()
+        if loss == "kl" and clean_logits is None:
+            with torch.no_grad():
+                clean_logits = logits_of(model(x))
+        if clean_logits is not None:
+            clean_logits = clean_logits.detach()
+        x_adv = _random_start(x, eps, init, generator)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                objective = _attack_objective(logits_of(model(x_adv)), labels, clean_logits, loss)
+                (grad,) = torch.autograd.grad(objective, x_adv)
+            x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv.detach()
+
+
+def fgsm_rs(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    eps: float,
+    step_size: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """FGSM with a uniform random start ("Fast is better than free"); step defaults to 1.25 * eps."""
+    return pgd(
+        model, x, labels, eps=eps, step_size=1.25 * eps if step_size is None else step_size,
+        steps=1, loss="ce", init="uniform", generator=generator,
+    )

@@ -1,0 +1,183 @@
+"""CURETrainingArguments: every knob of adversarial training, validated at construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import List, Optional, Union
+
+from transformers import TrainingArguments
+
+__all__ = ["CURETrainingArguments", "parse_pixel_value", "ADV_METHODS", "EVAL_ATTACKS"]
+
+ADV_METHODS = ("clean", "pgd", "trades", "mart", "fgsm_rs", "cure")
+PROMINENCE_MODES = ("loss", "paper")
+CONSERVATION_MODES = ("soft", "hard")
+REVISION_SCHEDULES = ("constant", "linear")
+EVAL_ATTACKS = ("clean", "pgd", "cw", "autoattack")
+
+
+def parse_pixel_value(value: Union[str, float, int], name: str) -> float:
+    """Read a pixel-space size such as ``"8/255"``, ``"0.0314"`` or ``8/255`` as a float."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(Fraction(str(value).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{name}={value!r} is not a number; write it like 8/255 or 0.0314") from None
+
+
+def _check(condition: bool, name: str, value, allowed: str, fix: str = "") -> None:
+    if not condition:
+        raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}." + (f" {fix}" if fix else ""))
+
+
+def _check_pixel_size(name: str, value: float) -> None:
+    _check(
+        0.0 <= value <= 1.0, name, value, "a size in pixel units of [0, 1] (0 <= value <= 1)",
+        f"Pixels live in [0, 1]: for 8 intensity levels write {name}=8/255.",
+    )
+
+
+@dataclass
+class CURETrainingArguments(TrainingArguments):
+    r"""
+    Arguments for [`CURETrainer`]: `transformers.TrainingArguments` plus the attack and the method.
+
+    Symbols follow the CURE paper (Gowda et al., ICLR 2024): p, alpha, gamma, r, d. All attack
+    sizes are in pixel units of [0, 1] and accept fractions, e.g. `--epsilon 8/255`.
+
+    Defaults that differ from `TrainingArguments` (to follow the paper's released code):
+    `optim="sgd"` with `sgd_momentum=0.9`, `learning_rate=0.1`, `weight_decay=5e-4` applied to
+    *all* parameters (the Trainer's default exempts biases and norm weights), `max_grad_norm=0`
+    (no clipping), `remove_unused_columns=False` (timm models take `x`, not `pixel_values`) and
+    `ddp_broadcast_buffers=False` (several forward passes before one backward, see the README).
+
+    Method:
+        adv_method (`str`, defaults to `"cure"`): one of clean, pgd (PGD-AT), trades, mart, fgsm_rs, cure.
+    Training attack (L-inf):
+        epsilon (`str | float`, `"8/255"`), attack_step_size (`"2/255"`), attack_steps (`10`),
+        attack_random_start (`True`): uniform start for PGD-AT/FGSM-RS, 0.001 * N(0, I) for TRADES/MART/CURE.
+        trades_beta (`6.0`): beta of TRADES and MART.
+    CURE:
+        conserve_fraction (p, `0.3`): fraction of every tensor's entries conserved (gradient zeroed) per step.
+        clean_weight (alpha, `0.1`): weight of the clean CE term (1 - alpha on the adversarial term).
+        consistency_weight (gamma, `1.0`): weight of the revision consistency KL terms.
+        revision_rate (r, `0.2`): probability of a revision update after an optimizer step.
+        revision_decay (d, `0.999`): upper bound on the revision momentum.
+        revision_rate_schedule (`"constant"`): "linear" decays r to 0 over training (the paper's variant).
+        revision_seed (`None`): seed of the revision generator; defaults to `seed`. Identical on every process.
+        revision_train_mode (`True`): run the revision model in train mode, as the released code does.
+        prominence (`"loss"`): "loss" = |grad of the total loss| (released code); "paper" = alpha |dCE_nat/dw|
+            + (1 - alpha) |dCE_adv/dw| from separate backward passes, with the TRADES (beta = 1) update loss.
+        conservation (`"soft"`): "soft" masks only the gradient (momentum and weight decay still move conserved
+            weights, as the released code); "hard" leaves conserved entries exactly unchanged by the step.
+        head_modules (`None`): names of the classifier-head modules, never masked; auto-detected when None.
+    Evaluation (`trainer.evaluate()`):
+        eval_attacks (`"clean,pgd"`): comma-separated subset of clean, pgd, cw, autoattack.
+        eval_epsilon (`None` = epsilon), eval_pgd_steps (`20`), eval_step_size (`None` = eval_epsilon / 4),
+        eval_restarts (`1`), eval_max_examples (`None` = all), eval_seed (`0`).
+    """
+
+    adv_method: str = field(default="cure", metadata={"help": f"Training method, one of {ADV_METHODS}."})
+    epsilon: str = field(default="8/255", metadata={"help": "L-inf radius of the training attack, pixels in [0, 1]."})
+    attack_step_size: str = field(default="2/255", metadata={"help": "Step size of the training attack."})
+    attack_steps: int = field(default=10, metadata={"help": "Steps of the training attack (K)."})
+    attack_random_start: bool = field(default=True, metadata={"help": "Random start for the training attack."})
+    trades_beta: float = field(default=6.0, metadata={"help": "beta of TRADES and MART."})
+
+    conserve_fraction: float = field(default=0.3, metadata={"help": "p: fraction of each tensor conserved."})
+    clean_weight: float = field(default=0.1, metadata={"help": "alpha: weight of the clean CE term."})
+    consistency_weight: float = field(default=1.0, metadata={"help": "gamma: weight of the revision consistency."})
+    revision_rate: float = field(default=0.2, metadata={"help": "r: probability of a revision update per step."})
+    revision_decay: float = field(default=0.999, metadata={"help": "d: revision decay."})
+    revision_rate_schedule: str = field(default="constant", metadata={"help": f"One of {REVISION_SCHEDULES}."})
+    revision_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the revision RNG (default: seed)."})
+    revision_train_mode: bool = field(default=True, metadata={"help": "Revision model in train mode (as the code)."})
+    prominence: str = field(default="loss", metadata={"help": f"Prominence score, one of {PROMINENCE_MODES}."})
+    conservation: str = field(default="soft", metadata={"help": f"One of {CONSERVATION_MODES}."})
+    head_modules: Optional[List[str]] = field(
+        default=None, metadata={"help": "Classifier-head module names (never masked); auto-detected if unset."}
+    )
+
+    eval_attacks: str = field(default="clean,pgd", metadata={"help": f"Comma-separated subset of {EVAL_ATTACKS}."})
+    eval_epsilon: Optional[str] = field(default=None, metadata={"help": "Evaluation eps (default: epsilon)."})
+    eval_pgd_steps: int = field(default=20, metadata={"help": "Steps of the PGD/CW evaluation attacks."})
+    eval_step_size: Optional[str] = field(default=None, metadata={"help": "Step of PGD/CW (default: eps / 4)."})
+    eval_restarts: int = field(default=1, metadata={"help": "Random restarts of the PGD/CW evaluation attacks."})
+    eval_max_examples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N examples."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation attacks' random starts."})
+
+    sgd_momentum: float = field(default=0.9, metadata={"help": "Momentum when optim='sgd'."})
+    weight_decay_all_parameters: bool = field(
+        default=True, metadata={"help": "Apply weight decay to biases and norm weights too (the released code)."}
+    )
+
+    # Defaults that follow the paper rather than the Trainer.
+    optim: str = field(default="sgd", metadata={"help": "Optimizer; 'sgd' uses sgd_momentum."})
+    learning_rate: float = field(default=0.1, metadata={"help": "Initial learning rate."})
+    weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0 = none, as the paper)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values/labels columns."})
+    ddp_broadcast_buffers: Optional[bool] = field(
+        default=False, metadata={"help": "DDP buffer broadcast; off because of several forwards per backward."}
+    )
+
+    def __post_init__(self):
+        self._validate_cure_fields()
+        super().__post_init__()
+
+    def _validate_cure_fields(self) -> None:
+        _check(self.adv_method in ADV_METHODS, "adv_method", self.adv_method, f"one of {ADV_METHODS}")
+        self.epsilon = parse_pixel_value(self.epsilon, "epsilon")
+        self.attack_step_size = parse_pixel_value(self.attack_step_size, "attack_step_size")
+        _check_pixel_size("epsilon", self.epsilon)
+        _check_pixel_size("attack_step_size", self.attack_step_size)
+        if self.adv_method != "clean":
+            _check(self.epsilon > 0, "epsilon", self.epsilon, "> 0 for adversarial training",
+                   "Use adv_method='clean' for natural training.")
+            _check(self.attack_step_size > 0, "attack_step_size", self.attack_step_size, "> 0")
+        _check(self.attack_steps >= 1, "attack_steps", self.attack_steps, "an integer >= 1")
+        _check(self.trades_beta >= 0, "trades_beta", self.trades_beta, ">= 0")
+        _check(0.0 <= self.conserve_fraction < 1.0, "conserve_fraction", self.conserve_fraction, "0 <= p < 1")
+        _check(0.0 <= self.clean_weight <= 1.0, "clean_weight", self.clean_weight, "0 <= alpha <= 1")
+        _check(self.consistency_weight >= 0.0, "consistency_weight", self.consistency_weight, "gamma >= 0")
+        _check(0.0 <= self.revision_rate <= 1.0, "revision_rate", self.revision_rate, "0 <= r <= 1")
+        _check(0.0 <= self.revision_decay < 1.0, "revision_decay", self.revision_decay, "0 <= d < 1")
+        _check(self.revision_rate_schedule in REVISION_SCHEDULES, "revision_rate_schedule",
+               self.revision_rate_schedule, f"one of {REVISION_SCHEDULES}")
+        _check(self.prominence in PROMINENCE_MODES, "prominence", self.prominence, f"one of {PROMINENCE_MODES}")
+        _check(self.conservation in CONSERVATION_MODES, "conservation", self.conservation,
+               f"one of {CONSERVATION_MODES}")
+        if self.head_modules is not None:
+            _check(isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
+                   "head_modules", self.head_modules, "a list of module names, e.g. ['head']")
+        attacks = self.eval_attack_list
+        unknown = [a for a in attacks if a not in EVAL_ATTACKS]
+        _check(not unknown and attacks, "eval_attacks", self.eval_attacks, f"a comma-separated subset of {EVAL_ATTACKS}")
+        if self.eval_epsilon is not None:
+            self.eval_epsilon = parse_pixel_value(self.eval_epsilon, "eval_epsilon")
+            _check_pixel_size("eval_epsilon", self.eval_epsilon)
+        if self.eval_step_size is not None:
+            self.eval_step_size = parse_pixel_value(self.eval_step_size, "eval_step_size")
+            _check_pixel_size("eval_step_size", self.eval_step_size)
+        _check(self.eval_pgd_steps >= 1, "eval_pgd_steps", self.eval_pgd_steps, "an integer >= 1")
+        _check(self.eval_restarts >= 1, "eval_restarts", self.eval_restarts, "an integer >= 1")
+        if self.eval_max_examples is not None:
+            _check(self.eval_max_examples >= 1, "eval_max_examples", self.eval_max_examples, "an integer >= 1 or None")
+        _check(0.0 <= self.sgd_momentum < 1.0, "sgd_momentum", self.sgd_momentum, "0 <= momentum < 1")
+
+    @property
+    def eval_attack_list(self) -> List[str]:
+        return [a.strip() for a in str(self.eval_attacks).split(",") if a.strip()]
+
+    @property
+    def resolved_eval_epsilon(self) -> float:
+        return self.epsilon if self.eval_epsilon is None else self.eval_epsilon
+
+    @property
+    def resolved_eval_step_size(self) -> float:
+        return self.resolved_eval_epsilon / 4 if self.eval_step_size is None else self.eval_step_size
+
+    @property
+    def resolved_revision_seed(self) -> int:
+        return self.seed if self.revision_seed is None else self.revision_seed

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="cure_hf",
+    version="0.1.0",
+    description="Adversarial training (CURE, TRADES, PGD-AT, MART, FGSM-RS) for image classifiers in the Hugging Face Trainer",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["cure_hf", "cure_hf.*"]),
+    package_data={"cure_hf": ["metrics/*/*.py"]},
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1,<3",
+        "torchvision>=0.16",
+        "transformers>=4.46,<6",
+        "accelerate>=1.0,<2",
+        "datasets>=2.19,<6",
+        "timm>=1.0.9,<2",
+        "evaluate>=0.4.1,<0.5",
+        "scikit-learn>=1.2,<2",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.24",
+        "pyautoattack>=0.2,<0.3",
+        "matplotlib>=3.6",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={"dev": ["pytest>=7"]},
+    entry_points={"console_scripts": ["cure-hf=cure_hf.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
+)
