@@ -5,12 +5,14 @@ upsampled to 32x32x3 and split once, with a fixed seed, into train (1437) and te
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["load_digits_dataset", "image_transform", "collate_pixels", "check_pixel_range"]
+__all__ = ["load_digits_dataset", "load_image_dataset", "image_transform", "collate_pixels", "check_pixel_range",
+           "split_validation"]
 
 
 def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0):
@@ -89,3 +91,96 @@ def check_pixel_range(pixel_values: torch.Tensor, tolerance: float = 1e-4) -> No
             "remove Normalize() from the data transform and normalise inside the model "
             "(cure_hf.models.PixelNormalized / create_model does this)."
         )
+
+
+def _pick_column(names, wanted: Optional[str], candidates, what: str) -> str:
+    if wanted is not None:
+        if wanted not in names:
+            raise ValueError(f"{what}_column={wanted!r} is not a column of the dataset; columns are {names}")
+        return wanted
+    for name in candidates:
+        if name in names:
+            return name
+    raise ValueError(f"cannot find the {what} column among {names}; pass --{what}_column")
+
+
+def load_image_dataset(
+    name: str = "digits",
+    *,
+    image_size: int = 32,
+    augment: str = "none",
+    config_name: Optional[str] = None,
+    train_dir: Optional[str] = None,
+    test_dir: Optional[str] = None,
+    train_split: str = "train",
+    test_split: str = "test",
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    max_train_samples: Optional[int] = None,
+    max_eval_samples: Optional[int] = None,
+    seed: int = 0,
+):
+    """Train/test datasets yielding {"pixel_values" in [0, 1], "labels"}, and the number of classes.
+
+    ``name``: "digits" (embedded, no network), "imagefolder" (with ``train_dir``/``test_dir``), or any
+    ``datasets.load_dataset`` name such as "uoft-cs/cifar10".
+    """
+    from datasets import ClassLabel, DatasetDict, load_dataset
+
+    if name == "digits":
+        raw = load_digits_dataset(image_size=image_size)
+        train_split, test_split = "train", "test"
+    elif name == "imagefolder":
+        if not train_dir:
+            raise ValueError("dataset_name='imagefolder' needs --train_dir (and usually --test_dir)")
+        files = {"train": os.path.join(train_dir, "**")}
+        if test_dir:
+            files["test"] = os.path.join(test_dir, "**")
+        raw = load_dataset("imagefolder", data_files=files)
+        train_split, test_split = "train", "test" if test_dir else None
+    else:
+        raw = load_dataset(name, config_name)
+    if train_split not in raw:
+        raise ValueError(f"split {train_split!r} not in the dataset; splits are {list(raw)}; pass --train_split")
+    if test_split is None or test_split not in raw:
+        # No test split: carve a fixed 10% out of the training split.
+        parts = raw[train_split].train_test_split(test_size=0.1, seed=seed)
+        raw = DatasetDict(train=parts["train"], test=parts["test"])
+        train_split, test_split = "train", "test"
+    train, test = raw[train_split], raw[test_split]
+    names = list(train.column_names)
+    image_column = _pick_column(names, image_column, ("image", "img", "pixel_values"), "image")
+    label_column = _pick_column(names, label_column, ("label", "labels", "fine_label"), "label")
+    feature = train.features[label_column]
+    num_classes = feature.num_classes if isinstance(feature, ClassLabel) else len(set(train[label_column]))
+    if max_train_samples is not None:
+        train = train.select(range(min(max_train_samples, len(train))))
+    if max_eval_samples is not None:
+        test = test.select(range(min(max_eval_samples, len(test))))
+    common = dict(augment=augment, image_column=image_column, label_column=label_column)
+    train.set_transform(image_transform(image_size, train=True, **common))
+    test.set_transform(image_transform(image_size, train=False, **common))
+    return DatasetDict(train=train, test=test), num_classes
+
+
+# --- robust evaluation (issue 3): a validation split for model selection, carved from the training set
+def split_validation(dataset, fraction: float, seed: int = 0, eval_transform: Optional[Callable] = None):
+    """``(train, validation)``: a seeded, stratified (when the label is a ``ClassLabel``) hold-out of ``dataset``.
+
+    Robust overfitting makes the best epoch matter; choosing it on the test set inflates the reported
+    number, so select on this split instead. ``eval_transform`` (e.g. ``image_transform(size, train=False)``)
+    replaces the training augmentation on the validation split; otherwise both keep ``dataset``'s format.
+    """
+    from datasets import ClassLabel
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction={fraction!r} is invalid: allowed 0 < fraction < 1, e.g. 0.1 for a 10% validation split")
+    if not hasattr(dataset, "train_test_split"):
+        raise TypeError(f"split_validation needs a datasets.Dataset, got {type(dataset).__name__}")
+    label_column = next((c for c in ("label", "labels") if c in dataset.column_names), None)
+    stratify = label_column if label_column and isinstance(dataset.features[label_column], ClassLabel) else None
+    parts = dataset.train_test_split(test_size=fraction, seed=seed, stratify_by_column=stratify)
+    train, validation = parts["train"], parts["test"]
+    if eval_transform is not None:
+        validation.set_transform(eval_transform)
+    return train, validation
