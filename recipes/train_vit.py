@@ -57,20 +57,26 @@ class DataTrainingArguments:
     augment: str = field(default="none", metadata={"help": "'none' or 'crop_flip' (4-pixel pad crop + flip)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})
-    natural_epochs: float = field(default=0.0, metadata={"help": "Stage 0: natural epochs before the method."})
-    natural_learning_rate: Optional[float] = field(default=None, metadata={"help": "Stage-0 lr (default: lr)."})
+
+
+@dataclass
+class NaturalStageArguments:
+    """Stage 0 (spec section 5): natural training before the adversarial method, with its own optimizer."""
+
+    natural_epochs: float = field(default=0.0, metadata={"help": "Natural epochs before the method (0: none)."})
+    natural_optim: str = field(default="adamw_torch", metadata={"help": "Stage-0 optimizer."})
+    natural_learning_rate: float = field(default=5e-3, metadata={"help": "Stage-0 learning rate."})
 
 
 # The default run: embedded digits, a tiny ViT, natural stage then CURE; minutes on 2 CPU cores.
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/train_vit",
     adv_method="cure",
-    natural_epochs=8,
-    num_train_epochs=12,
+    natural_epochs=30,
+    num_train_epochs=10,
     per_device_train_batch_size=64,
     per_device_eval_batch_size=180,
     learning_rate=0.05,
-    natural_learning_rate=0.1,
     lr_scheduler_type="cosine",
     warmup_steps=0,
     logging_steps=10,
@@ -82,7 +88,7 @@ RECIPE_DEFAULTS = dict(
 
 
 def parse_arguments(argv):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, CURETrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, NaturalStageArguments, CURETrainingArguments))
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
         values = dict(RECIPE_DEFAULTS)
         values.update(_read_config(os.path.abspath(argv[0])))
@@ -110,7 +116,7 @@ def train_stage(model, args, data, name):
 
 
 def main(argv=None):
-    model_args, data_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
+    model_args, data_args, stage_args, training_args = parse_arguments(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -129,10 +135,10 @@ def main(argv=None):
     )
 
     results = {}
-    if data_args.natural_epochs > 0 and training_args.adv_method != "clean":
+    if stage_args.natural_epochs > 0 and training_args.adv_method != "clean":
         natural_args = replace(
-            training_args, adv_method="clean", num_train_epochs=data_args.natural_epochs,
-            learning_rate=data_args.natural_learning_rate or training_args.learning_rate,
+            training_args, adv_method="clean", num_train_epochs=stage_args.natural_epochs,
+            optim=stage_args.natural_optim, learning_rate=stage_args.natural_learning_rate, max_steps=-1,
             output_dir=os.path.join(training_args.output_dir, "stage0_natural"), push_to_hub=False,
         )
         _, results["natural"] = train_stage(model, natural_args, data, "stage0_natural")
