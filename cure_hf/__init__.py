@@ -2,7 +2,8 @@
 inside the Hugging Face Trainer."""
 from .config import CURETrainingArguments
 from .data import collate_pixels, image_transform, load_digits_dataset
-from .models import PixelNormalized, create_model, find_head_modules
+from . import cifar_models  # registers cifar_resnet18, cifar_preact_resnet18, cifar_wide_resnet34_10 in timm
+from .models import PixelNormalized, create_model, find_head_modules, load_model
 from .trainer import CURETrainer
 
 __version__ = "0.1.0"
@@ -12,6 +13,7 @@ __all__ = [
     "CURETrainingArguments",
     "PixelNormalized",
     "create_model",
+    "load_model",
     "find_head_modules",
     "load_digits_dataset",
     "image_transform",

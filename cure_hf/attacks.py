@@ -132,12 +132,29 @@ def pgd(
             clean_logits = clean_logits.detach()
         x_adv = _random_start(x, eps, init, generator)
         for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with torch.enable_grad():
-                objective = _attack_objective(logits_of(model(x_adv)), labels, clean_logits, loss)
-                (grad,) = torch.autograd.grad(objective, x_adv)
+            grad = _input_gradient(model, x_adv.requires_grad_(True), labels, clean_logits, loss)
             x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def _input_gradient(model, x_adv, labels, clean_logits, loss: str) -> torch.Tensor:
+    """Gradient of the attack objective w.r.t. ``x_adv``, safe from fp16 underflow.
+
+    Only its sign is used, so each example's gradient at the logits (computed in fp32) is first multiplied by
+    the power of two that brings its largest entry into [0.5, 1). Under fp16 autocast the backward pass through
+    the network then neither underflows (the TRADES KL gradient starts near 1e-3 and is far smaller on
+    confidently classified examples) nor overflows. Power-of-two scaling is exact and examples are independent
+    in eval mode, so in fp32 and bf16 the signs are those of the plain gradient.
+    """
+    with torch.enable_grad():
+        logits = logits_of(model(x_adv)).float()
+        objective = _attack_objective(logits, labels, clean_logits, loss)
+        (grad_logits,) = torch.autograd.grad(objective, logits)
+        peak = grad_logits.detach().abs().reshape(len(grad_logits), -1).amax(dim=1)
+        exponent = torch.frexp(peak).exponent.clamp(-100, 100)  # peak = mantissa * 2**exponent, 0 -> 0
+        scale = torch.ldexp(torch.ones_like(peak), -exponent).view(-1, *([1] * (grad_logits.dim() - 1)))
+        (grad,) = torch.autograd.grad(logits, x_adv, grad_outputs=grad_logits * scale)
+    return grad
 
 
 def fgsm_rs(

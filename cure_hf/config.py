@@ -12,7 +12,7 @@ __all__ = ["CURETrainingArguments", "parse_pixel_value", "ADV_METHODS", "EVAL_AT
 ADV_METHODS = ("clean", "pgd", "trades", "mart", "fgsm_rs", "cure")
 PROMINENCE_MODES = ("loss", "paper")
 CONSERVATION_MODES = ("soft", "hard")
-REVISION_SCHEDULES = ("constant", "linear")
+REVISION_SCHEDULES = ("constant", "linear", "cosine")
 EVAL_ATTACKS = ("clean", "pgd", "cw", "autoattack")
 
 
@@ -64,7 +64,8 @@ class CURETrainingArguments(TrainingArguments):
         consistency_weight (gamma, `1.0`): weight of the revision consistency KL terms.
         revision_rate (r, `0.2`): probability of a revision update after an optimizer step.
         revision_decay (d, `0.999`): upper bound on the revision momentum.
-        revision_rate_schedule (`"constant"`): "linear" decays r to 0 over training (the paper's variant).
+        revision_rate_schedule (`"constant"`): "linear" or "cosine" decay r to 0 over training (the paper's
+            "gradually decayed"); with natural_warmup_epochs the decay runs from the switch to CURE.
         revision_seed (`None`): seed of the revision generator; defaults to `seed`. Identical on every process.
         revision_train_mode (`True`): run the revision model in train mode, as the released code does.
         prominence (`"loss"`): "loss" = |grad of the total loss| (released code); "paper" = alpha |dCE_nat/dw|
@@ -73,9 +74,27 @@ class CURETrainingArguments(TrainingArguments):
             weights, as the released code); "hard" leaves conserved entries exactly unchanged by the step.
         head_modules (`None`): names of the classifier-head modules, never masked; auto-detected when None.
     Evaluation (`trainer.evaluate()`):
-        eval_attacks (`"clean,pgd"`): comma-separated subset of clean, pgd, cw, autoattack.
+        eval_attacks (`"clean,pgd"`): comma-separated list of clean, pgd (eval_pgd_steps steps), pgd<K> (e.g.
+            pgd20), cw (CW-inf: PGD on the margin loss), autoattack. Reported as eval_accuracy,
+            eval_pgd20_accuracy, eval_cw_accuracy, eval_autoattack_accuracy and eval_robust_accuracy (worst case).
         eval_epsilon (`None` = epsilon), eval_pgd_steps (`20`), eval_step_size (`None` = eval_epsilon / 4),
-        eval_restarts (`1`), eval_max_examples (`None` = all), eval_seed (`0`).
+        eval_restarts (`1`), eval_max_examples (`None` = all: the first N examples of the set), eval_seed (`0`).
+        eval_attack_batch_size (`None` = per_device_eval_batch_size), eval_norm (`"Linf"`; "L2" for AutoAttack).
+        autoattack_version (`"standard"`), autoattack_attacks (`None`; for version "custom").
+        validation_fraction (`0.0`): hold out a split of the training set (`trainer.validation_dataset`), evaluated
+            as `eval_validation_*` beside the eval_dataset's `eval_*`; `metric_for_best_model` then refers to it
+            (e.g. "robust_accuracy" -> "validation_robust_accuracy"), so the test set never picks the checkpoint.
+    Speed (benchmarks/README.md shows each one's effect):
+        channels_last (`False`): model and batches in channels_last memory format.
+        attack_reuse_clean_logits (`False`): TRADES/CURE attack reuses the clean training logits (models whose
+            train and eval forwards agree only). Also `bf16`, `torch_compile`, `dataloader_num_workers`.
+        eval_mixed_precision (`False`): evaluation runs in fp32 even when training uses bf16/fp16; True keeps
+            the training's autocast (faster, but fp16 attacks are weaker).
+    Recipes (recipes/configs, docs/recipes.md):
+        natural_warmup_epochs (`0`): the efficient variant, clean loss first, then the method in the same run.
+        lr_step_epochs (`None`), lr_step_factor (`0.1`): the paper's step schedule ('100,150' of 200 epochs).
+        layer_telemetry (`False`): per-block updated fraction and gradient share of CURE, logged as telemetry/*.
+    Distributed: DDP via `accelerate launch` (see docs/distributed.md); FSDP and DeepSpeed are refused.
     """
 
     adv_method: str = field(default="cure", metadata={"help": f"Training method, one of {ADV_METHODS}."})
@@ -106,6 +125,60 @@ class CURETrainingArguments(TrainingArguments):
     eval_restarts: int = field(default=1, metadata={"help": "Random restarts of the PGD/CW evaluation attacks."})
     eval_max_examples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N examples."})
     eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation attacks' random starts."})
+
+    # --- robust evaluation (issue 3) ---
+    eval_attack_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Per-device batch size of evaluate()'s attacks (default: per_device_eval_batch_size)."}
+    )
+    eval_norm: str = field(default="Linf", metadata={"help": "Threat model of evaluation: Linf, or L2 (AutoAttack only)."})
+    autoattack_version: str = field(
+        default="standard", metadata={"help": "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square), plus, "
+                                              "rand, or custom (autoattack_attacks)."}
+    )
+    autoattack_attacks: Optional[str] = field(
+        default=None, metadata={"help": "With autoattack_version='custom': comma-separated subset of apgd-ce, "
+                                        "apgd-dlr, apgd-t, fab, fab-t, square."}
+    )
+    validation_fraction: float = field(
+        default=0.0, metadata={"help": "Hold out this fraction of the training set as a validation split for "
+                                       "model selection (eval metrics eval_validation_*); 0 = none."}
+    )
+
+    # --- distributed / mixed precision (issue 5) ---
+    eval_mixed_precision: bool = field(
+        default=False,
+        metadata={"help": "Run evaluate() and its attacks under the training's bf16/fp16 autocast (default: fp32)."},
+    )
+
+    # --- speed (issue 7); bf16, torch_compile and dataloader_num_workers are TrainingArguments' own fields ---
+    channels_last: bool = field(
+        default=False, metadata={"help": "Model and batches in channels_last memory format (faster convs on GPUs)."}
+    )
+    attack_reuse_clean_logits: bool = field(
+        default=False,
+        metadata={"help": "TRADES/CURE: the attack reuses the clean training forward's logits instead of its own "
+                          "eval-mode clean forward. Only for models whose train and eval forwards agree "
+                          "(no BatchNorm, no active dropout/drop-path); the trainer checks."},
+    )
+
+    # --- recipes (issue 6): the efficient variant, the paper's step schedule, per-layer telemetry ---
+    natural_warmup_epochs: float = field(
+        default=0.0,
+        metadata={"help": "Efficient variant (spec section 5): train with the clean loss for this many epochs, then "
+                          "switch to adv_method in the same run; the revision model is created from the weights at "
+                          "the switch, and no gradient is masked before it. 0 = no warm-up."},
+    )
+    lr_step_epochs: Optional[str] = field(
+        default=None,
+        metadata={"help": "Step schedule, e.g. '100,150': multiply the learning rate by lr_step_factor at these "
+                          "epochs (the paper: x0.1 at 100 and 150 of 200). Replaces lr_scheduler_type when set."},
+    )
+    lr_step_factor: float = field(default=0.1, metadata={"help": "Factor of the step schedule (lr_step_epochs)."})
+    layer_telemetry: bool = field(
+        default=False,
+        metadata={"help": "CURE: log per block the fraction of entries updated and the share of gradient magnitude "
+                          "(telemetry/* in the training logs; cure_hf.telemetry.plot_layer_telemetry draws them)."},
+    )
 
     sgd_momentum: float = field(default=0.9, metadata={"help": "Momentum when optim='sgd'."})
     weight_decay_all_parameters: bool = field(
@@ -151,9 +224,7 @@ class CURETrainingArguments(TrainingArguments):
         if self.head_modules is not None:
             _check(isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
                    "head_modules", self.head_modules, "a list of module names, e.g. ['head']")
-        attacks = self.eval_attack_list
-        unknown = [a for a in attacks if a not in EVAL_ATTACKS]
-        _check(not unknown and attacks, "eval_attacks", self.eval_attacks, f"a comma-separated subset of {EVAL_ATTACKS}")
+        self._validate_evaluation_fields()
         if self.eval_epsilon is not None:
             self.eval_epsilon = parse_pixel_value(self.eval_epsilon, "eval_epsilon")
             _check_pixel_size("eval_epsilon", self.eval_epsilon)
@@ -165,6 +236,57 @@ class CURETrainingArguments(TrainingArguments):
         if self.eval_max_examples is not None:
             _check(self.eval_max_examples >= 1, "eval_max_examples", self.eval_max_examples, "an integer >= 1 or None")
         _check(0.0 <= self.sgd_momentum < 1.0, "sgd_momentum", self.sgd_momentum, "0 <= momentum < 1")
+        self._validate_recipe_fields()
+
+    # --- recipes (issue 6) ---
+    def _validate_recipe_fields(self) -> None:
+        _check(self.natural_warmup_epochs >= 0, "natural_warmup_epochs", self.natural_warmup_epochs, ">= 0 epochs")
+        if self.natural_warmup_epochs > 0 and self.max_steps > 0:
+            raise ValueError(
+                f"natural_warmup_epochs={self.natural_warmup_epochs} is counted in epochs, but max_steps="
+                f"{self.max_steps} sets the run length in steps; set max_steps=-1 and num_train_epochs instead"
+            )
+        _check(0.0 < self.lr_step_factor <= 1.0, "lr_step_factor", self.lr_step_factor, "0 < factor <= 1")
+        self.lr_step_milestones  # parses lr_step_epochs, raising a clear error
+
+    @property
+    def lr_step_milestones(self) -> List[float]:
+        """The epochs of lr_step_epochs ('100,150' -> [100.0, 150.0]), increasing; [] when unset."""
+        if not self.lr_step_epochs:
+            return []
+        try:
+            epochs = [float(e) for e in str(self.lr_step_epochs).replace(" ", "").split(",") if e]
+        except ValueError:
+            epochs = []
+        if not epochs or any(e <= 0 for e in epochs) or epochs != sorted(epochs):
+            raise ValueError(f"lr_step_epochs={self.lr_step_epochs!r} is invalid: allowed increasing positive epochs "
+                             "separated by commas, e.g. '100,150'")
+        return epochs
+
+    # --- robust evaluation (issue 3) ---
+    def _validate_evaluation_fields(self) -> None:
+        from .evaluation import AutoAttackConfig, parse_attacks
+
+        try:
+            parse_attacks(self.eval_attack_list, default_steps=max(1, int(self.eval_pgd_steps)))
+        except ValueError as error:
+            raise ValueError(f"eval_attacks={self.eval_attacks!r} is invalid: {error}") from None
+        AutoAttackConfig(version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm)
+        if self.eval_norm != "Linf":
+            kinds = [a.rstrip("0123456789") for a in self.eval_attack_list]
+            _check(all(k in ("clean", "autoattack") for k in kinds), "eval_norm", self.eval_norm,
+                   "'L2' only with eval_attacks='clean,autoattack' (PGD and CW are L-inf)")
+        if self.eval_attack_batch_size is not None:
+            _check(self.eval_attack_batch_size >= 1, "eval_attack_batch_size", self.eval_attack_batch_size,
+                   "an integer >= 1 or None (= per_device_eval_batch_size)")
+        _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", self.validation_fraction,
+               "0 <= fraction < 1", "e.g. 0.1 holds out 10% of the training set for model selection.")
+        metric = self.metric_for_best_model
+        if self.validation_fraction > 0 and metric and not metric.removeprefix("eval_").startswith("validation_"):
+            # Select the checkpoint on the held-out validation split, never on the test set.
+            self.metric_for_best_model = "validation_" + metric.removeprefix("eval_")
+        elif self.validation_fraction > 0 and metric is None and self.load_best_model_at_end:
+            self.metric_for_best_model = "validation_robust_accuracy"
 
     @property
     def eval_attack_list(self) -> List[str]:

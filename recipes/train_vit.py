@@ -129,8 +129,9 @@ def main(argv=None):
         max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
         seed=training_args.seed,
     )
+    # A folder (e.g. a stage-0 output_dir) or hub id carries weights: load them unless told otherwise.
     model = create_model(
-        model_args.model_name_or_path, num_classes, pretrained=model_args.pretrained,
+        model_args.model_name_or_path, num_classes, pretrained=model_args.pretrained or None,
         image_size=model_args.image_size, patch_size=model_args.patch_size,
     )
 

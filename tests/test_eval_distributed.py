@@ -1,0 +1,61 @@
+"""trainer.evaluate() on two CPU processes (torchrun, gloo) counts each example once and agrees with one process."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "eval_distributed.py"
+N_EXAMPLES = 37  # 2 processes x batches of 4: the last round is padded with 3 repeated examples
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("eval_distributed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def two_process_metrics(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_ddp")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(SCRIPT), str(out), str(N_EXAMPLES)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_processes_count_each_example_once(two_process_metrics):
+    rank0, rank1 = two_process_metrics
+    assert rank0["world_size"] == 2 and rank0["backend"] == "gloo"
+    assert rank0["metrics"] == rank1["metrics"], "every process reports the same, gathered numbers"
+    metrics = rank0["metrics"]
+    assert metrics["eval_n_examples"] == N_EXAMPLES
+    assert metrics["eval_pgd3_accuracy"] <= metrics["eval_accuracy"]
+    assert metrics["eval_autoattack_accuracy"] <= metrics["eval_accuracy"]
+    assert metrics["eval_gradient_masking_suspected"] == 0.0
+
+
+def test_two_processes_match_one_process(two_process_metrics):
+    from cure_hf.data import collate_pixels
+    from cure_hf.evaluation import evaluate_robustness
+
+    script = _script()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset = script.test_split(N_EXAMPLES)
+        batch = collate_pixels([dataset[i] for i in range(N_EXAMPLES)])
+        one = evaluate_robustness(script.tiny_model(), [batch], "clean").metrics
+    finally:
+        torch.set_num_threads(threads)
+    two = two_process_metrics[0]["metrics"]
+    assert two["eval_accuracy"] == pytest.approx(one["accuracy"])
+    assert one["n_examples"] == two["eval_n_examples"]
