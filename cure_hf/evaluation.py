@@ -145,7 +145,7 @@ def predict_under_attack(
         raise ValueError(f"attack={spec.name!r}: predict_under_attack runs 'clean', 'pgd<K>' or 'cw'")
     with attack_mode(model):
         predictions = _predict(model, x) if clean_predictions is None else clean_predictions.clone()
-        if spec.kind == "clean":
+        if spec.kind == "clean" or eps == 0:  # a zero ball holds only the clean image
             return predictions
         n_steps = spec.steps or steps
         for _ in range(restarts):
@@ -298,7 +298,7 @@ def autoattack_predictions(
             predictions = _predict(model, x) if clean_predictions is None else clean_predictions.clone()
             for attack in list(aa.attacks_to_run):
                 alive = (predictions == labels).nonzero().squeeze(1)
-                if alive.numel() > 0:
+                if alive.numel() > 0 and eps > 0:
                     aa.attacks_to_run = [attack]
                     with torch.enable_grad():
                         _, adv_predictions = aa.run_standard_evaluation(
@@ -445,7 +445,7 @@ def evaluate_robustness(
              for name, parts in predictions.items()}
     metrics = _accuracy_metrics(specs, table, references)
 
-    stages = {attack: torch.cat(parts).float().mean().item() for attack, parts in survived_parts.items()}
+    stages = {attack: torch.cat(parts).double().mean().item() for attack, parts in survived_parts.items()}
     warnings = [f"AutoAttack: {message} ({count}x)" for message, count in sorted(_gather_warnings(aa_messages).items())]
     if stages:
         warnings += gradient_masking_warnings(metrics["accuracy"], stages)

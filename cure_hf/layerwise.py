@@ -157,7 +157,8 @@ def freeze_blocks(model: nn.Module, trainable: Sequence[str]) -> List[str]:
     trainable = set(trainable)
     unknown = trainable - set(blocks.values())
     if unknown:
-        raise ValueError(f"trainable={sorted(unknown)} are not blocks of this model; its blocks are {model_blocks(model)}")
+        raise ValueError(f"trainable={sorted(unknown)} are not blocks of this model; "
+                         f"its blocks are {model_blocks(model)}")
     frozen = [b for b in model_blocks(model) if b not in trainable]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(blocks[name] in trainable)

@@ -116,6 +116,11 @@ def load_model(
     kind, location, config = _resolve_source(spec)
     if kind == "timm-name" and library == "transformers":
         raise ValueError(f"library='transformers' needs a folder or a Hub repo id, got the timm name {spec!r}")
+    if library == "timm" and kind != "timm-name" and not _is_timm_config(config):
+        raise ValueError(
+            f"library='timm': {spec!r} is a transformers checkpoint (its config.json has no 'architecture'), which "
+            "timm cannot build; leave library=None to load it through transformers"
+        )
     if kind == "timm-name" or (_is_timm_config(config) and library != "transformers"):
         import timm
 

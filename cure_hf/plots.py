@@ -68,17 +68,20 @@ def plot_training_history(
         raise ValueError(f"no '{prefix}_*accuracy' entries in the log history: run trainer.evaluate() during training "
                          "(eval_strategy='steps' or 'epoch')")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in sorted(series, key=lambda n: (n != "accuracy", n)):
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    colors = {}
+    for name in sorted(series, key=lambda n: (n.startswith("validation_"), n != "accuracy", n)):
+        split, metric = ("validation", name[len("validation_"):]) if name.startswith("validation_") else ("", name)
+        color = colors.setdefault(metric, f"C{len(colors)}")  # one colour per metric, one line style per split
         steps, values = zip(*series[name])
-        label = _LABELS.get(name, name.replace("_accuracy", "").replace("_", " "))
-        style = "--" if name.endswith("robust_accuracy") else "-"
-        ax.plot(steps, [100 * v for v in values], style, marker="o", markersize=3, label=label)
-        if name.endswith("robust_accuracy"):
+        label = " ".join(filter(None, [split, _LABELS.get(metric, metric.replace("_accuracy", ""))]))
+        robust = metric == "robust_accuracy"
+        if robust:
             best = max(range(len(values)), key=lambda i: values[i])
-            ax.scatter([steps[best]], [100 * values[best]], s=80, facecolors="none", edgecolors="black", zorder=3)
-            ax.annotate(f"best {100 * values[best]:.1f}\nlast {100 * values[-1]:.1f}", (steps[best], 100 * values[best]),
-                        textcoords="offset points", xytext=(6, 6), fontsize=8)
+            label += f" (best {100 * values[best]:.1f} at step {steps[best]}, last {100 * values[-1]:.1f})"
+            ax.scatter([steps[best]], [100 * values[best]], s=90, facecolors="none", edgecolors="black", zorder=3)
+        ax.plot(steps, [100 * v for v in values], ":" if split else "-", color=color, marker="o", markersize=3,
+                linewidth=2.2 if robust else 1.3, label=label)
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Clean and robust accuracy over training")

@@ -45,7 +45,8 @@ METHODS: Dict[str, tuple] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--dataset_name", default="digits", help="'digits' (embedded), a Hub id or 'imagefolder'")
     parser.add_argument("--train_dir", default=None, help="imagefolder: training images")
@@ -55,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--natural_epochs", type=float, default=5, help="stage 0 epochs (the 'clean' row)")
     parser.add_argument("--epochs", type=float, default=1, help="epochs of every adversarial method")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=0.05, help="every adversarial method (SGD, momentum 0.9)")
+    parser.add_argument("--learning_rate", type=float, default=0.05,
+                        help="every adversarial method (SGD, momentum 0.9)")
     parser.add_argument("--natural_learning_rate", type=float, default=0.1)
     parser.add_argument("--epsilon", default="8/255")
     parser.add_argument("--attack_steps", type=int, default=5, help="training attack steps (the paper: 10)")
@@ -95,7 +97,8 @@ def run_method(args, name: str, model: torch.nn.Module, data, epochs: float, lea
     metrics = trainer.evaluate()
     row = {
         "method": name, "label": label, "epochs": epochs,
-        "clean": metrics["eval_accuracy"], f"pgd{args.eval_pgd_steps}": metrics[f"eval_pgd{args.eval_pgd_steps}_accuracy"],
+        "clean": metrics["eval_accuracy"],
+        f"pgd{args.eval_pgd_steps}": metrics[f"eval_pgd{args.eval_pgd_steps}_accuracy"],
         "seconds_per_epoch": seconds / epochs, "n_eval": int(metrics["eval_n_examples"]),
     }
     if args.autoattack:
@@ -155,10 +158,11 @@ def main(argv=None) -> List[dict]:
     from cure_hf.plots import plot_robustness_tradeoff
 
     table = markdown_table(rows, args)
-    setup = (f"{args.dataset_name}, model {args.model}, eps {args.epsilon} (L-inf), training attack {args.attack_steps} "
-             f"steps of {args.attack_step_size}; " + ("each method from the same initialisation" if args.from_scratch else
+    start = ("each method from the same initialisation" if args.from_scratch else
              f"stage 0: {args.natural_epochs:g} natural epochs, then {args.epochs:g} epochs per method from its weights")
-             + f"; {rows[-1]['n_eval']} test examples; total wall time {wall:.0f} s")
+    setup = (f"{args.dataset_name}, model {args.model}, eps {args.epsilon} (L-inf), training attack "
+             f"{args.attack_steps} steps of {args.attack_step_size}; {start}; {rows[-1]['n_eval']} test examples; "
+             f"total wall time {wall:.0f} s")
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + setup + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:

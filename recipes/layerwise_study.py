@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--settings", default="U-all,U-1,U-2,U-3,U-4,U-23,U-234",
                         help="comma-separated settings: U-<stage numbers> or U-all")
     parser.add_argument("--method", default="pgd", help="adversarial method of every setting (pgd, trades, cure, ...)")

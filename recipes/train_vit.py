@@ -36,7 +36,9 @@ class ModelArguments:
         default="test_vit",
         metadata={"help": "timm name, 'hf-hub:<id>', 'local-dir:<dir>' or a folder saved by cure_hf."},
     )
-    pretrained: bool = field(default=False, metadata={"help": "Load pretrained weights (needs the Hub or a local dir)."})
+    pretrained: bool = field(default=False, metadata={
+        "help": "Load pretrained weights of a timm name (needs the Hub); a folder (e.g. a stage-0 output_dir), "
+                "'local-dir:' or 'hf-hub:' source always loads its weights."})
     image_size: int = field(default=32, metadata={"help": "Input resolution; ViTs are adapted to it."})
     patch_size: Optional[int] = field(default=8, metadata={"help": "ViT patch size (None keeps the model's)."})
 

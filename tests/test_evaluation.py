@@ -126,6 +126,13 @@ def test_apgd_not_above_pgd20_on_a_trained_model(trained_model, test_batch):
     assert result.settings["autoattack"]["standard"] is False and not result.gradient_masking_suspected
 
 
+def test_autoattack_l2_threat_model(trained_model, test_batch):
+    few = {k: v[:8] for k, v in test_batch.items()}
+    l2 = evaluate_robustness(trained_model, [few], "clean,autoattack", eps=2.0,
+                             autoattack=AutoAttackConfig(version="custom", attacks=["apgd-ce"], norm="L2", n_iter=10))
+    assert l2.settings["norm"] == "L2" and l2.metrics["autoattack_accuracy"] < l2.metrics["accuracy"]
+
+
 def test_gradient_masking_model_triggers_the_warning(trained_model, test_batch):
     masked = RoundedInput(trained_model).eval()
     result = evaluate_robustness(

@@ -121,6 +121,8 @@ def test_transformers_model_gets_the_processor_normalisation_and_a_new_head(tmp_
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(again((x - model.mean) / model.std).logits, model(x).logits)
     assert load_model(str(tmp_path / "out")).mean.flatten().tolist() == pytest.approx([0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="library='timm'.*transformers checkpoint"):
+        load_model(str(tmp_path / "out"), library="timm")
 
 
 def test_pickled_folder_is_refused_with_the_fix(tmp_path):

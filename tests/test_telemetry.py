@@ -29,7 +29,11 @@ def test_telemetry_matches_the_masks_and_sums_consistently():
     telemetry = LayerTelemetry()
     conserved = {}
     telemetry.begin(model, params)
-    mask_gradients_(params, 0.3, on_mask=lambda p, m: (conserved.__setitem__(id(p), m.clone()), telemetry.observe(p, m)))
+    def record(param, mask):
+        conserved[id(param)] = mask.clone()
+        telemetry.observe(param, mask)
+
+    mask_gradients_(params, 0.3, on_mask=record)
     telemetry.end()
     logs = telemetry.flush()
 

@@ -1,0 +1,217 @@
+"""Recipes: every YAML config parses and builds its trainer; imagefolder data with the paper's augmentation;
+the two-stage flow (stage-0 weights, fresh optimizer); the efficient variant; the step schedule."""
+import glob
+import os
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from conftest import make_tiny_model
+from cure_hf import CURETrainer, CURETrainingArguments
+from cure_hf.data import load_image_dataset
+
+RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+CONFIGS = sorted(glob.glob(os.path.join(RECIPES, "configs", "*.yaml")))
+sys.path.insert(0, RECIPES)
+import train_vit  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A generated imagefolder: 2 classes x 4 asymmetric 32x32 PNGs per split."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            os.makedirs(root / split / label)
+            for i in range(4):
+                pixels = (torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8)
+                pixels[:, :8] = 255 if label == "cat" else 0  # a left band: flips and crops move it
+                Image.fromarray(pixels.numpy()).save(root / split / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_data(image_folder):
+    return load_image_dataset("imagefolder", train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test"),
+                              augment="crop_flip")
+
+
+def test_imagefolder_through_datasets_with_the_papers_augmentation(folder_data):
+    data, num_classes = folder_data
+    assert num_classes == 2 and len(data["train"]) == 8 and len(data["test"]) == 8
+    draws = torch.stack([data["train"][0]["pixel_values"] for _ in range(12)])
+    assert draws.shape == (12, 3, 32, 32) and draws.min() >= 0 and draws.max() <= 1
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])  # random crop / flip at every access
+    test_a, test_b = data["test"][0]["pixel_values"], data["test"][0]["pixel_values"]
+    assert torch.equal(test_a, test_b)  # no augmentation on the test split
+    assert set(int(data["train"][i]["labels"]) for i in range(8)) == {0, 1}
+
+
+def _read(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _architecture(config_path: str, values: dict) -> str:
+    name = values["model_name_or_path"]
+    if name.startswith("./"):  # stage 1: the stage-0 run's architecture
+        stage0 = [c for c in CONFIGS if _read(c).get("output_dir") == name.removeprefix("./")]
+        assert len(stage0) == 1, f"{config_path}: no config writes its stage-0 folder {name}"
+        name = _read(stage0[0])["model_name_or_path"]
+    return name
+
+
+_MODELS = {}
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.endswith("digits_vit.yaml")],
+                         ids=lambda c: os.path.basename(c))
+def test_config_parses_and_builds_its_trainer(config, folder_data, tmp_path):
+    from cure_hf.models import create_model
+
+    model_args, data_args, stage_args, training_args = train_vit.parse_arguments([config])
+    with open(config, encoding="utf-8") as f:
+        values = yaml.safe_load(f)
+    assert training_args.adv_method == values["adv_method"] and data_args.augment == "crop_flip"
+    assert data_args.dataset_name in ("uoft-cs/cifar10", "uoft-cs/cifar100", "ufldl-stanford/svhn")
+    assert training_args.lr_step_milestones == [100.0, 150.0] and training_args.num_train_epochs == 200
+    if training_args.adv_method == "cure":
+        assert 0 < training_args.conserve_fraction < 1 and training_args.revision_rate == 0.2
+    assert stage_args.natural_epochs == 0  # stage 0 is its own config, or the efficient variant's warm-up
+    num_classes = 100 if "cifar100" in data_args.dataset_name else 10
+    arch = _architecture(config, values)
+    if (arch, num_classes) not in _MODELS:
+        _MODELS[(arch, num_classes)] = create_model(arch, num_classes, image_size=model_args.image_size)
+    data, _ = folder_data
+    args = replace(training_args, output_dir=str(tmp_path), dataloader_num_workers=0, use_cpu=True)
+    trainer = CURETrainer(_MODELS[(arch, num_classes)], args, train_dataset=data["train"], eval_dataset=data["test"])
+    trainer.create_optimizer_and_scheduler(num_training_steps=200)
+    scheduler = trainer.lr_scheduler
+    assert isinstance(scheduler, torch.optim.lr_scheduler.MultiStepLR)
+    assert sorted(scheduler.milestones) == [100, 150]  # 8 images, batch 128: one step per epoch
+    assert trainer.optimizer.param_groups[0]["lr"] == training_args.learning_rate
+
+
+class _Record(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.lrs, self.snapshots = trainer, [], {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.lrs.append(self.trainer.optimizer.param_groups[0]["lr"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.snapshots[state.global_step] = {n: p.detach().clone() for n, p in self.trainer.model.named_parameters()}
+
+
+def test_two_stage_flow_loads_stage0_weights_with_a_fresh_optimizer(image_folder, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    common = dict(model_name_or_path="test_resnet", dataset_name="imagefolder", train_dir=str(image_folder / "train"),
+                  test_dir=str(image_folder / "test"), augment="crop_flip", natural_epochs=0, max_steps=2,
+                  per_device_train_batch_size=4, eval_attacks="clean,pgd2", eval_pgd_steps=2, logging_steps=1,
+                  lr_scheduler_type="constant", disable_tqdm=True, use_cpu=True)
+    stage0_dir, stage1_dir = tmp_path / "stage0", tmp_path / "stage1"
+    for path, values in ((tmp_path / "stage0.yaml", dict(common, adv_method="clean", output_dir=str(stage0_dir))),
+                         (tmp_path / "stage1.yaml", dict(common, model_name_or_path=str(stage0_dir), adv_method="cure",
+                                                          revision_rate=0.0, attack_steps=1, learning_rate=0.05,
+                                                          output_dir=str(stage1_dir)))):
+        path.write_text(yaml.safe_dump(values))
+    train_vit.main([str(tmp_path / "stage0.yaml")])
+    saved = safetensors.torch.load_file(str(stage0_dir / "model.safetensors"))
+
+    seen = {}
+    original = train_vit.train_stage
+
+    def spying_train_stage(model, args, data, name):
+        seen["entry"] = {k: v.clone() for k, v in model.model.state_dict().items()}
+        trainer, metrics = original(model, args, data, name)
+        seen["trainer"] = trainer
+        return trainer, metrics
+
+    monkeypatch.setattr(train_vit, "train_stage", spying_train_stage)
+    train_vit.main([str(tmp_path / "stage1.yaml")])
+    assert set(seen["entry"]) == set(saved)
+    assert all(torch.equal(seen["entry"][k], saved[k]) for k in saved)  # stage 1 starts from the stage-0 weights
+    trainer = seen["trainer"]
+    revision = trainer.revision.module.model.state_dict()
+    assert all(torch.equal(revision[k], saved[k]) for k in saved if not k.endswith(("running_mean", "running_var",
+                                                                                    "num_batches_tracked")))
+    # A fresh optimizer and schedule: its own learning rate from step 1, the step count from 0.
+    first = next(e for e in trainer.state.log_history if "learning_rate" in e)
+    assert first["learning_rate"] == pytest.approx(0.05) and first["step"] == 1
+    assert trainer.state.global_step == 2
+
+
+def test_efficient_variant_warmup_then_cure_with_step_schedule(digits, tmp_path, monkeypatch):
+    import cure_hf.trainer as trainer_module
+
+    mask_calls = []
+    real_mask = trainer_module.mask_gradients_
+    monkeypatch.setattr(trainer_module, "mask_gradients_", lambda *a, **k: mask_calls.append(1) or real_mask(*a, **k))
+    args = CURETrainingArguments(
+        output_dir=str(tmp_path), adv_method="cure", num_train_epochs=2, natural_warmup_epochs=1,
+        per_device_train_batch_size=8, attack_steps=1, revision_rate=0.0, lr_step_epochs="1", learning_rate=0.1,
+        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+        dataloader_drop_last=True,
+    )
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=digits["train"].select(range(16)))
+    record = _Record(trainer)
+    trainer.add_callback(record)
+    trainer.train()
+    assert record.lrs == pytest.approx([0.1, 0.1, 0.01, 0.01])  # x0.1 at epoch 1 (2 steps per epoch)
+    assert len(mask_calls) == 2  # masks only after the switch
+    assert trainer._method_start_step == 2
+    warm = [e for e in trainer.state.log_history if "loss" in e and e["step"] <= 2]
+    cure = [e for e in trainer.state.log_history if "loss" in e and e["step"] > 2]
+    assert all("ce_adv" not in e for e in warm) and all("ce_adv" in e for e in cure)
+    # The revision model was created from the warmed-up weights (r = 0: never revised since).
+    at_switch = record.snapshots[2]
+    revision = dict(trainer.revision.module.named_parameters())
+    assert all(torch.equal(revision[n], at_switch[n]) for n in revision)
+    assert not all(torch.equal(revision[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_revision_rate_schedules_decay_from_the_switch(tmp_path):
+    args = CURETrainingArguments(output_dir=str(tmp_path), revision_rate=0.2, revision_rate_schedule="cosine",
+                                 report_to="none", use_cpu=True)
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args)
+    trainer.state.max_steps, trainer._method_start_step = 10, 2
+    rates = []
+    for step in (2, 6, 10):
+        trainer.state.global_step = step
+        rates.append(trainer._revision_rate())
+    assert rates == pytest.approx([0.2, 0.1, 0.0], abs=1e-9)
+    trainer.args.revision_rate_schedule = "linear"
+    trainer.state.global_step = 4
+    assert trainer._revision_rate() == pytest.approx(0.2 * 0.75)
+    with pytest.raises(ValueError, match="lr_step_epochs"):
+        CURETrainingArguments(output_dir=str(tmp_path), lr_step_epochs="150,100", report_to="none")
+    with pytest.raises(ValueError, match="natural_warmup_epochs"):
+        CURETrainingArguments(output_dir=str(tmp_path), natural_warmup_epochs=2, max_steps=5, report_to="none")
+
+
+def test_compare_methods_table_and_tradeoff_plot(tmp_path):
+    import compare_methods
+
+    args = compare_methods.parse_args(["--autoattack", "--methods", "clean,cure", "--output_dir", str(tmp_path)])
+    rows = [{"method": "clean", "label": "natural (stage 0)", "clean": 0.99, "pgd20": 0.10, "seconds_per_epoch": 3.0},
+            {"method": "cure", "label": "CURE (released code)", "clean": 0.95, "pgd20": 0.61, "autoattack": 0.5,
+             "n_autoattack": 100, "seconds_per_epoch": 30.0}]
+    table = compare_methods.markdown_table(rows, args).splitlines()
+    assert table[0] == "| method | clean acc | PGD-20 acc | AutoAttack acc | seconds / epoch |"
+    assert table[2] == "| natural (stage 0) | 99.00 | 10.00 | - | 3.0 |"
+    assert table[3] == "| CURE (released code) | 95.00 | 61.00 | 50.00 (n=100) | 30.0 |"
+    from cure_hf.plots import plot_robustness_tradeoff
+
+    assert os.path.getsize(plot_robustness_tradeoff(rows, str(tmp_path / "tradeoff.png"))) > 1000
+    with pytest.raises(ValueError, match="robust_key"):
+        plot_robustness_tradeoff(rows, str(tmp_path / "x.png"), robust_key="pgd10")
+    with pytest.raises(SystemExit):
+        compare_methods.parse_args(["--methods", "clean,adamw"])
