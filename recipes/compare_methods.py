@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_dir", default=None, help="imagefolder: test images")
     parser.add_argument("--model", default="test_resnet", help="timm name (default: the tiny test_resnet)")
     parser.add_argument("--image_size", type=int, default=32)
-    parser.add_argument("--natural_epochs", type=float, default=5, help="stage 0 epochs (the 'clean' row)")
-    parser.add_argument("--epochs", type=float, default=1, help="epochs of every adversarial method")
+    parser.add_argument("--natural_epochs", type=float, default=8, help="stage 0 epochs (the 'clean' row)")
+    parser.add_argument("--epochs", type=float, default=4, help="epochs of every adversarial method")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=0.05,
                         help="every adversarial method (SGD, momentum 0.9)")

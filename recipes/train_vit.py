@@ -106,8 +106,13 @@ def _read_config(path):
         return yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
 
 
-def train_stage(model, args, data, name):
+def train_stage(model, args, data, name, dataset_name):
     trainer = CURETrainer(model, args, train_dataset=data["train"], eval_dataset=data["test"])
+    embedded = dataset_name == "digits"
+    trainer.card_overrides = {
+        "dataset": "scikit-learn digits, 32x32x3 (embedded)" if embedded else dataset_name,
+        "dataset_id": None if embedded or dataset_name == "imagefolder" else dataset_name,
+    }
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -144,9 +149,9 @@ def main(argv=None):
             optim=stage_args.natural_optim, learning_rate=stage_args.natural_learning_rate, max_steps=-1,
             output_dir=os.path.join(training_args.output_dir, "stage0_natural"), push_to_hub=False,
         )
-        _, results["natural"] = train_stage(model, natural_args, data, "stage0_natural")
+        _, results["natural"] = train_stage(model, natural_args, data, "stage0_natural", data_args.dataset_name)
 
-    trainer, results[training_args.adv_method] = train_stage(model, training_args, data, training_args.adv_method)
+    trainer, results[training_args.adv_method] = train_stage(model, training_args, data, training_args.adv_method, data_args.dataset_name)
     trainer.save_model()
 
     if trainer.is_world_process_zero():

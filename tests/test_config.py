@@ -47,7 +47,7 @@ def test_parse_pixel_value(text, value):
         ("consistency_weight", -1.0),
         ("revision_rate", 1.2),
         ("revision_decay", 1.0),
-        ("revision_rate_schedule", "cosine"),
+        ("revision_rate_schedule", "exponential"),
         ("prominence", "grad"),
         ("conservation", "strict"),
         ("head_modules", "head"),

@@ -129,9 +129,9 @@ def test_two_stage_flow_loads_stage0_weights_with_a_fresh_optimizer(image_folder
     seen = {}
     original = train_vit.train_stage
 
-    def spying_train_stage(model, args, data, name):
+    def spying_train_stage(model, *rest, **kwargs):
         seen["entry"] = {k: v.clone() for k, v in model.model.state_dict().items()}
-        trainer, metrics = original(model, args, data, name)
+        trainer, metrics = original(model, *rest, **kwargs)
         seen["trainer"] = trainer
         return trainer, metrics
 
