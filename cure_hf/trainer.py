@@ -14,9 +14,7 @@ the gradient accumulation, and never on a step the fp16 scaler skipped.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from collections import defaultdict
 from typing import Any, Dict, List, Optional
 
@@ -27,104 +25,17 @@ from transformers import Trainer
 from .attacks import cross_entropy_loss, fgsm_rs, logits_of, pgd
 from .config import CURETrainingArguments
 from .data import check_pixel_range, collate_pixels
-from .evaluation import (AutoAttackConfig, evaluate_robustness, log_evaluation_warnings, log_robust_overfitting,
-                         robust_evaluate, robust_overfitting_summary)
+from .evaluation import RobustEvaluationMixin
+from .hub import HubCheckpointMixin
 from .methods import METHODS, method_loss
 from .models import head_parameter_names
 from .prominence import mask_gradients_, paper_score
 from .revision import RevisionModel
+from .runtime import average_running_stats_, check_clean_logits_reusable, refuse_unsupported_parallelism
 
 __all__ = ["CURETrainer"]
 
-# --- distributed / mixed precision (issue 5) ---------------------------------------------------------
-_SUPPORTED_PARALLELISM = (
-    "one process (CPU or one GPU) or DDP over several GPUs, nodes or CPU processes (accelerate launch or "
-    "torchrun; configs in recipes/accelerate_configs/), in fp32, bf16 or fp16, with gradient accumulation"
-)
-
-
-def _refuse_unsupported_parallelism(args: CURETrainingArguments, accelerator=None) -> None:
-    """Refuse FSDP, DeepSpeed and Megatron-LM at start-up, from the arguments and the accelerate launch config.
-
-    They shard parameters and gradients, whereas the attack runs on the whole unwrapped module, CURE's mask takes
-    each parameter tensor's gradient quantile over the whole tensor, and the revision model copies whole weights.
-    """
-    found = []
-    if getattr(args, "fsdp", None):
-        found.append(f"fsdp={args.fsdp!r}")
-    if getattr(args, "deepspeed", None):
-        found.append(f"deepspeed={args.deepspeed!r}")
-    if accelerator is not None:
-        kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
-        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            found.append(f"accelerate distributed_type={kind}")
-        parallelism = getattr(accelerator, "parallelism_config", None)
-        if parallelism is not None and (getattr(parallelism, "tp_enabled", False) or getattr(parallelism, "cp_enabled", False)):
-            found.append("tensor/context parallelism (parallelism_config)")
-    if found:
-        raise ValueError(
-            f"CURETrainer does not support {', '.join(found)}: sharded parameters and gradients break the attack on "
-            "the unwrapped model, CURE's per-tensor gradient mask and the revision copy. Supported: "
-            f"{_SUPPORTED_PARALLELISM}. Fix: drop the FSDP/DeepSpeed settings (TrainingArguments or the accelerate "
-            "config) and launch with e.g. `accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml`."
-        )
-    method = METHODS.get(getattr(args, "adv_method", None))
-    two_forwards = method is not None and method.uses_clean_pass and method.attack is not None
-    if two_forwards and getattr(args, "ddp_broadcast_buffers", None) and getattr(args, "world_size", 1) > 1:
-        raise ValueError(
-            f"ddp_broadcast_buffers=True is invalid for adv_method={args.adv_method!r} under DDP: the clean and the "
-            "adversarial batch go through the DDP model before one backward, and DDP's in-place buffer broadcast "
-            "before the second forward breaks the backward of the first on GPUs (\"modified by an inplace "
-            "operation\"). Fix: keep ddp_broadcast_buffers=False (CURETrainer then averages BatchNorm statistics "
-            "over the processes after every optimizer step)."
-        )
-
-
-@contextlib.contextmanager
-def _full_precision_forward(module: nn.Module):
-    """Run ``module`` without the autocast wrapper accelerate puts around its forward for mixed precision.
-
-    Evaluation (and its attacks) then runs in fp32; the wrapper is put back afterwards, also on error.
-    """
-    original = module.__dict__.get("_original_forward")
-    if original is None:  # not prepared for mixed precision: nothing to take off
-        yield module
-        return
-    wrapped = module.__dict__.get("forward")
-    module.forward = original
-    try:
-        yield module
-    finally:
-        if wrapped is None:
-            del module.forward
-        else:
-            module.forward = wrapped
-
-
-# --- speed (issue 7) -------------------------------------------------------------------------------------
-def _check_clean_logits_reusable(method_name: str, attack: Optional[str], model: nn.Module) -> None:
-    """``attack_reuse_clean_logits`` is exact only for a KL attack and a model whose train and eval forwards agree."""
-    if attack != "pgd_kl":
-        raise ValueError(
-            f"attack_reuse_clean_logits=True is invalid for adv_method={method_name!r}: allowed only for 'trades' and "
-            "'cure', whose attack starts from the clean logits. Fix: set attack_reuse_clean_logits=False."
-        )
-    for name, module in model.named_modules():
-        stochastic = (
-            isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-            or isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-            or type(module).__name__ == "DropPath" and getattr(module, "drop_prob", 0.0) > 0
-        )
-        if stochastic:
-            raise ValueError(
-                f"attack_reuse_clean_logits=True needs a model whose train-mode forward equals its eval-mode forward; "
-                f"module {name!r} ({type(module).__name__}) behaves differently in train mode, so the attack's "
-                "eval-mode clean logits cannot come from the training forward. Fix: set attack_reuse_clean_logits="
-                "False, or use a model without BatchNorm, dropout and drop-path (e.g. a ViT with drop rates 0)."
-            )
-
-
-class CURETrainer(Trainer):
+class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
     """A `transformers.Trainer` whose training step is adversarial training; see `CURETrainingArguments`.
 
     The model takes `pixel_values` in [0, 1] (normalisation inside the model) and returns logits or an
@@ -150,10 +61,10 @@ class CURETrainer(Trainer):
                 "build it as CURETrainingArguments(output_dir=..., adv_method='cure', ...)"
             )
         kwargs.setdefault("data_collator", collate_pixels)
-        _refuse_unsupported_parallelism(args)
+        refuse_unsupported_parallelism(args)
         pos, kwargs = self._with_validation_split(args, pos, kwargs)  # issue 3
         super().__init__(model, args, *pos, **kwargs)
-        _refuse_unsupported_parallelism(args, self.accelerator)
+        refuse_unsupported_parallelism(args, self.accelerator)
         self.method = METHODS[args.adv_method]
         self.head_names = head_parameter_names(model, args.head_modules)
         self.revision: Optional[RevisionModel] = None
@@ -173,7 +84,7 @@ class CURETrainer(Trainer):
         if args.channels_last and self.model is not None:
             self.model.to(memory_format=torch.channels_last)
         if args.attack_reuse_clean_logits and self.model is not None:
-            _check_clean_logits_reusable(args.adv_method, self.method.attack, self.model)
+            check_clean_logits_reusable(args.adv_method, self.method.attack, self.model)
 
     # ----------------------------------------------------------------- optimizer and its hooks
     def create_optimizer(self, model=None):
@@ -268,31 +179,9 @@ class CURETrainer(Trainer):
         self._average_running_stats_across_processes(net)
 
     def _average_running_stats_across_processes(self, net: nn.Module) -> None:
-        """Average BatchNorm running statistics (model and revision) over the DDP processes, once per step.
-
-        Parameters stay identical through DDP's gradient all-reduce and the shared revision generator, but each
-        process updates its running statistics from its own shard of the batch (`ddp_broadcast_buffers=False`),
-        so they would drift apart; the average is the statistic of the global batch, as in timm's distribute_bn.
-        """
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world_size = torch.distributed.get_world_size()
-        if world_size == 1:
-            return
-        modules = list(net.modules()) + (list(self.revision.module.modules()) if self.revision is not None else [])
-        stats = [
-            buffer for m in modules if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-            for buffer in (m.running_mean, m.running_var) if buffer is not None
-        ]
-        if not stats:
-            return
-        flat = torch.cat([s.reshape(-1).float() for s in stats])  # one collective for all of them
-        torch.distributed.all_reduce(flat)
-        flat.div_(world_size)
-        offset = 0
-        for s in stats:
-            s.copy_(flat[offset:offset + s.numel()].view_as(s))
-            offset += s.numel()
+        """DDP: BatchNorm running statistics of the model and the revision model, averaged over processes."""
+        revision = list(self.revision.module.modules()) if self.revision is not None else []
+        average_running_stats_(list(net.modules()) + revision)
 
     def _revision_rate(self) -> float:
         schedule = self.args.revision_rate_schedule
@@ -423,146 +312,6 @@ class CURETrainer(Trainer):
                 torch._foreach_add_(acc, new)
 
     # ---------------------------------------------------------------------------- evaluation
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
-        """Clean and robust accuracy under the attacks in `eval_attacks` (clean, pgd<K>, cw, autoattack).
-
-        Reports `{prefix}_accuracy`, `{prefix}_pgd20_accuracy`, `{prefix}_cw_accuracy`,
-        `{prefix}_autoattack_accuracy` as asked, and `{prefix}_robust_accuracy` (worst case per example),
-        usable as `metric_for_best_model="robust_accuracy"`. Attacks run with input gradients on, in eval
-        mode, with their own batch size (`eval_attack_batch_size`); per-example results are gathered across
-        processes so each example counts once. Every evaluation is recorded in
-        `output_dir/robust_eval_history.json` with AutoAttack's per-attack accuracies and warnings
-        (gradient masking: Square beating the white-box attacks); `eval_max_examples` keeps the first N.
-        """
-        validation = getattr(self, "validation_dataset", None)
-        if eval_dataset is None and validation is not None:  # validation_fraction: the split, then the eval set
-            metrics = self.evaluate(validation, ignore_keys, f"{metric_key_prefix}_validation")
-            if self.eval_dataset is not None and self.eval_dataset is not validation:
-                metrics.update(self.evaluate(self.eval_dataset, ignore_keys, metric_key_prefix))
-            return metrics
-        if isinstance(eval_dataset, dict) or (eval_dataset is None and isinstance(self.eval_dataset, dict)):
-            datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
-            metrics = {}
-            for name, dataset in datasets.items():
-                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        dataloader = self._robust_eval_dataloader(eval_dataset if eval_dataset is not None else self.eval_dataset)
-        model = self.accelerator.unwrap_model(self.model)
-        device = self.args.device
-        generator = torch.Generator(device=device).manual_seed(self.args.eval_seed + self.args.process_index)
-        precision = contextlib.nullcontext() if self.args.eval_mixed_precision else _full_precision_forward(model)
-        with precision:
-            result = evaluate_robustness(
-                model, dataloader, self.args.eval_attack_list,
-                eps=self.args.resolved_eval_epsilon, step_size=self.args.resolved_eval_step_size,
-                steps=self.args.eval_pgd_steps, restarts=self.args.eval_restarts, generator=generator,
-                gather=self.accelerator.gather_for_metrics, device=device,
-                progress=self.is_world_process_zero() and not self.args.disable_tqdm,
-                autoattack=AutoAttackConfig(version=self.args.autoattack_version, attacks=self.args.autoattack_attacks,
-                                            norm=self.args.eval_norm, seed=self.args.eval_seed),
-            )
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.metrics.items()}
-        if result.autoattack_stages:
-            metrics[f"{metric_key_prefix}_gradient_masking_suspected"] = float(result.gradient_masking_suspected)
-        if self.is_world_process_zero():
-            log_evaluation_warnings(result, metric_key_prefix)
-        self._record_robust_evaluation(metric_key_prefix, result)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    # --- robust evaluation (issue 3): own dataloader, history of every evaluation, best vs last, validation split
-    robust_eval_history_name = "robust_eval_history.json"
-    robust_overfitting_name = "robust_overfitting.json"
-
-    def _robust_eval_dataloader(self, dataset):
-        """The evaluation set (its first `eval_max_examples`), in batches of `eval_attack_batch_size` per device."""
-        if dataset is None:
-            raise ValueError("CURETrainer.evaluate needs an eval_dataset: pass one to the trainer or to evaluate()")
-        limit = self.args.eval_max_examples
-        if limit is not None and len(dataset) > limit:  # the same first N on every process: each counted once
-            dataset = dataset.select(range(limit)) if hasattr(dataset, "select") else \
-                torch.utils.data.Subset(dataset, range(limit))
-        batch_size = self.args.eval_attack_batch_size or self.args.per_device_eval_batch_size
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
-        )
-        return self.accelerator.prepare(loader)
-
-    @property
-    def robust_eval_history(self) -> List[Dict[str, Any]]:
-        """Every evaluation of this trainer: step, epoch, metrics, AutoAttack per attack, warnings, settings."""
-        if "_robust_eval_history" not in self.__dict__:
-            self._robust_eval_history: List[Dict[str, Any]] = []
-        return self._robust_eval_history
-
-    def _record_robust_evaluation(self, prefix: str, result) -> None:
-        record = {"step": self.state.global_step, "epoch": self.state.epoch, "prefix": prefix, **result.to_dict()}
-        self.robust_eval_history.append(record)
-        if self.is_world_process_zero() and self.args.output_dir:
-            import json
-
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, self.robust_eval_history_name), "w", encoding="utf-8") as f:
-                json.dump(self.robust_eval_history, f, indent=2, default=str)
-
-    def robust_overfitting_summary(self) -> Dict[str, Dict[str, Any]]:
-        """Best and last value of every `*robust_accuracy` metric logged so far, and their difference (gap).
-
-        With a validation split, the other splits also report their value at the best validation evaluation.
-        """
-        selection = "eval_validation_robust_accuracy"
-        if self.args.metric_for_best_model:
-            selection = "eval_" + self.args.metric_for_best_model.removeprefix("eval_")
-        return robust_overfitting_summary(self.state.log_history, selection_key=selection)
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, then the robust-overfitting report: best vs last robust accuracy of every evaluation."""
-        output = super().train(*args, **kwargs)
-        summary = self.robust_overfitting_summary()
-        for key, entry in summary.items():
-            output.metrics.update({f"{key}_best": entry["best"], f"{key}_last": entry["last"],
-                                   f"{key}_best_minus_last": entry["gap"]})
-            if "at_selected" in entry:
-                output.metrics[f"{key}_at_selected"] = entry["at_selected"]
-        if summary and self.is_world_process_zero():
-            import json
-
-            log_robust_overfitting(summary)
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, self.robust_overfitting_name), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
-        return output
-
-    def _with_validation_split(self, args: CURETrainingArguments, pos: tuple, kwargs: dict):
-        """`validation_fraction > 0`: carve `self.validation_dataset` from the training set (never the test set).
-
-        `evaluate()` then reports it as `eval_validation_*` (what `metric_for_best_model` selects on) beside
-        the given eval_dataset's `eval_*`. The split uses the eval_dataset's transform (no augmentation)
-        when it has one.
-        """
-        self.validation_dataset = None
-        if not args.validation_fraction:
-            return pos, kwargs
-        from .data import split_validation
-
-        names = ("data_collator", "train_dataset", "eval_dataset")
-        kwargs = dict(kwargs, **dict(zip(names, pos)))
-        pos = tuple(pos[len(names):])
-        train, given = kwargs.get("train_dataset"), kwargs.get("eval_dataset")
-        if train is None:
-            raise ValueError(f"validation_fraction={args.validation_fraction} needs a train_dataset to split")
-        candidates = list(given.values()) if isinstance(given, dict) else [given] if given is not None else []
-        transform = next((d.format.get("format_kwargs", {}).get("transform") for d in candidates
-                          if getattr(d, "format", {}).get("type") == "custom"), None)
-        kwargs["train_dataset"], self.validation_dataset = split_validation(
-            train, args.validation_fraction, args.seed, transform)
-        if given is None:  # the Trainer wants an eval set when eval_strategy is set: the split is it
-            kwargs["eval_dataset"] = self.validation_dataset
-        return pos, kwargs
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
@@ -579,227 +328,3 @@ class CURETrainer(Trainer):
                 logs[name] = round(torch.stack([v.float().cpu() for v in values]).mean().item(), 6)
             self._metrics.clear()
         super().log(logs, start_time)
-
-    # --- saving, checkpoints, resume, model card, push (issue 4)
-    # Every save writes cure_hf.hub's folder (model.safetensors + timm config.json + README.md), which loads
-    # in timm, transformers and cure_hf; checkpoints add revision.safetensors; pushes upload that folder only.
-    revision_weights_name = "revision.safetensors"
-    card_overrides: Optional[Dict[str, Any]] = None  # model-card fields, e.g. {"dataset": "CIFAR-10", "dataset_id": ...}
-
-    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        from .hub import save_pretrained
-
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if not self.args.should_save:
-            return
-        os.makedirs(output_dir, exist_ok=True)
-        save_pretrained(self.accelerator.unwrap_model(self.model), output_dir, card=self.model_card_info(),
-                        image_size=self._export_image_size(), label_names=self._label_names())
-        # The arguments as JSON, not the Trainer's pickled training_args.bin: nothing here needs torch.load.
-        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as f:
-            f.write(self.args.to_json_string())
-
-    def _save_rng_state(self, output_dir: str) -> None:
-        """Checkpoints only: with the RNG states, the revision model (weights, step counter, generator)."""
-        super()._save_rng_state(output_dir)
-        if self.revision is None or not self.args.should_save:
-            return
-        import safetensors.torch
-
-        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.revision.module.state_dict().items()}
-        tensors["generator_state"] = self.revision.generator.get_state()
-        metadata = {"format": "pt", "step": str(self.revision.step), "rate": repr(self.revision.rate),
-                    "decay": repr(self.revision.decay)}
-        safetensors.torch.save_file(tensors, os.path.join(output_dir, self.revision_weights_name), metadata=metadata)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        """Weights from the checkpoint's safetensors (refusing pickles); the revision model follows lazily."""
-        from .hub import load_weights_into
-
-        load_weights_into(model if model is not None else self.model, resume_from_checkpoint)
-        revision_file = os.path.join(resume_from_checkpoint, self.revision_weights_name)
-        self._revision_checkpoint = revision_file if os.path.isfile(revision_file) else None
-        # (a checkpoint written during a natural warm-up has no revision yet: it is created at the switch)
-        if self.method.uses_revision and self._revision_checkpoint is None and not self.args.natural_warmup_epochs:
-            raise ValueError(
-                f"resume_from_checkpoint={resume_from_checkpoint!r} has no {self.revision_weights_name}, which "
-                f"adv_method={self.args.adv_method!r} needs to resume its revision model; resume from a checkpoint "
-                "written by CURETrainer with save_only_model=False"
-            )
-        if self.revision is not None:
-            self._restore_revision()
-
-    def _restore_revision(self) -> None:
-        path = getattr(self, "_revision_checkpoint", None)
-        if path is None or self.revision is None:
-            return
-        import safetensors
-        import safetensors.torch
-
-        tensors = safetensors.torch.load_file(path, device="cpu")
-        with safetensors.safe_open(path, framework="pt") as f:
-            metadata = f.metadata()
-        module_state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
-        self.revision.module.load_state_dict(module_state, strict=True)
-        self.revision.load_state({"step": int(metadata["step"]), "generator": tensors["generator_state"]})
-        self._revision_checkpoint = None
-
-    def _load_best_model(self) -> None:
-        from .hub import load_weights_into
-
-        load_weights_into(self.model, self.state.best_model_checkpoint)
-
-    def _export_image_size(self) -> Optional[tuple]:
-        """The training image size, written to config.json so timm/transformers preprocessing resize to it."""
-        from .models import unwrap_normalized
-
-        _, normalized = unwrap_normalized(self.accelerator.unwrap_model(self.model))
-        if normalized is not None and normalized.input_size is not None:
-            return normalized.input_size
-        for dataset in (self.train_dataset, self.eval_dataset):
-            if isinstance(dataset, dict):
-                dataset = next(iter(dataset.values()), None)
-            try:
-                pixels = dataset[0]["pixel_values"]
-                return tuple(int(v) for v in pixels.shape[-2:])
-            except (TypeError, KeyError, IndexError, AttributeError):
-                continue
-        return None
-
-    def _label_names(self) -> Optional[List[str]]:
-        dataset = self.train_dataset
-        features = getattr(dataset, "features", None) or {}
-        for key in ("labels", "label"):
-            names = getattr(features.get(key), "names", None) if hasattr(features, "get") else None
-            if names:
-                return list(names)
-        return None
-
-    def _latest_eval_metrics(self) -> Dict[str, float]:
-        for entry in reversed(self.state.log_history):
-            if any(k.startswith("eval_") and k.endswith("accuracy") for k in entry):
-                return entry
-        return {}
-
-    def model_card_info(self, **overrides) -> Dict[str, Any]:
-        """The fields of the model card (see `cure_hf.hub.write_model_card`), from the arguments and last evaluation."""
-        from .models import unwrap_normalized
-
-        args, eval_metrics = self.args, self._latest_eval_metrics()
-        # with a validation split the test numbers are eval_test_*; the card reports test accuracy
-        prefix = "eval_test_" if "eval_test_accuracy" in eval_metrics else "eval_"
-        steps = args.eval_pgd_steps
-        hyper_names = ["adv_method", "epsilon", "attack_step_size", "attack_steps", "learning_rate", "weight_decay",
-                       "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                       "optim", "seed"]
-        if self.method.uses_revision:
-            hyper_names += ["conserve_fraction", "clean_weight", "consistency_weight", "revision_rate",
-                            "revision_decay", "prominence", "conservation"]
-        elif args.adv_method in ("trades", "mart"):
-            hyper_names += ["trades_beta"]
-        eps = args.resolved_eval_epsilon
-        _, normalized = unwrap_normalized(self.accelerator.unwrap_model(self.model))
-        source = getattr(normalized, "source", None)
-        dataset = getattr(getattr(self.train_dataset, "info", None), "dataset_name", None)
-        info = {
-            "model_name": (self.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
-            "repo_id": self.hub_model_id,
-            "method": args.adv_method,
-            "hyperparameters": {name: _card_value(getattr(args, name), pixel=name in ("epsilon", "attack_step_size"))
-                                for name in hyper_names if hasattr(args, name)},
-            "dataset": dataset or "unknown",
-            "threat_model": "Linf",
-            "eps": _card_value(eps, pixel=True),
-            "pgd_steps": steps,
-            "clean_accuracy": eval_metrics.get(f"{prefix}accuracy"),
-            f"pgd{steps}_accuracy": eval_metrics.get(f"{prefix}pgd{steps}_accuracy"),
-            "autoattack_accuracy": eval_metrics.get(f"{prefix}autoattack_accuracy"),
-            "additional_data": False,
-            "base_model": source,
-            "tags": [f"method-{args.adv_method}"] + list(self._tag_names),
-        }
-        info.update(self.card_overrides or {})
-        info.update(overrides)
-        return info
-
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
-        """The cure_hf model card in `output_dir/README.md` (also written with every save)."""
-        from .hub import write_model_card
-
-        if not self.is_world_process_zero():
-            return
-        overrides = {k: v for k, v in dict(license=license, model_name=model_name, base_model=finetuned_from,
-                                           dataset=dataset, **kwargs).items() if v is not None}
-        info = self.model_card_info(**overrides)
-        if tags:
-            info["tags"] = list(info["tags"]) + ([tags] if isinstance(tags, str) else list(tags))
-        info.setdefault("image_size", self._export_image_size())
-        write_model_card(self.args.output_dir, info)
-
-    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
-                    token: Optional[str] = None, revision: Optional[str] = None, private: Optional[bool] = None,
-                    **kwargs):
-        """Save the model folder to `output_dir` and upload exactly its exported files (weights, config, card).
-
-        Keyword arguments go to the model card (`finetuned_from`, `dataset`, `tags`, `license`, `model_name`).
-        """
-        from .hub import export_files, push_folder
-
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        token = token if token is not None else self.args.hub_token
-        if self.hub_model_id is None:
-            self.init_hf_repo(token=token, private=private)
-        card = {k: v for k, v in dict(base_model=kwargs.pop("finetuned_from", None), **kwargs).items() if v is not None}
-        self.card_overrides = {**(self.card_overrides or {}), **card}
-        self.save_model(_internal_call=True)
-        if not self.is_world_process_zero():
-            return None
-        self._finish_current_push()
-        return push_folder(
-            self.args.output_dir, self.hub_model_id, files=export_files(self.args.output_dir), token=token,
-            private=private, revision=revision if revision is not None else self.args.hub_revision,
-            commit_message=commit_message, run_as_future=not blocking,
-        )
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """During training (hub_strategy every_save/checkpoint/all_checkpoints): the checkpoint's model folder."""
-        import shutil
-
-        from huggingface_hub import HfApi
-        from transformers.trainer_utils import HubStrategy
-        from transformers.utils.hub import PushInProgress
-
-        from .hub import export_files, push_folder
-
-        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
-            return
-        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
-            return
-        self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        files = export_files(checkpoint_folder)
-        for name in files:
-            shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
-        message = f"Training in progress, step {self.state.global_step}"
-        jobs = [push_folder(self.args.output_dir, self.hub_model_id, files=files, token=self.args.hub_token,
-                            revision=self.args.hub_revision, commit_message=message, run_as_future=True)]
-        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(
-                checkpoint_folder)
-            jobs.append(HfApi().upload_folder(
-                repo_id=self.hub_model_id, folder_path=checkpoint_folder, path_in_repo=path_in_repo,
-                commit_message=message + ", checkpoint", token=self.args.hub_token, run_as_future=True,
-                revision=self.args.hub_revision,
-            ))
-        if self.push_in_progress is None or self.push_in_progress.is_done():
-            self.push_in_progress = PushInProgress(jobs)
-        else:
-            self.push_in_progress.jobs.extend(jobs)
-
-
-def _card_value(value: Any, pixel: bool = False) -> Any:
-    """A hyperparameter as people write it: 8/255 rather than 0.0313..., 'sgd' rather than OptimizerNames.SGD."""
-    value = getattr(value, "value", value)
-    if pixel and isinstance(value, float) and abs(value * 255 - round(value * 255)) < 1e-6:
-        return f"{round(value * 255)}/255"
-    return value

@@ -108,7 +108,7 @@ def test_fsdp_is_refused_at_start_up(tiny_model, tmp_path):
 @pytest.mark.parametrize("setting", ["deepspeed", "accelerate_fsdp", "accelerate_deepspeed"])
 def test_deepspeed_and_sharded_launch_configs_are_refused(setting):
     from accelerate.utils import DistributedType
-    from cure_hf.trainer import _refuse_unsupported_parallelism
+    from cure_hf.runtime import refuse_unsupported_parallelism as _refuse_unsupported_parallelism
 
     # DeepSpeed is not installed here (TrainingArguments itself needs it to accept `deepspeed=`), so the check
     # is exercised on what it reads: the arguments and the accelerator that `accelerate launch` configured.
@@ -122,7 +122,7 @@ def test_deepspeed_and_sharded_launch_configs_are_refused(setting):
 
 
 def test_buffer_broadcast_with_two_forward_passes_is_refused_under_ddp():
-    from cure_hf.trainer import _refuse_unsupported_parallelism
+    from cure_hf.runtime import refuse_unsupported_parallelism as _refuse_unsupported_parallelism
 
     # Seen on an H100 (tests/scripts/dist_gpu_check.py): cuDNN BatchNorm + broadcast_buffers=True raises
     # "modified by an inplace operation" in the TRADES/CURE pattern. gloo on CPU does not show it.

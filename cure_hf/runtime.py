@@ -1,0 +1,135 @@
+"""Runtime concerns of CURETrainer that are not the algorithm: what parallelism is supported, fp32
+evaluation under mixed precision, when the clean logits may be reused by the attack, and keeping
+DDP replicas' BatchNorm statistics equal. Pure functions; nothing here knows the Trainer.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from .methods import METHODS
+
+__all__ = [
+    "refuse_unsupported_parallelism",
+    "full_precision_forward",
+    "check_clean_logits_reusable",
+    "average_running_stats_",
+]
+
+# --- distributed / mixed precision ---------------------------------------------------------
+_SUPPORTED_PARALLELISM = (
+    "one process (CPU or one GPU) or DDP over several GPUs, nodes or CPU processes (accelerate launch or "
+    "torchrun; configs in recipes/accelerate_configs/), in fp32, bf16 or fp16, with gradient accumulation"
+)
+
+
+def refuse_unsupported_parallelism(args, accelerator=None) -> None:
+    """Refuse FSDP, DeepSpeed and Megatron-LM at start-up, from the arguments and the accelerate launch config.
+
+    They shard parameters and gradients, whereas the attack runs on the whole unwrapped module, CURE's mask takes
+    each parameter tensor's gradient quantile over the whole tensor, and the revision model copies whole weights.
+    """
+    found = []
+    if getattr(args, "fsdp", None):
+        found.append(f"fsdp={args.fsdp!r}")
+    if getattr(args, "deepspeed", None):
+        found.append(f"deepspeed={args.deepspeed!r}")
+    if accelerator is not None:
+        kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)).upper()
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            found.append(f"accelerate distributed_type={kind}")
+        parallelism = getattr(accelerator, "parallelism_config", None)
+        if parallelism is not None and (getattr(parallelism, "tp_enabled", False) or getattr(parallelism, "cp_enabled", False)):
+            found.append("tensor/context parallelism (parallelism_config)")
+    if found:
+        raise ValueError(
+            f"CURETrainer does not support {', '.join(found)}: sharded parameters and gradients break the attack on "
+            "the unwrapped model, CURE's per-tensor gradient mask and the revision copy. Supported: "
+            f"{_SUPPORTED_PARALLELISM}. Fix: drop the FSDP/DeepSpeed settings (TrainingArguments or the accelerate "
+            "config) and launch with e.g. `accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml`."
+        )
+    method = METHODS.get(getattr(args, "adv_method", None))
+    two_forwards = method is not None and method.uses_clean_pass and method.attack is not None
+    if two_forwards and getattr(args, "ddp_broadcast_buffers", None) and getattr(args, "world_size", 1) > 1:
+        raise ValueError(
+            f"ddp_broadcast_buffers=True is invalid for adv_method={args.adv_method!r} under DDP: the clean and the "
+            "adversarial batch go through the DDP model before one backward, and DDP's in-place buffer broadcast "
+            "before the second forward breaks the backward of the first on GPUs (\"modified by an inplace "
+            "operation\"). Fix: keep ddp_broadcast_buffers=False (CURETrainer then averages BatchNorm statistics "
+            "over the processes after every optimizer step)."
+        )
+
+
+@contextlib.contextmanager
+def full_precision_forward(module: nn.Module):
+    """Run ``module`` without the autocast wrapper accelerate puts around its forward for mixed precision.
+
+    Evaluation (and its attacks) then runs in fp32; the wrapper is put back afterwards, also on error.
+    """
+    original = module.__dict__.get("_original_forward")
+    if original is None:  # not prepared for mixed precision: nothing to take off
+        yield module
+        return
+    wrapped = module.__dict__.get("forward")
+    module.forward = original
+    try:
+        yield module
+    finally:
+        if wrapped is None:
+            del module.forward
+        else:
+            module.forward = wrapped
+
+
+# --- speed -------------------------------------------------------------------------------------
+def check_clean_logits_reusable(method_name: str, attack: Optional[str], model: nn.Module) -> None:
+    """``attack_reuse_clean_logits`` is exact only for a KL attack and a model whose train and eval forwards agree."""
+    if attack != "pgd_kl":
+        raise ValueError(
+            f"attack_reuse_clean_logits=True is invalid for adv_method={method_name!r}: allowed only for 'trades' and "
+            "'cure', whose attack starts from the clean logits. Fix: set attack_reuse_clean_logits=False."
+        )
+    for name, module in model.named_modules():
+        stochastic = (
+            isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+            or isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+            or type(module).__name__ == "DropPath" and getattr(module, "drop_prob", 0.0) > 0
+        )
+        if stochastic:
+            raise ValueError(
+                f"attack_reuse_clean_logits=True needs a model whose train-mode forward equals its eval-mode forward; "
+                f"module {name!r} ({type(module).__name__}) behaves differently in train mode, so the attack's "
+                "eval-mode clean logits cannot come from the training forward. Fix: set attack_reuse_clean_logits="
+                "False, or use a model without BatchNorm, dropout and drop-path (e.g. a ViT with drop rates 0)."
+            )
+
+
+@torch.no_grad()
+def average_running_stats_(modules: Iterable[nn.Module]) -> None:
+    """Average BatchNorm running statistics of ``modules`` over the DDP processes, in one all-reduce.
+
+    Parameters stay identical through DDP's gradient all-reduce and the shared revision generator, but each
+    process updates its running statistics from its own shard of the batch (``ddp_broadcast_buffers=False``),
+    so they would drift apart; the average is the statistic of the global batch, as in timm's distribute_bn.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return
+    stats = [
+        buffer for m in modules if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var) if buffer is not None
+    ]
+    if not stats:
+        return
+    flat = torch.cat([s.reshape(-1).float() for s in stats])
+    torch.distributed.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for s in stats:
+        s.copy_(flat[offset:offset + s.numel()].view_as(s))
+        offset += s.numel()
