@@ -1,7 +1,7 @@
 """cure_hf: robust image classifiers with adversarial training (CURE, TRADES, PGD-AT, MART, FGSM-RS)
 inside the Hugging Face Trainer."""
 from .config import CURETrainingArguments
-from .data import collate_pixels, image_transform, load_digits_dataset
+from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset
 from . import cifar_models  # registers cifar_resnet18, cifar_preact_resnet18, cifar_wide_resnet34_10 in timm
 from .models import PixelNormalized, create_model, find_head_modules, load_model
 from .trainer import CURETrainer
@@ -16,6 +16,7 @@ __all__ = [
     "load_model",
     "find_head_modules",
     "load_digits_dataset",
+    "load_image_dataset",
     "image_transform",
     "collate_pixels",
 ]
