@@ -215,3 +215,15 @@ def test_compare_methods_table_and_tradeoff_plot(tmp_path):
         plot_robustness_tradeoff(rows, str(tmp_path / "x.png"), robust_key="pgd10")
     with pytest.raises(SystemExit):
         compare_methods.parse_args(["--methods", "clean,adamw"])
+
+
+def test_digits_vit_yaml_is_the_default_run_written_out():
+    """`train_vit.py recipes/configs/digits_vit.yaml` and `train_vit.py` with no argument train the same way."""
+    path = os.path.join(RECIPES, "configs", "digits_vit.yaml")
+    from_yaml = train_vit.parse_arguments([path])
+    from_defaults = train_vit.parse_arguments([])
+    for yaml_args, default_args in zip(from_yaml, from_defaults):
+        for key in _read(path):
+            if hasattr(yaml_args, key):
+                assert getattr(yaml_args, key) == getattr(default_args, key), key
+    assert from_yaml[-1].adv_method == "cure" and from_yaml[-1].epsilon == pytest.approx(8 / 255)
