@@ -35,6 +35,7 @@ from .runtime import average_running_stats_, check_clean_logits_reusable, refuse
 
 __all__ = ["CURETrainer"]
 
+
 class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
     """A `transformers.Trainer` whose training step is adversarial training; see `CURETrainingArguments`.
 
@@ -62,7 +63,7 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
             )
         kwargs.setdefault("data_collator", collate_pixels)
         refuse_unsupported_parallelism(args)
-        pos, kwargs = self._with_validation_split(args, pos, kwargs)  # issue 3
+        pos, kwargs = self._with_validation_split(args, pos, kwargs)  # validation_fraction: carve it from train
         super().__init__(model, args, *pos, **kwargs)
         refuse_unsupported_parallelism(args, self.accelerator)
         self.method = METHODS[args.adv_method]
@@ -73,14 +74,14 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         self._paper_grads: Optional[List[List[torch.Tensor]]] = None  # [clean, adv] sums, paper prominence
         self._paper_grads_step = -1  # global_step the sums belong to
         self._conserved: List[Any] = []
-        # --- recipes (issue 6): efficient variant (natural warm-up, then the method), per-layer telemetry
+        # Efficient variant (natural warm-up, then the method) and per-layer telemetry.
         self._method_start_step: Optional[int] = None  # global_step of the switch from warm-up to the method
         self.telemetry = None
         if args.layer_telemetry and self.method.uses_revision:
             from .telemetry import LayerTelemetry
 
             self.telemetry = LayerTelemetry()
-        # --- speed (issue 7)
+        # Speed options.
         if args.channels_last and self.model is not None:
             self.model.to(memory_format=torch.channels_last)
         if args.attack_reuse_clean_logits and self.model is not None:
@@ -194,7 +195,7 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
             return self.args.revision_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
         return self.args.revision_rate * (1.0 - progress)
 
-    # --- recipes (issue 6): the efficient variant's natural warm-up and the paper's step schedule
+    # ------------------------------------------- the efficient variant's warm-up, the paper's step schedule
     @property
     def in_natural_warmup(self) -> bool:
         """True while the efficient variant still trains with the clean loss (epoch < natural_warmup_epochs)."""
@@ -254,7 +255,7 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         if self.args.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         net = self.accelerator.unwrap_model(model)
-        if self.in_natural_warmup:  # recipes (issue 6): efficient variant
+        if self.in_natural_warmup:  # efficient variant: clean training until the switch
             return self._natural_warmup_step(model, x, labels)
         if self.args.natural_warmup_epochs and self._method_start_step is None:
             self._method_start_step = self.state.global_step
@@ -321,7 +322,7 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
 
     # ------------------------------------------------------------------------------- logging
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        if "loss" in logs and getattr(self, "telemetry", None) is not None:  # issue 6: per-layer telemetry
+        if "loss" in logs and getattr(self, "telemetry", None) is not None:  # per-layer telemetry
             logs.update(self.telemetry.flush())
         if "loss" in logs and self._metrics:  # a training log: flush the per-step parts, averaged
             for name, values in self._metrics.items():
