@@ -40,3 +40,35 @@ def make_tiny_model(name: str = "test_resnet", num_classes: int = 10, seed: int 
 @pytest.fixture
 def tiny_model():
     return make_tiny_model
+
+
+def load_script(path):
+    """Import a helper script (e.g. what torchrun runs) as a module, to reuse its functions in one process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(str(path)))[0], str(path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_two_processes(script, *args, timeout: int = 300) -> None:
+    """``torchrun --standalone --nproc_per_node 2 script args`` on CPU (gloo), offline; fails with its output."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), *map(str, args)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: a second thread only adds contention on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,12 +21,6 @@ def train_subset():
     return train
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds contention on a shared machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(tiny_model, data, tmp_path, batch, accumulation, **fields):

@@ -3,17 +3,15 @@
 One torchrun launch (tests/scripts/dist_train.py) trains every run below; each rank writes its final
 state (parameters, BatchNorm statistics, revision model) to safetensors, compared here.
 """
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import load_script, run_two_processes
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_train.py"
 STEPS = 3
@@ -30,21 +28,13 @@ RUNS = [
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("dist_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def two_process_states(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPT), str(out), json.dumps(RUNS)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    run_two_processes(SCRIPT, out, json.dumps(RUNS), timeout=240)
     return {run["name"]: [load_file(str(out / f"{run['name']}_rank{r}.safetensors")) for r in (0, 1)] for run in RUNS}
 
 

@@ -1,34 +1,24 @@
 """trainer.evaluate() on two CPU processes (torchrun, gloo) counts each example once and agrees with one process."""
-import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import load_script, run_two_processes
 
 SCRIPT = Path(__file__).parent / "scripts" / "eval_distributed.py"
 N_EXAMPLES = 37  # 2 processes x batches of 4: the last round is padded with 3 repeated examples
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("eval_distributed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")
 def two_process_metrics(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_ddp")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(SCRIPT), str(out), str(N_EXAMPLES)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    run_two_processes(SCRIPT, out, N_EXAMPLES, timeout=300)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
