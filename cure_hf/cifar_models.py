@@ -50,7 +50,9 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block: BN-ReLU before each conv; the projection shortcut sees the activated input."""
+    """Pre-activation basic block: BN-ReLU before each conv; the projection shortcut sees the activated input.
+
+    The same block builds PreAct ResNet-18 and (widened) WideResNet-34-10."""
 
     expansion = 1
 
@@ -62,7 +64,7 @@ class PreActBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.shortcut = None
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(x))
@@ -133,24 +135,7 @@ class CifarResNet(_TimmClassifierMixin, nn.Module):
         return x
 
 
-class WideBasicBlock(nn.Module):
-    """WideResNet block (pre-activation); the projection shortcut sees the activated input."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
-        return out + shortcut
+WideBasicBlock = PreActBlock  # WideResNet's block is the pre-activation block, widened by its planes
 
 
 class CifarWideResNet(_TimmClassifierMixin, nn.Module):

@@ -36,13 +36,10 @@ __all__ = [
     "AutoAttackConfig",
     "RobustEvaluation",
     "parse_attacks",
-    "attack_metric_name",
     "predict_under_attack",
-    "correct_under_attack",
     "autoattack_predictions",
     "gradient_masking_warnings",
     "evaluate_robustness",
-    "robust_evaluate",
     "robust_overfitting_summary",
     "log_evaluation_warnings",
     "log_robust_overfitting",
@@ -115,11 +112,6 @@ def parse_attacks(attacks: Union[str, Sequence[str]], default_steps: int = 20) -
     return specs
 
 
-def attack_metric_name(attack: str, steps: int) -> str:
-    """Metric key of an attack: accuracy, pgd20_accuracy, cw_accuracy, autoattack_accuracy."""
-    return parse_attacks([attack], default_steps=steps)[0].metric
-
-
 # ----------------------------------------------------------------------------- white-box PGD
 @torch.no_grad()
 def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -163,24 +155,6 @@ def predict_under_attack(
                 )
             predictions[alive] = _predict(model, x_adv)
     return predictions
-
-
-def correct_under_attack(
-    model: nn.Module,
-    x: torch.Tensor,
-    labels: torch.Tensor,
-    attack: str,
-    *,
-    eps: float,
-    step_size: float,
-    steps: int = 20,
-    restarts: int = 1,
-    generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
-    """Boolean per example: still correct after ``attack`` ("clean", "pgd" with CE, "cw" with the margin loss)."""
-    return predict_under_attack(
-        model, x, labels, attack, eps=eps, step_size=step_size, steps=steps, restarts=restarts, generator=generator
-    ) == labels
 
 
 # --------------------------------------------------------------------------------- AutoAttack
@@ -486,16 +460,6 @@ def _accuracy_metrics(specs: List[AttackSpec], table: Dict[str, torch.Tensor], r
     ]
     metrics["n_examples"] = n
     return metrics
-
-
-def robust_evaluate(
-    model: nn.Module,
-    batches: Iterable[Dict[str, torch.Tensor]],
-    attacks: Union[str, Sequence[str]] = ("clean", "pgd"),
-    **kwargs,
-) -> Dict[str, float]:
-    """The metrics of :func:`evaluate_robustness` only: accuracy, pgd20_accuracy, ..., robust_accuracy, n_examples."""
-    return evaluate_robustness(model, batches, attacks, **kwargs).metrics
 
 
 # ---------------------------------------------------------------------------- best vs last

@@ -326,6 +326,6 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
             logs.update(self.telemetry.flush())
         if "loss" in logs and self._metrics:  # a training log: flush the per-step parts, averaged
             for name, values in self._metrics.items():
-                logs[name] = round(torch.stack([v.float().cpu() for v in values]).mean().item(), 6)
+                logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
             self._metrics.clear()
         super().log(logs, start_time)
