@@ -7,7 +7,7 @@ from typing import List, Optional, Union
 
 from transformers import TrainingArguments
 
-__all__ = ["CURETrainingArguments", "parse_pixel_value", "ADV_METHODS", "EVAL_ATTACKS"]
+__all__ = ["CURETrainingArguments", "RobustEvaluationArguments", "parse_pixel_value", "ADV_METHODS", "EVAL_ATTACKS"]
 
 ADV_METHODS = ("clean", "pgd", "trades", "mart", "fgsm_rs", "cure")
 PROMINENCE_MODES = ("loss", "paper")
@@ -26,6 +26,15 @@ def parse_pixel_value(value: Union[str, float, int], name: str) -> float:
         raise ValueError(f"{name}={value!r} is not a number; write it like 8/255 or 0.0314") from None
 
 
+def _parse_optim_args(text: Optional[str]) -> dict:
+    """``"momentum=0.8,nesterov=True"`` -> ``{"momentum": "0.8", "nesterov": "True"}``, as the Trainer reads optim_args."""
+    pairs = [item.split("=", 1) for item in str(text or "").replace(" ", "").split(",") if item]
+    bad = [p[0] for p in pairs if len(p) != 2]
+    if bad:
+        raise ValueError(f"optim_args={text!r} is invalid: write key=value pairs separated by commas, e.g. 'nesterov=True'")
+    return dict(pairs)
+
+
 def _check(condition: bool, name: str, value, allowed: str, fix: str = "") -> None:
     if not condition:
         raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}." + (f" {fix}" if fix else ""))
@@ -38,63 +47,193 @@ def _check_pixel_size(name: str, value: float) -> None:
     )
 
 
+
 @dataclass
-class CURETrainingArguments(TrainingArguments):
+class RobustEvaluationArguments:
     r"""
-    Arguments for [`CURETrainer`]: `transformers.TrainingArguments` plus the attack and the method.
+    How robust accuracy is measured: by `CURETrainer.evaluate()` and by `cure-hf evaluate`, with the same names.
 
-    Symbols follow the CURE paper (Gowda et al., ICLR 2024): p, alpha, gamma, r, d. All attack
-    sizes are in pixel units of [0, 1] and accept fractions, e.g. `--epsilon 8/255`.
+    Parameters:
+        eval_attacks (`str`, *optional*, defaults to `"clean,pgd"`):
+            Comma-separated list of `clean`, `pgd` (`eval_pgd_steps` steps), `pgd<K>` (e.g. `pgd20`), `cw` (CW-inf:
+            PGD on the margin loss), `autoattack`. Reported as `eval_accuracy`, `eval_pgd20_accuracy`,
+            `eval_cw_accuracy`, `eval_autoattack_accuracy` and `eval_robust_accuracy` (the worst case per example).
+        eval_epsilon (`str` or `float`, *optional*):
+            L-inf radius of the evaluation attacks in pixel units of [0, 1] (`"8/255"`); defaults to the training
+            `epsilon` (8/255 for `cure-hf evaluate`).
+        eval_pgd_steps (`int`, *optional*, defaults to 20):
+            Steps of `pgd` and `cw` written without a number.
+        eval_step_size (`str` or `float`, *optional*):
+            Step of PGD/CW; defaults to `eval_epsilon / 4`.
+        eval_restarts (`int`, *optional*, defaults to 1):
+            Random restarts of PGD/CW; an example counts as robust only if it survives every restart.
+        eval_max_examples (`int`, *optional*):
+            Evaluate the first N examples of the set (all when unset).
+        eval_seed (`int`, *optional*, defaults to 0):
+            Seed of the attacks' random starts.
+        eval_attack_batch_size (`int`, *optional*):
+            Examples per attack batch and device; defaults to `per_device_eval_batch_size`.
+        eval_norm (`str`, *optional*, defaults to `"Linf"`):
+            Threat model: `Linf`, or `L2` (with `eval_attacks="clean,autoattack"` only).
+        autoattack_version (`str`, *optional*, defaults to `"standard"`):
+            `standard` (APGD-CE, APGD-T, FAB-T, Square: the number of record), `plus`, `rand`, or `custom`.
+        autoattack_attacks (`str`, *optional*):
+            With `autoattack_version="custom"`: comma-separated subset of apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square.
+    """
 
-    Defaults that differ from `TrainingArguments` (to follow the paper's released code):
-    `optim="sgd"` with `sgd_momentum=0.9`, `learning_rate=0.1`, `weight_decay=5e-4` applied to
-    *all* parameters (the Trainer's default exempts biases and norm weights), `max_grad_norm=0`
-    (no clipping), `remove_unused_columns=False` (timm models take `x`, not `pixel_values`) and
-    `ddp_broadcast_buffers=False` (several forward passes before one backward, see the README).
+    eval_attacks: str = field(default="clean,pgd", metadata={"help": f"Comma-separated subset of {EVAL_ATTACKS}."})
+    eval_epsilon: Optional[str] = field(default=None, metadata={"help": "Evaluation eps (default: epsilon)."})
+    eval_pgd_steps: int = field(default=20, metadata={"help": "Steps of the PGD/CW evaluation attacks."})
+    eval_step_size: Optional[str] = field(default=None, metadata={"help": "Step of PGD/CW (default: eps / 4)."})
+    eval_restarts: int = field(default=1, metadata={"help": "Random restarts of the PGD/CW evaluation attacks."})
+    eval_max_examples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N examples."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation attacks' random starts."})
+    eval_attack_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Examples per attack batch and device (default: per_device_eval_batch_size)."}
+    )
+    eval_norm: str = field(default="Linf", metadata={"help": "Threat model of evaluation: Linf, or L2 (AutoAttack only)."})
+    autoattack_version: str = field(
+        default="standard", metadata={"help": "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square), plus, "
+                                              "rand, or custom (autoattack_attacks)."}
+    )
+    autoattack_attacks: Optional[str] = field(
+        default=None, metadata={"help": "With autoattack_version='custom': comma-separated subset of apgd-ce, "
+                                        "apgd-dlr, apgd-t, fab, fab-t, square."}
+    )
 
-    Method:
-        adv_method (`str`, defaults to `"cure"`): one of clean, pgd (PGD-AT), trades, mart, fgsm_rs, cure.
-    Training attack (L-inf):
-        epsilon (`str | float`, `"8/255"`), attack_step_size (`"2/255"`), attack_steps (`10`),
-        attack_random_start (`True`): uniform start for PGD-AT/FGSM-RS, 0.001 * N(0, I) for TRADES/MART/CURE.
-        trades_beta (`6.0`): beta of TRADES and MART.
-    CURE:
-        conserve_fraction (p, `0.3`): fraction of every tensor's entries conserved (gradient zeroed) per step.
-        clean_weight (alpha, `0.1`): weight of the clean CE term (1 - alpha on the adversarial term).
-        consistency_weight (gamma, `1.0`): weight of the revision consistency KL terms.
-        revision_rate (r, `0.2`): probability of a revision update after an optimizer step.
-        revision_decay (d, `0.999`): upper bound on the revision momentum.
-        revision_rate_schedule (`"constant"`): "linear" or "cosine" decay r to 0 over training (the paper's
-            "gradually decayed"); with natural_warmup_epochs the decay runs from the switch to CURE.
-        revision_seed (`None`): seed of the revision generator; defaults to `seed`. Identical on every process.
-        revision_train_mode (`True`): run the revision model in train mode, as the released code does.
-        prominence (`"loss"`): "loss" = |grad of the total loss| (released code); "paper" = alpha |dCE_nat/dw|
-            + (1 - alpha) |dCE_adv/dw| from separate backward passes, with the TRADES (beta = 1) update loss.
-        conservation (`"soft"`): "soft" masks only the gradient (momentum and weight decay still move conserved
-            weights, as the released code); "hard" leaves conserved entries exactly unchanged by the step.
-        head_modules (`None`): names of the classifier-head modules, never masked; auto-detected when None.
-    Evaluation (`trainer.evaluate()`):
-        eval_attacks (`"clean,pgd"`): comma-separated list of clean, pgd (eval_pgd_steps steps), pgd<K> (e.g.
-            pgd20), cw (CW-inf: PGD on the margin loss), autoattack. Reported as eval_accuracy,
-            eval_pgd20_accuracy, eval_cw_accuracy, eval_autoattack_accuracy and eval_robust_accuracy (worst case).
-        eval_epsilon (`None` = epsilon), eval_pgd_steps (`20`), eval_step_size (`None` = eval_epsilon / 4),
-        eval_restarts (`1`), eval_max_examples (`None` = all: the first N examples of the set), eval_seed (`0`).
-        eval_attack_batch_size (`None` = per_device_eval_batch_size), eval_norm (`"Linf"`; "L2" for AutoAttack).
-        autoattack_version (`"standard"`), autoattack_attacks (`None`; for version "custom").
-        validation_fraction (`0.0`): hold out a split of the training set (`trainer.validation_dataset`), evaluated
-            as `eval_validation_*` beside the eval_dataset's `eval_*`; `metric_for_best_model` then refers to it
-            (e.g. "robust_accuracy" -> "validation_robust_accuracy"), so the test set never picks the checkpoint.
-    Speed (benchmarks/README.md shows each one's effect):
-        channels_last (`False`): model and batches in channels_last memory format.
-        attack_reuse_clean_logits (`False`): TRADES/CURE attack reuses the clean training logits (models whose
-            train and eval forwards agree only). Also `bf16`, `torch_compile`, `dataloader_num_workers`.
-        eval_mixed_precision (`False`): evaluation runs in fp32 even when training uses bf16/fp16; True keeps
-            the training's autocast (faster, but fp16 attacks are weaker).
-    Recipes (recipes/configs, docs/recipes.md):
-        natural_warmup_epochs (`0`): the efficient variant, clean loss first, then the method in the same run.
-        lr_step_epochs (`None`), lr_step_factor (`0.1`): the paper's step schedule ('100,150' of 200 epochs).
-        layer_telemetry (`False`): per-block updated fraction and gradient share of CURE, logged as telemetry/*.
-    Distributed: DDP via `accelerate launch` (see docs/distributed.md); FSDP and DeepSpeed are refused.
+    def __post_init__(self):
+        self._validate_evaluation_fields()
+
+    def _validate_evaluation_fields(self) -> None:
+        from .evaluation import AutoAttackConfig, parse_attacks
+
+        _check(isinstance(self.eval_pgd_steps, int) and self.eval_pgd_steps >= 1, "eval_pgd_steps",
+               self.eval_pgd_steps, "an integer >= 1", "0 steps would make PGD and CW a no-op.")
+        _check(isinstance(self.eval_restarts, int) and self.eval_restarts >= 1, "eval_restarts", self.eval_restarts,
+               "an integer >= 1", "0 restarts would make PGD and CW a no-op.")
+        try:
+            parse_attacks(self.eval_attack_list, default_steps=self.eval_pgd_steps)
+        except ValueError as error:
+            raise ValueError(f"eval_attacks={self.eval_attacks!r} is invalid: {error}") from None
+        AutoAttackConfig(version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm)
+        if self.eval_norm != "Linf":
+            kinds = [a.rstrip("0123456789") for a in self.eval_attack_list]
+            _check(all(k in ("clean", "autoattack") for k in kinds), "eval_norm", self.eval_norm,
+                   "'L2' only with eval_attacks='clean,autoattack' (PGD and CW are L-inf)")
+        if self.eval_attack_batch_size is not None:
+            _check(self.eval_attack_batch_size >= 1, "eval_attack_batch_size", self.eval_attack_batch_size,
+                   "an integer >= 1 or None (= per_device_eval_batch_size)")
+        if self.eval_epsilon is not None:
+            self.eval_epsilon = parse_pixel_value(self.eval_epsilon, "eval_epsilon")
+            _check_pixel_size("eval_epsilon", self.eval_epsilon)
+        if self.eval_step_size is not None:
+            self.eval_step_size = parse_pixel_value(self.eval_step_size, "eval_step_size")
+            _check_pixel_size("eval_step_size", self.eval_step_size)
+            _check(self.eval_step_size > 0, "eval_step_size", self.eval_step_size, "> 0",
+                   "A zero step would make PGD and CW a no-op.")
+        if self.eval_max_examples is not None:
+            _check(self.eval_max_examples >= 1, "eval_max_examples", self.eval_max_examples, "an integer >= 1 or None")
+
+    @property
+    def eval_attack_list(self) -> List[str]:
+        return [a.strip() for a in str(self.eval_attacks).split(",") if a.strip()]
+
+    @property
+    def resolved_eval_epsilon(self) -> float:
+        if self.eval_epsilon is not None:
+            return self.eval_epsilon
+        return float(getattr(self, "epsilon", 8 / 255))
+
+    @property
+    def resolved_eval_step_size(self) -> float:
+        return self.resolved_eval_epsilon / 4 if self.eval_step_size is None else self.eval_step_size
+
+    def autoattack_config(self):
+        from .evaluation import AutoAttackConfig
+
+        return AutoAttackConfig(version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm,
+                                seed=self.eval_seed)
+
+
+@dataclass
+class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
+    r"""
+    Arguments for [`CURETrainer`]: [`~transformers.TrainingArguments`], the training attack, the method and
+    [`RobustEvaluationArguments`]. Symbols follow the CURE paper (Gowda et al., ICLR 2024): p, alpha, gamma, r, d.
+    Attack sizes are in pixel units of [0, 1] and accept fractions, e.g. `--epsilon 8/255`.
+
+    Defaults that differ from `TrainingArguments`, to follow the paper's released code: `optim="sgd"` with
+    momentum 0.9 (`sgd_momentum`), `learning_rate=0.1`, `weight_decay=5e-4` on *all* parameters
+    (`weight_decay_all_parameters`; the Trainer exempts biases and norm weights), `max_grad_norm=0` (no clipping),
+    `remove_unused_columns=False` (timm models take `x`, not `pixel_values`), `ddp_broadcast_buffers=False` (several
+    forward passes before one backward) and `metric_for_best_model="robust_accuracy"` whenever evaluation runs.
+    The learning-rate schedule is the Trainer's (`lr_scheduler_type`, linear by default); `lr_step_epochs` switches
+    to the paper's step schedule.
+
+    Parameters:
+        adv_method (`str`, *optional*, defaults to `"cure"`):
+            One of `clean` (natural training), `pgd` (PGD-AT), `trades`, `mart`, `fgsm_rs`, `cure`.
+        epsilon (`str` or `float`, *optional*, defaults to `"8/255"`):
+            L-inf radius of the training attack (eps).
+        attack_step_size (`str` or `float`, *optional*, defaults to `"2/255"`):
+            Step of the training attack.
+        attack_steps (`int`, *optional*, defaults to 10):
+            Steps of the training attack (K).
+        attack_random_start (`bool`, *optional*, defaults to `True`):
+            Uniform start in the eps-ball for PGD-AT/FGSM-RS; x + 0.001 N(0, I) for TRADES/MART/CURE.
+        trades_beta (`float`, *optional*, defaults to 6.0):
+            beta of TRADES and MART.
+        conserve_fraction (`float`, *optional*, defaults to 0.3):
+            p: fraction of every parameter tensor's entries conserved (gradient zeroed) per step.
+        clean_weight (`float`, *optional*, defaults to 0.1):
+            alpha: weight of the clean CE term (1 - alpha on the adversarial term).
+        consistency_weight (`float`, *optional*, defaults to 1.0):
+            gamma: weight of the revision consistency KL terms.
+        revision_rate (`float`, *optional*, defaults to 0.2):
+            r: probability of a revision update after an optimizer step.
+        revision_decay (`float`, *optional*, defaults to 0.999):
+            d: upper bound on the revision momentum m = min(1 - 1/(t + 1), d).
+        revision_rate_schedule (`str`, *optional*, defaults to `"constant"`):
+            `linear` or `cosine` decay r to 0 over training (the paper's "gradually decayed"); with
+            `natural_warmup_epochs` the decay runs from the switch to the method.
+        revision_seed (`int`, *optional*):
+            Seed of the revision generator (default: `seed`); identical on every process.
+        revision_train_mode (`bool`, *optional*, defaults to `True`):
+            Run the revision model in train mode, as the released code does.
+        prominence (`str`, *optional*, defaults to `"loss"`):
+            `loss`: |grad of the total loss| (released code); `paper`: alpha |dCE_nat/dw| + (1 - alpha) |dCE_adv/dw|
+            from separate backward passes, with the TRADES (beta = 1) update loss.
+        conservation (`str`, *optional*, defaults to `"soft"`):
+            `soft` masks only the gradient (momentum and weight decay still move conserved weights, as the released
+            code); `hard` leaves conserved entries exactly unchanged by the step.
+        head_modules (`list[str]`, *optional*):
+            Names of the classifier-head modules, never masked; auto-detected when unset.
+        validation_fraction (`float`, *optional*, defaults to 0.0):
+            Hold out this fraction of the training set (`trainer.validation_dataset`). `evaluate()` then reports it
+            as `eval_validation_*` beside the test set's `eval_test_*`, and `metric_for_best_model` refers to it, so the
+            test set never picks the checkpoint.
+        eval_mixed_precision (`bool`, *optional*, defaults to `False`):
+            Run `evaluate()`'s attacks under the training's bf16/fp16 autocast (default: fp32; fp16 attacks are weaker).
+        channels_last (`bool`, *optional*, defaults to `False`):
+            Model and batches in channels_last memory format.
+        attack_reuse_clean_logits (`bool`, *optional*, defaults to `False`):
+            TRADES/CURE: the attack reuses the clean training forward's logits. Only for models whose train and eval
+            forwards agree; the trainer compares the two forwards on the first batch and refuses otherwise.
+        natural_warmup_epochs (`float`, *optional*, defaults to 0):
+            The efficient variant: clean loss for this many epochs, then the method in the same run.
+        lr_step_epochs (`str`, *optional*):
+            The paper's step schedule, e.g. `"100,150"`: the learning rate times `lr_step_factor` at these epochs.
+        lr_step_factor (`float`, *optional*, defaults to 0.1):
+            Factor of the step schedule.
+        layer_telemetry (`bool`, *optional*, defaults to `False`):
+            CURE: log per block the fraction of entries updated and the share of gradient magnitude (`telemetry/*`).
+        sgd_momentum (`float`, *optional*):
+            Momentum of `optim="sgd"` when `optim_args` does not set it; 0.9 (the released code) when unset. Refused
+            with another optimizer.
+        weight_decay_all_parameters (`bool`, *optional*, defaults to `True`):
+            Weight decay on biases and norm weights too (the released code); `False` gives the Trainer's grouping.
+
+    Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """
 
     adv_method: str = field(default="cure", metadata={"help": f"Training method, one of {ADV_METHODS}."})
@@ -118,39 +257,17 @@ class CURETrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Classifier-head module names (never masked); auto-detected if unset."}
     )
 
-    eval_attacks: str = field(default="clean,pgd", metadata={"help": f"Comma-separated subset of {EVAL_ATTACKS}."})
-    eval_epsilon: Optional[str] = field(default=None, metadata={"help": "Evaluation eps (default: epsilon)."})
-    eval_pgd_steps: int = field(default=20, metadata={"help": "Steps of the PGD/CW evaluation attacks."})
-    eval_step_size: Optional[str] = field(default=None, metadata={"help": "Step of PGD/CW (default: eps / 4)."})
-    eval_restarts: int = field(default=1, metadata={"help": "Random restarts of the PGD/CW evaluation attacks."})
-    eval_max_examples: Optional[int] = field(default=None, metadata={"help": "Evaluate on the first N examples."})
-    eval_seed: int = field(default=0, metadata={"help": "Seed of the evaluation attacks' random starts."})
-
-    # --- robust evaluation (issue 3) ---
-    eval_attack_batch_size: Optional[int] = field(
-        default=None, metadata={"help": "Per-device batch size of evaluate()'s attacks (default: per_device_eval_batch_size)."}
-    )
-    eval_norm: str = field(default="Linf", metadata={"help": "Threat model of evaluation: Linf, or L2 (AutoAttack only)."})
-    autoattack_version: str = field(
-        default="standard", metadata={"help": "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square), plus, "
-                                              "rand, or custom (autoattack_attacks)."}
-    )
-    autoattack_attacks: Optional[str] = field(
-        default=None, metadata={"help": "With autoattack_version='custom': comma-separated subset of apgd-ce, "
-                                        "apgd-dlr, apgd-t, fab, fab-t, square."}
-    )
     validation_fraction: float = field(
         default=0.0, metadata={"help": "Hold out this fraction of the training set as a validation split for "
                                        "model selection (eval metrics eval_validation_*); 0 = none."}
     )
 
-    # --- distributed / mixed precision (issue 5) ---
     eval_mixed_precision: bool = field(
         default=False,
         metadata={"help": "Run evaluate() and its attacks under the training's bf16/fp16 autocast (default: fp32)."},
     )
 
-    # --- speed (issue 7); bf16, torch_compile and dataloader_num_workers are TrainingArguments' own fields ---
+    # Speed; bf16, torch_compile and dataloader_num_workers are TrainingArguments' own fields.
     channels_last: bool = field(
         default=False, metadata={"help": "Model and batches in channels_last memory format (faster convs on GPUs)."}
     )
@@ -161,7 +278,7 @@ class CURETrainingArguments(TrainingArguments):
                           "(no BatchNorm, no active dropout/drop-path); the trainer checks."},
     )
 
-    # --- recipes (issue 6): the efficient variant, the paper's step schedule, per-layer telemetry ---
+    # The efficient variant, the paper's step schedule, per-layer telemetry.
     natural_warmup_epochs: float = field(
         default=0.0,
         metadata={"help": "Efficient variant (spec section 5): train with the clean loss for this many epochs, then "
@@ -180,7 +297,9 @@ class CURETrainingArguments(TrainingArguments):
                           "(telemetry/* in the training logs; cure_hf.telemetry.plot_layer_telemetry draws them)."},
     )
 
-    sgd_momentum: float = field(default=0.9, metadata={"help": "Momentum when optim='sgd'."})
+    sgd_momentum: Optional[float] = field(
+        default=None, metadata={"help": "Momentum of optim='sgd' unless optim_args sets it (default 0.9, the released code)."}
+    )
     weight_decay_all_parameters: bool = field(
         default=True, metadata={"help": "Apply weight decay to biases and norm weights too (the released code)."}
     )
@@ -195,9 +314,14 @@ class CURETrainingArguments(TrainingArguments):
         default=False, metadata={"help": "DDP buffer broadcast; off because of several forwards per backward."}
     )
 
+
     def __post_init__(self):
         self._validate_cure_fields()
-        super().__post_init__()
+        self._validate_evaluation_fields()
+        self._validate_recipe_fields()
+        self._validate_optimizer_fields()
+        self._default_model_selection()
+        super(RobustEvaluationArguments, self).__post_init__()  # TrainingArguments'
 
     def _validate_cure_fields(self) -> None:
         _check(self.adv_method in ADV_METHODS, "adv_method", self.adv_method, f"one of {ADV_METHODS}")
@@ -224,21 +348,11 @@ class CURETrainingArguments(TrainingArguments):
         if self.head_modules is not None:
             _check(isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
                    "head_modules", self.head_modules, "a list of module names, e.g. ['head']")
-        self._validate_evaluation_fields()
-        if self.eval_epsilon is not None:
-            self.eval_epsilon = parse_pixel_value(self.eval_epsilon, "eval_epsilon")
-            _check_pixel_size("eval_epsilon", self.eval_epsilon)
-        if self.eval_step_size is not None:
-            self.eval_step_size = parse_pixel_value(self.eval_step_size, "eval_step_size")
-            _check_pixel_size("eval_step_size", self.eval_step_size)
-        _check(self.eval_pgd_steps >= 1, "eval_pgd_steps", self.eval_pgd_steps, "an integer >= 1")
-        _check(self.eval_restarts >= 1, "eval_restarts", self.eval_restarts, "an integer >= 1")
-        if self.eval_max_examples is not None:
-            _check(self.eval_max_examples >= 1, "eval_max_examples", self.eval_max_examples, "an integer >= 1 or None")
-        _check(0.0 <= self.sgd_momentum < 1.0, "sgd_momentum", self.sgd_momentum, "0 <= momentum < 1")
-        self._validate_recipe_fields()
+        _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", self.validation_fraction,
+               "0 <= fraction < 1", "e.g. 0.1 holds out 10% of the training set for model selection.")
+        _check(0.0 <= self.label_smoothing_factor < 1.0, "label_smoothing_factor", self.label_smoothing_factor,
+               "0 <= factor < 1")
 
-    # --- recipes (issue 6) ---
     def _validate_recipe_fields(self) -> None:
         _check(self.natural_warmup_epochs >= 0, "natural_warmup_epochs", self.natural_warmup_epochs, ">= 0 epochs")
         if self.natural_warmup_epochs > 0 and self.max_steps > 0:
@@ -248,6 +362,49 @@ class CURETrainingArguments(TrainingArguments):
             )
         _check(0.0 < self.lr_step_factor <= 1.0, "lr_step_factor", self.lr_step_factor, "0 < factor <= 1")
         self.lr_step_milestones  # parses lr_step_epochs, raising a clear error
+
+    def _validate_optimizer_fields(self) -> None:
+        """SGD's momentum comes from `optim_args` or `sgd_momentum`, never silently from neither or both."""
+        optim = str(getattr(self.optim, "value", self.optim))
+        given = _parse_optim_args(self.optim_args)
+        if self.sgd_momentum is not None:
+            _check(0.0 <= self.sgd_momentum < 1.0, "sgd_momentum", self.sgd_momentum, "0 <= momentum < 1")
+            if optim != "sgd":
+                raise ValueError(
+                    f"sgd_momentum={self.sgd_momentum} only applies to optim='sgd', but optim={optim!r}; drop "
+                    "sgd_momentum, or pass the optimizer's own settings in optim_args"
+                )
+            if "momentum" in given and float(given["momentum"]) != self.sgd_momentum:
+                raise ValueError(
+                    f"sgd_momentum={self.sgd_momentum} and optim_args momentum={given['momentum']} disagree; set one"
+                )
+        if "weight_decay" in given:
+            raise ValueError(
+                f"optim_args={self.optim_args!r} sets weight_decay, which the Trainer's parameter groups override "
+                f"(weight_decay={self.weight_decay}); set --weight_decay instead (and weight_decay_all_parameters)"
+            )
+
+    @property
+    def resolved_sgd_momentum(self) -> float:
+        """The momentum that SGD gets: optim_args' momentum, else sgd_momentum, else 0.9 (the released code)."""
+        given = _parse_optim_args(self.optim_args)
+        if "momentum" in given:
+            return float(given["momentum"])
+        return 0.9 if self.sgd_momentum is None else self.sgd_momentum
+
+    def _default_model_selection(self) -> None:
+        """Select checkpoints by robust accuracy whenever evaluation runs, on the validation split if there is one."""
+        metric = self.metric_for_best_model
+        evaluates = str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no"
+        if metric is None and (evaluates or self.load_best_model_at_end):
+            metric = "robust_accuracy"
+            self.greater_is_better = True if self.greater_is_better is None else self.greater_is_better
+        if metric is not None and self.validation_fraction > 0:
+            # Select on the held-out validation split, never on the test set.
+            bare = metric.removeprefix("eval_")
+            if not bare.startswith("validation_"):
+                metric = "validation_" + bare.removeprefix("test_")
+        self.metric_for_best_model = metric
 
     @property
     def lr_step_milestones(self) -> List[float]:
@@ -263,42 +420,12 @@ class CURETrainingArguments(TrainingArguments):
                              "separated by commas, e.g. '100,150'")
         return epochs
 
-    # --- robust evaluation (issue 3) ---
-    def _validate_evaluation_fields(self) -> None:
-        from .evaluation import AutoAttackConfig, parse_attacks
-
-        try:
-            parse_attacks(self.eval_attack_list, default_steps=max(1, int(self.eval_pgd_steps)))
-        except ValueError as error:
-            raise ValueError(f"eval_attacks={self.eval_attacks!r} is invalid: {error}") from None
-        AutoAttackConfig(version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm)
-        if self.eval_norm != "Linf":
-            kinds = [a.rstrip("0123456789") for a in self.eval_attack_list]
-            _check(all(k in ("clean", "autoattack") for k in kinds), "eval_norm", self.eval_norm,
-                   "'L2' only with eval_attacks='clean,autoattack' (PGD and CW are L-inf)")
-        if self.eval_attack_batch_size is not None:
-            _check(self.eval_attack_batch_size >= 1, "eval_attack_batch_size", self.eval_attack_batch_size,
-                   "an integer >= 1 or None (= per_device_eval_batch_size)")
-        _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", self.validation_fraction,
-               "0 <= fraction < 1", "e.g. 0.1 holds out 10% of the training set for model selection.")
-        metric = self.metric_for_best_model
-        if self.validation_fraction > 0 and metric and not metric.removeprefix("eval_").startswith("validation_"):
-            # Select the checkpoint on the held-out validation split, never on the test set.
-            self.metric_for_best_model = "validation_" + metric.removeprefix("eval_")
-        elif self.validation_fraction > 0 and metric is None and self.load_best_model_at_end:
-            self.metric_for_best_model = "validation_robust_accuracy"
-
     @property
-    def eval_attack_list(self) -> List[str]:
-        return [a.strip() for a in str(self.eval_attacks).split(",") if a.strip()]
+    def attack_settings(self):
+        from .methods import AttackSettings
 
-    @property
-    def resolved_eval_epsilon(self) -> float:
-        return self.epsilon if self.eval_epsilon is None else self.eval_epsilon
-
-    @property
-    def resolved_eval_step_size(self) -> float:
-        return self.resolved_eval_epsilon / 4 if self.eval_step_size is None else self.eval_step_size
+        return AttackSettings(eps=self.epsilon, step_size=self.attack_step_size, steps=self.attack_steps,
+                              random_start=self.attack_random_start)
 
     @property
     def resolved_revision_seed(self) -> int:

@@ -74,11 +74,38 @@ def image_transform(
 
 
 def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
-    """Stack ``pixel_values`` and ``labels`` into a batch."""
-    return {
-        "pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]),
-        "labels": torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long),
-    }
+    """``{"pixel_values", "labels"}`` batches through transformers' ``default_data_collator``.
+
+    Accepts what it accepts (``labels``, or ``label``/``label_ids`` renamed to ``labels``; tensors, arrays or
+    lists) and refuses, with the fix, what would otherwise train silently wrong or fail deep inside torch:
+    examples without ``pixel_values`` (raw ``image``/``img`` columns need a transform) and non-integer labels
+    (a float label 3.7 would otherwise become class 3, or a soft target).
+    """
+    from transformers import default_data_collator
+
+    first = examples[0]
+    if "pixel_values" not in first:
+        images = [k for k in ("image", "img", "pixel_values") if k in first]
+        hint = (f" The dataset has the raw image column {images[0]!r}: add a transform that turns it into pixel "
+                "tensors in [0, 1], e.g. dataset.set_transform(cure_hf.image_transform(32, train=True)).") if images \
+            else ""
+        raise ValueError(f"a training example needs 'pixel_values'; this one has the keys {sorted(first)}.{hint}")
+    if not any(k in first for k in ("labels", "label", "label_ids")):
+        raise ValueError(f"a training example needs 'labels' (or 'label'); this one has the keys {sorted(first)}")
+    kept = [{k: v for k, v in e.items() if k in ("pixel_values", "labels", "label", "label_ids")} for e in examples]
+    batch = default_data_collator(kept, return_tensors="pt")
+    labels = torch.as_tensor(batch["labels"])
+    if labels.is_floating_point():
+        if not torch.equal(labels, labels.round()):
+            bad = labels[labels != labels.round()][:3].tolist()
+            raise ValueError(f"labels must be class indices, got non-integer values such as {bad}; map them to "
+                             "integers 0..num_classes-1 (e.g. a datasets ClassLabel column)")
+        labels = labels.long()
+    pixels = torch.as_tensor(batch["pixel_values"])
+    if not pixels.is_floating_point():
+        raise ValueError(f"pixel_values must be floats in [0, 1], got {pixels.dtype} (e.g. uint8 0..255 pixels); "
+                         "convert with ToTensor() / x.float() / 255 in the transform")
+    return {"pixel_values": pixels, "labels": labels.long()}
 
 
 def check_pixel_range(pixel_values: torch.Tensor, tolerance: float = 1e-4) -> None:

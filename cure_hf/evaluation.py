@@ -15,11 +15,8 @@ accuracies are computed with the `evaluate` metric modules shipped in :mod:`cure
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -29,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from .attacks import attack_mode, logits_of, pgd
-from .runtime import full_precision_forward
 
 __all__ = [
     "AttackSpec",
@@ -513,144 +509,3 @@ def log_robust_overfitting(summary: Dict[str, Dict[str, Any]]) -> None:
             logger.warning(line)
         else:
             logger.info(line)
-
-
-class RobustEvaluationMixin:
-    """`CURETrainer`'s evaluation: robust `evaluate()`, the history of every evaluation, best vs last robust
-    accuracy at the end of `train()`, and model selection on a validation split carved from the training set.
-    """
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
-        """Clean and robust accuracy under the attacks in `eval_attacks` (clean, pgd<K>, cw, autoattack).
-
-        Reports `{prefix}_accuracy`, `{prefix}_pgd20_accuracy`, `{prefix}_cw_accuracy`,
-        `{prefix}_autoattack_accuracy` as asked, and `{prefix}_robust_accuracy` (worst case per example),
-        usable as `metric_for_best_model="robust_accuracy"`. Attacks run with input gradients on, in eval
-        mode, with their own batch size (`eval_attack_batch_size`); per-example results are gathered across
-        processes so each example counts once. Every evaluation is recorded in
-        `output_dir/robust_eval_history.json` with AutoAttack's per-attack accuracies and warnings
-        (gradient masking: Square beating the white-box attacks); `eval_max_examples` keeps the first N.
-        """
-        validation = getattr(self, "validation_dataset", None)
-        if eval_dataset is None and validation is not None:  # validation_fraction: the split, then the eval set
-            metrics = self.evaluate(validation, ignore_keys, f"{metric_key_prefix}_validation")
-            if self.eval_dataset is not None and self.eval_dataset is not validation:
-                metrics.update(self.evaluate(self.eval_dataset, ignore_keys, metric_key_prefix))
-            return metrics
-        if isinstance(eval_dataset, dict) or (eval_dataset is None and isinstance(self.eval_dataset, dict)):
-            datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
-            metrics = {}
-            for name, dataset in datasets.items():
-                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
-            return metrics
-        dataloader = self._robust_eval_dataloader(eval_dataset if eval_dataset is not None else self.eval_dataset)
-        model = self.accelerator.unwrap_model(self.model)
-        device = self.args.device
-        generator = torch.Generator(device=device).manual_seed(self.args.eval_seed + self.args.process_index)
-        precision = contextlib.nullcontext() if self.args.eval_mixed_precision else full_precision_forward(model)
-        with precision:
-            result = evaluate_robustness(
-                model, dataloader, self.args.eval_attack_list,
-                eps=self.args.resolved_eval_epsilon, step_size=self.args.resolved_eval_step_size,
-                steps=self.args.eval_pgd_steps, restarts=self.args.eval_restarts, generator=generator,
-                gather=self.accelerator.gather_for_metrics, device=device,
-                progress=self.is_world_process_zero() and not self.args.disable_tqdm,
-                autoattack=AutoAttackConfig(version=self.args.autoattack_version, attacks=self.args.autoattack_attacks,
-                                            norm=self.args.eval_norm, seed=self.args.eval_seed),
-            )
-        metrics = {f"{metric_key_prefix}_{k}": v for k, v in result.metrics.items()}
-        if result.autoattack_stages:
-            metrics[f"{metric_key_prefix}_gradient_masking_suspected"] = float(result.gradient_masking_suspected)
-        if self.is_world_process_zero():
-            log_evaluation_warnings(result, metric_key_prefix)
-        self._record_robust_evaluation(metric_key_prefix, result)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    robust_eval_history_name = "robust_eval_history.json"
-    robust_overfitting_name = "robust_overfitting.json"
-
-    def _robust_eval_dataloader(self, dataset):
-        """The evaluation set (its first `eval_max_examples`), in batches of `eval_attack_batch_size` per device."""
-        if dataset is None:
-            raise ValueError("CURETrainer.evaluate needs an eval_dataset: pass one to the trainer or to evaluate()")
-        limit = self.args.eval_max_examples
-        if limit is not None and len(dataset) > limit:  # the same first N on every process: each counted once
-            dataset = dataset.select(range(limit)) if hasattr(dataset, "select") else \
-                torch.utils.data.Subset(dataset, range(limit))
-        batch_size = self.args.eval_attack_batch_size or self.args.per_device_eval_batch_size
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator,
-            num_workers=self.args.dataloader_num_workers,
-            pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
-        )
-        return self.accelerator.prepare(loader)
-
-    @property
-    def robust_eval_history(self) -> List[Dict[str, Any]]:
-        """Every evaluation of this trainer: step, epoch, metrics, AutoAttack per attack, warnings, settings."""
-        if "_robust_eval_history" not in self.__dict__:
-            self._robust_eval_history: List[Dict[str, Any]] = []
-        return self._robust_eval_history
-
-    def _record_robust_evaluation(self, prefix: str, result) -> None:
-        record = {"step": self.state.global_step, "epoch": self.state.epoch, "prefix": prefix, **result.to_dict()}
-        self.robust_eval_history.append(record)
-        if self.is_world_process_zero() and self.args.output_dir:
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, self.robust_eval_history_name), "w", encoding="utf-8") as f:
-                json.dump(self.robust_eval_history, f, indent=2, default=str)
-
-    def robust_overfitting_summary(self) -> Dict[str, Dict[str, Any]]:
-        """Best and last value of every `*robust_accuracy` metric logged so far, and their difference (gap).
-
-        With a validation split, the other splits also report their value at the best validation evaluation.
-        """
-        selection = "eval_validation_robust_accuracy"
-        if self.args.metric_for_best_model:
-            selection = "eval_" + self.args.metric_for_best_model.removeprefix("eval_")
-        return robust_overfitting_summary(self.state.log_history, selection_key=selection)
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, then the robust-overfitting report: best vs last robust accuracy of every evaluation."""
-        output = super().train(*args, **kwargs)
-        summary = self.robust_overfitting_summary()
-        for key, entry in summary.items():
-            output.metrics.update({f"{key}_best": entry["best"], f"{key}_last": entry["last"],
-                                   f"{key}_best_minus_last": entry["gap"]})
-            if "at_selected" in entry:
-                output.metrics[f"{key}_at_selected"] = entry["at_selected"]
-        if summary and self.is_world_process_zero():
-            log_robust_overfitting(summary)
-            os.makedirs(self.args.output_dir, exist_ok=True)
-            with open(os.path.join(self.args.output_dir, self.robust_overfitting_name), "w", encoding="utf-8") as f:
-                json.dump(summary, f, indent=2)
-        return output
-
-    def _with_validation_split(self, args, pos: tuple, kwargs: dict):
-        """`validation_fraction > 0`: carve `self.validation_dataset` from the training set (never the test set).
-
-        `evaluate()` then reports it as `eval_validation_*` (what `metric_for_best_model` selects on) beside
-        the given eval_dataset's `eval_*`. The split uses the eval_dataset's transform (no augmentation)
-        when it has one.
-        """
-        self.validation_dataset = None
-        if not args.validation_fraction:
-            return pos, kwargs
-        from .data import split_validation
-
-        names = ("data_collator", "train_dataset", "eval_dataset")
-        kwargs = dict(kwargs, **dict(zip(names, pos)))
-        pos = tuple(pos[len(names):])
-        train, given = kwargs.get("train_dataset"), kwargs.get("eval_dataset")
-        if train is None:
-            raise ValueError(f"validation_fraction={args.validation_fraction} needs a train_dataset to split")
-        candidates = list(given.values()) if isinstance(given, dict) else [given] if given is not None else []
-        transform = next((d.format.get("format_kwargs", {}).get("transform") for d in candidates
-                          if getattr(d, "format", {}).get("type") == "custom"), None)
-        kwargs["train_dataset"], self.validation_dataset = split_validation(
-            train, args.validation_fraction, args.seed, transform)
-        if given is None:  # the Trainer wants an eval set when eval_strategy is set: the split is it
-            kwargs["eval_dataset"] = self.validation_dataset
-        return pos, kwargs

@@ -8,12 +8,20 @@ Buffers (BatchNorm statistics) are not averaged: the revision model keeps its ow
 from __future__ import annotations
 
 import copy
+import json
+import os
 from typing import Any, Dict, Iterable, Optional
 
+import safetensors
+import safetensors.torch
 import torch
 import torch.nn as nn
 
-__all__ = ["revision_decay", "ema_update_", "RevisionModel"]
+__all__ = ["revision_decay", "ema_update_", "RevisionModel", "REVISION_WEIGHTS_NAME"]
+
+# The revision model's file in a checkpoint folder: its weights and buffers, its generator state, and (as
+# metadata) its step counter and whatever schedule state the trainer hands over (e.g. where the method began).
+REVISION_WEIGHTS_NAME = "revision.safetensors"
 
 
 def revision_decay(step: int, decay: float) -> float:
@@ -69,3 +77,31 @@ class RevisionModel(nn.Module):
     def load_state(self, state: Dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
+
+    def save(self, folder: str, schedule: Optional[Dict[str, Any]] = None) -> str:
+        """Write ``REVISION_WEIGHTS_NAME`` into ``folder``: weights, buffers, generator, step and ``schedule``
+        (JSON-serialisable state of the method's schedule, returned again by :meth:`load`)."""
+        tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
+        tensors["generator_state"] = self.generator.get_state()
+        metadata = {"format": "pt", "step": str(self.step), "rate": repr(self.rate), "decay": repr(self.decay),
+                    "schedule": json.dumps(schedule or {})}
+        path = os.path.join(folder, REVISION_WEIGHTS_NAME)
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
+        return path
+
+    @staticmethod
+    def read_schedule(folder: str) -> Dict[str, Any]:
+        """The schedule state that :meth:`save` wrote into ``folder``, without loading the weights."""
+        with safetensors.safe_open(os.path.join(folder, REVISION_WEIGHTS_NAME), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("schedule", "{}"))
+
+    def load(self, folder: str) -> Dict[str, Any]:
+        """Restore what :meth:`save` wrote (strictly: every weight and buffer); returns the schedule state."""
+        path = os.path.join(folder, REVISION_WEIGHTS_NAME)
+        tensors = safetensors.torch.load_file(path, device="cpu")
+        with safetensors.safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        module_state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+        self.module.load_state_dict(module_state, strict=True)
+        self.load_state({"step": int(metadata["step"]), "generator": tensors["generator_state"]})
+        return json.loads(metadata.get("schedule", "{}"))

@@ -16,6 +16,7 @@ __all__ = [
     "refuse_unsupported_parallelism",
     "full_precision_forward",
     "check_clean_logits_reusable",
+    "check_train_eval_forwards_agree",
     "average_running_stats_",
 ]
 
@@ -85,26 +86,46 @@ def full_precision_forward(module: nn.Module):
 
 
 # --- speed -------------------------------------------------------------------------------------
-def check_clean_logits_reusable(method_name: str, attack: Optional[str], model: nn.Module) -> None:
-    """``attack_reuse_clean_logits`` is exact only for a KL attack and a model whose train and eval forwards agree."""
+def check_clean_logits_reusable(method_name: str, attack: Optional[str]) -> None:
+    """``attack_reuse_clean_logits`` is exact only for a KL attack, which starts from the clean logits."""
     if attack != "pgd_kl":
         raise ValueError(
             f"attack_reuse_clean_logits=True is invalid for adv_method={method_name!r}: allowed only for 'trades' and "
             "'cure', whose attack starts from the clean logits. Fix: set attack_reuse_clean_logits=False."
         )
-    for name, module in model.named_modules():
-        stochastic = (
-            isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
-            or isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
-            or type(module).__name__ == "DropPath" and getattr(module, "drop_prob", 0.0) > 0
+
+
+@torch.no_grad()
+def check_train_eval_forwards_agree(model: nn.Module, x: torch.Tensor, tolerance: float = 1e-5) -> None:
+    """Raise unless ``model``'s train-mode and eval-mode logits on ``x`` agree (``attack_reuse_clean_logits``).
+
+    The two forwards are compared rather than the module types listed, so any source of difference counts:
+    BatchNorm, dropout, drop-path, attention dropout inside a transformers model, or a custom layer. The model's
+    buffers (BatchNorm statistics), the random generators and its mode are left as they were.
+    """
+    from .attacks import logits_of
+
+    was_training = model.training
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            model.train()
+            train_logits = logits_of(model(x)).float()
+            model.eval()
+            eval_logits = logits_of(model(x)).float()
+    finally:
+        for saved, buffer in zip(buffers, model.buffers()):
+            buffer.copy_(saved)
+        model.train(was_training)
+    difference = (train_logits - eval_logits).abs().max().item()
+    scale = eval_logits.abs().max().item()
+    if difference > tolerance * max(1.0, scale):
+        raise ValueError(
+            f"attack_reuse_clean_logits=True needs a model whose train-mode forward equals its eval-mode forward, but "
+            f"on the first batch their logits differ by up to {difference:.3g} (BatchNorm, dropout, drop-path or "
+            "attention dropout active in train mode), so the attack's eval-mode clean logits cannot come from the "
+            "training forward. Fix: set attack_reuse_clean_logits=False, or set the model's dropout rates to 0."
         )
-        if stochastic:
-            raise ValueError(
-                f"attack_reuse_clean_logits=True needs a model whose train-mode forward equals its eval-mode forward; "
-                f"module {name!r} ({type(module).__name__}) behaves differently in train mode, so the attack's "
-                "eval-mode clean logits cannot come from the training forward. Fix: set attack_reuse_clean_logits="
-                "False, or use a model without BatchNorm, dropout and drop-path (e.g. a ViT with drop rates 0)."
-            )
 
 
 @torch.no_grad()

@@ -15,28 +15,26 @@ the gradient accumulation, and never on a step the fp16 scaler skipped.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from transformers import Trainer
 
-from .attacks import cross_entropy_loss, fgsm_rs, logits_of, pgd
+from .attacks import logits_of
+from .base_trainer import RobustTrainer
 from .config import CURETrainingArguments
-from .data import check_pixel_range, collate_pixels
-from .evaluation import RobustEvaluationMixin
-from .hub import HubCheckpointMixin
-from .methods import METHODS, method_loss
+from .data import check_pixel_range
+from .methods import LossInputs, smoothed_cross_entropy
 from .models import head_parameter_names
 from .prominence import mask_gradients_, paper_score
-from .revision import RevisionModel
-from .runtime import average_running_stats_, check_clean_logits_reusable, refuse_unsupported_parallelism
+from .revision import REVISION_WEIGHTS_NAME, RevisionModel
+from .runtime import average_running_stats_, check_clean_logits_reusable, check_train_eval_forwards_agree
 
 __all__ = ["CURETrainer"]
 
 
-class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
+class CURETrainer(RobustTrainer):
     """A `transformers.Trainer` whose training step is adversarial training; see `CURETrainingArguments`.
 
     The model takes `pixel_values` in [0, 1] (normalisation inside the model) and returns logits or an
@@ -44,32 +42,11 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
     image-classification model. Batches are `{"pixel_values", "labels"}`.
     """
 
-    _tag_names = ["cure_hf", "adversarial-training", "robustness"]
-    _paper = {
-        "title": "Conserve-Update-Revise to Cure Generalization and Robustness Trade-off in Adversarial Training",
-        "id": "2401.14948",
-        "citation": (
-            "@inproceedings{gowda2024conserve,\n  title={Conserve-Update-Revise to Cure Generalization and Robustness "
-            "Trade-off in Adversarial Training},\n  author={Gowda, Shruthi and Zonooz, Bahram and Arani, Elahe},\n"
-            "  booktitle={International Conference on Learning Representations},\n  year={2024}\n}"
-        ),
-    }
-
     def __init__(self, model: nn.Module, args: CURETrainingArguments, *pos, **kwargs):
-        if not isinstance(args, CURETrainingArguments):
-            raise TypeError(
-                f"CURETrainer needs CURETrainingArguments, got {type(args).__name__}; "
-                "build it as CURETrainingArguments(output_dir=..., adv_method='cure', ...)"
-            )
-        kwargs.setdefault("data_collator", collate_pixels)
-        refuse_unsupported_parallelism(args)
-        pos, kwargs = self._with_validation_split(args, pos, kwargs)  # validation_fraction: carve it from train
         super().__init__(model, args, *pos, **kwargs)
-        refuse_unsupported_parallelism(args, self.accelerator)
-        self.method = METHODS[args.adv_method]
         self.head_names = head_parameter_names(model, args.head_modules)
         self.revision: Optional[RevisionModel] = None
-        self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)
+        self._revision_checkpoint: Optional[str] = None  # resume: the folder whose revision state is still to load
         self._hooked_optimizer: Optional[torch.optim.Optimizer] = None
         self._paper_grads: Optional[List[List[torch.Tensor]]] = None  # [clean, adv] sums, paper prominence
         self._paper_grads_step = -1  # global_step the sums belong to
@@ -84,25 +61,13 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         # Speed options.
         if args.channels_last and self.model is not None:
             self.model.to(memory_format=torch.channels_last)
-        if args.attack_reuse_clean_logits and self.model is not None:
-            check_clean_logits_reusable(args.adv_method, self.method.attack, self.model)
+        if args.attack_reuse_clean_logits:
+            check_clean_logits_reusable(args.adv_method, self.method.attack)
+        self._forwards_checked = False  # attack_reuse_clean_logits: train and eval forwards compared on batch 1
 
     # ----------------------------------------------------------------- optimizer and its hooks
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.args.optim == "sgd" and self.args.optim_args is None:
-            opt_model = self.model if model is None else model
-            decay = set(n for n, _ in opt_model.named_parameters())
-            if not self.args.weight_decay_all_parameters:
-                decay = set(self.get_decay_parameter_names(opt_model))
-            groups = [
-                {"params": [p for n, p in opt_model.named_parameters() if p.requires_grad and n in decay],
-                 "weight_decay": self.args.weight_decay},
-                {"params": [p for n, p in opt_model.named_parameters() if p.requires_grad and n not in decay],
-                 "weight_decay": 0.0},
-            ]
-            self.optimizer = torch.optim.SGD(
-                [g for g in groups if g["params"]], lr=self.args.learning_rate, momentum=self.args.sgd_momentum
-            )
+        """The Trainer's optimizer, with the conserve/update and revise hooks attached to its step."""
         optimizer = super().create_optimizer(model)
         self._attach_optimizer_hooks(optimizer)
         return optimizer
@@ -205,7 +170,7 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
     def _natural_warmup_step(self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """A clean cross-entropy step; the revision model does not exist yet (it is created at the switch)."""
         with self.compute_loss_context_manager():
-            loss = cross_entropy_loss(logits_of(model(x)), labels)
+            loss = smoothed_cross_entropy(logits_of(model(x)), labels, self.args.label_smoothing_factor)
         loss = loss / self.current_gradient_accumulation_steps
         self.accelerator.backward(loss)
         return loss.detach()
@@ -232,20 +197,16 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
                 decay=self.args.revision_decay, seed=self.args.resolved_revision_seed,
                 train_mode=self.args.revision_train_mode,
             )
-            self._restore_revision()  # resume: the checkpoint's revision weights, step and generator
+            if self._revision_checkpoint is not None:  # resume: the checkpoint's revision weights, step, generator
+                self.revision.load(self._revision_checkpoint)
+                self._revision_checkpoint = None
         return self.revision
 
     def craft_adversarial(
         self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, clean_logits: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Step 1: the method's training attack, in eval mode, on the unwrapped module (DDP never sees it)."""
-        args, attack = self.args, self.method.attack
-        init = self.method.attack_init if args.attack_random_start else "none"
-        if attack == "fgsm_rs":
-            return fgsm_rs(model, x, labels, eps=args.epsilon)
-        loss = "kl" if attack == "pgd_kl" else "ce"
-        return pgd(model, x, labels, eps=args.epsilon, step_size=args.attack_step_size,
-                   steps=args.attack_steps, loss=loss, init=init, clean_logits=clean_logits)
+        return self.method.craft(model, x, labels, self.args.attack_settings, clean_logits=clean_logits)
 
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -260,7 +221,10 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         if self.args.natural_warmup_epochs and self._method_start_step is None:
             self._method_start_step = self.state.global_step
         z_nat = None
-        if self.args.attack_reuse_clean_logits:  # train == eval forward (checked at init): one clean pass serves both
+        if self.args.attack_reuse_clean_logits:  # train == eval forward: one clean pass serves both
+            if not self._forwards_checked:
+                check_train_eval_forwards_agree(net, x)
+                self._forwards_checked = True
             with self.compute_loss_context_manager():
                 z_nat = logits_of(model(x))
         clean_logits = None if z_nat is None else z_nat.detach()
@@ -274,11 +238,12 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
             if self.method.uses_revision:
                 revision = self._ensure_revision()
                 r_nat, r_adv = logits_of(revision(x)), logits_of(revision(x_adv))
-            loss, parts = method_loss(
-                self.args.adv_method, labels, z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv,
-                beta=self.args.trades_beta, alpha=self.args.clean_weight, gamma=self.args.consistency_weight,
-                prominence=self.args.prominence,
-            )
+            args = self.args
+            loss, parts = self.method.loss(LossInputs(
+                labels=labels, z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv, beta=args.trades_beta,
+                alpha=args.clean_weight, gamma=args.consistency_weight, prominence=args.prominence,
+                label_smoothing=args.label_smoothing_factor,
+            ))
         for name, value in parts.items():
             self._metrics[name].append(value)
 
@@ -300,7 +265,8 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         loss_scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         sums = []
         for logits in (z_nat, z_adv):
-            grads = torch.autograd.grad(cross_entropy_loss(logits, labels) * (scale * loss_scale), params,
+            ce = smoothed_cross_entropy(logits, labels, self.args.label_smoothing_factor)
+            grads = torch.autograd.grad(ce * (scale * loss_scale), params,
                                         retain_graph=True, allow_unused=True)
             sums.append([torch.zeros_like(p) if g is None else g.float().div_(loss_scale) for p, g in zip(params, grads)])
         if self._paper_grads is not None and self._paper_grads_step != self.state.global_step:
@@ -312,20 +278,31 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
             for acc, new in zip(self._paper_grads, sums):
                 torch._foreach_add_(acc, new)
 
-    # ---------------------------------------------------------------------------- evaluation
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            logits = logits_of(model(inputs["pixel_values"]))
-            loss = cross_entropy_loss(logits, inputs["labels"]).detach()
-        return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), inputs["labels"])
+    # ------------------------------------------------------------------- resume: the method's state
+    def _save_method_state(self, folder: str) -> None:
+        """The revision model (weights, step counter, generator) and where the method began (efficient variant)."""
+        if self.revision is not None:
+            self.revision.save(folder, schedule={"method_start_step": self._method_start_step})
+
+    def _load_method_state(self, folder: str) -> None:
+        """The schedule at once; the revision weights when the revision model is created (at its first step)."""
+        has_revision = os.path.isfile(os.path.join(folder, REVISION_WEIGHTS_NAME))
+        if has_revision:
+            self._method_start_step = RevisionModel.read_schedule(folder).get("method_start_step")
+            self._revision_checkpoint = folder
+            if self.revision is not None:
+                self.revision.load(folder)
+                self._revision_checkpoint = None
+        # (a checkpoint written during a natural warm-up has no revision yet: it is created at the switch)
+        elif self.method.uses_revision and not self.args.natural_warmup_epochs:
+            raise ValueError(
+                f"resume_from_checkpoint={folder!r} has no {REVISION_WEIGHTS_NAME}, which adv_method="
+                f"{self.args.adv_method!r} needs to resume its revision model; resume from a checkpoint written by "
+                "CURETrainer with save_only_model=False"
+            )
 
     # ------------------------------------------------------------------------------- logging
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
-        if "loss" in logs and getattr(self, "telemetry", None) is not None:  # per-layer telemetry
+        if "loss" in logs and self.telemetry is not None:  # per-layer telemetry
             logs.update(self.telemetry.flush())
-        if "loss" in logs and self._metrics:  # a training log: flush the per-step parts, averaged
-            for name, values in self._metrics.items():
-                logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
-            self._metrics.clear()
         super().log(logs, start_time)

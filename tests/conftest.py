@@ -72,3 +72,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def stop_after_save(step: int):
+    """A callback that simulates a crash right after the checkpoint of ``step`` is written."""
+    from transformers import TrainerCallback
+
+    class StopAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_training_stop = True
+            return control
+
+    return StopAfterSave()

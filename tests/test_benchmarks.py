@@ -117,16 +117,3 @@ def test_reused_clean_logits_give_the_same_attack_on_a_batchnorm_free_model():
     own = pgd(model, x, labels, generator=torch.Generator().manual_seed(1), **kwargs)
     reused = pgd(model, x, labels, clean_logits=z_nat.detach(), generator=torch.Generator().manual_seed(1), **kwargs)
     assert torch.allclose(own, reused, atol=1e-6)
-
-
-def test_reuse_clean_logits_is_refused_where_it_would_change_the_attack(tmp_path):
-    from cure_hf import CURETrainer, CURETrainingArguments
-    from conftest import make_tiny_model
-
-    args = CURETrainingArguments(output_dir=str(tmp_path), attack_reuse_clean_logits=True, use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="attack_reuse_clean_logits=True needs a model whose train-mode forward"):
-        CURETrainer(make_tiny_model("test_resnet"), args)
-    args = CURETrainingArguments(output_dir=str(tmp_path), adv_method="pgd", attack_reuse_clean_logits=True,
-                                 use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="adv_method='pgd'"):
-        CURETrainer(make_tiny_model("test_vit"), args)

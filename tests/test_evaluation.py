@@ -217,7 +217,9 @@ def test_trainer_evaluate_records_and_batches(tmp_path, digits, trained_model):
     trainer.data_collator = lambda examples: sizes.append(len(examples)) or collate(examples)
     with torch.no_grad():  # as in the Trainer's own evaluation loop
         metrics = trainer.evaluate()
-    assert sizes == [5, 5, 2], "eval_attack_batch_size batches of the first eval_max_examples"
+    # the Trainer's clean pass (per_device_eval_batch_size 8), then the attacks in eval_attack_batch_size batches,
+    # both over the first eval_max_examples examples
+    assert sizes == [8, 4, 5, 5, 2]
     assert metrics["eval_n_examples"] == 12
     assert set(metrics) >= {"eval_accuracy", "eval_pgd3_accuracy", "eval_cw_accuracy", "eval_robust_accuracy"}
     assert metrics["eval_pgd3_accuracy"] <= metrics["eval_accuracy"]
@@ -231,12 +233,13 @@ def test_validation_split_selection_and_best_vs_last(tmp_path, digits):
                        metric_for_best_model="robust_accuracy", eval_attacks="clean,pgd2", eval_pgd_steps=2)
     assert trainer.args.metric_for_best_model == "validation_robust_accuracy"
     assert len(trainer.train_dataset) == 72 and len(trainer.validation_dataset) == 24
-    assert trainer.eval_dataset is digits["test"], "the test set stays the evaluation set, never split"
+    assert trainer.eval_dataset["test"] is digits["test"], "the test set stays an evaluation set, never split"
+    assert trainer.eval_dataset["validation"] is trainer.validation_dataset
     output = trainer.train()
-    for key in ("eval_validation_robust_accuracy", "eval_robust_accuracy"):
+    for key in ("eval_validation_robust_accuracy", "eval_test_robust_accuracy"):
         assert output.metrics[f"{key}_best_minus_last"] == pytest.approx(
             output.metrics[f"{key}_best"] - output.metrics[f"{key}_last"])
-    assert "eval_robust_accuracy_at_selected" in output.metrics
+    assert "eval_test_robust_accuracy_at_selected" in output.metrics
     summary = json.loads((tmp_path / "run" / "robust_overfitting.json").read_text())
     assert summary["eval_validation_robust_accuracy"]["n_evaluations"] == 2
 

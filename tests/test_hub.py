@@ -19,7 +19,9 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import image_transform, load_digits_dataset
-from cure_hf.hub import CURE_CITATION, load_model, save_pretrained, write_model_card
+from cure_hf.hub import load_model, save_pretrained
+from cure_hf.methods import CURE_CITATION
+from cure_hf.modelcard import write_model_card
 
 EXPORTED = {"model.safetensors", "config.json", "README.md"}
 

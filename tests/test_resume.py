@@ -11,21 +11,9 @@ import safetensors.torch
 import torch
 from transformers import TrainerCallback
 
-from conftest import make_tiny_model
+from conftest import make_tiny_model, stop_after_save
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import image_transform
-
-
-class _StopAt(TrainerCallback):
-    """Simulates a crash right after the checkpoint of step ``step`` is written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +55,7 @@ def test_interrupted_then_resumed_is_bit_identical(tmp_path, small_train):
     full.train()
 
     interrupted = CURETrainer(make_tiny_model("test_resnet", seed=1), _args(tmp_path / "cut"),
-                              train_dataset=small_train, callbacks=[_StopAt(2)])
+                              train_dataset=small_train, callbacks=[stop_after_save(2)])
     interrupted.train()
     assert interrupted.state.global_step == 2
     checkpoint = tmp_path / "cut" / "checkpoint-2"

@@ -35,7 +35,8 @@ def test_conservation_after_sgd_step_with_momentum_and_weight_decay(tmp_path, di
     trainer._ensure_revision()
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert trainer.optimizer.defaults["momentum"] == 0.9
-    assert all(g["weight_decay"] == 5e-4 for g in trainer.optimizer.param_groups)  # on all parameters
+    decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
+    assert decayed == {id(p) for p in model.parameters()}  # weight decay on all parameters
     named = dict(model.named_parameters())
     for step in range(2):  # the second step has a non-zero momentum buffer
         _random_grads(model, seed=step)
@@ -150,3 +151,50 @@ def test_short_cure_run_beats_clean_training_on_pgd20(tmp_path, digits):
     print("clean training:", clean, "\nCURE:", cure)
     assert clean["eval_accuracy"] > 0.7
     assert cure["eval_pgd20_accuracy"] > clean["eval_pgd20_accuracy"] + 0.25
+
+
+def _tiny_transformers_vit(attention_dropout: float):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from cure_hf.models import PixelNormalized
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=attention_dropout)
+    return PixelNormalized(ViTForImageClassification(config), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def test_reuse_clean_logits_compares_the_train_and_eval_forwards(tmp_path, digits):
+    """Attention dropout inside a transformers ViT (no nn.Dropout module on that path) makes the two forwards
+    differ: refused at the first step. The same ViT without dropout trains, and the check leaves no trace."""
+    args = make_args(tmp_path, adv_method="trades", attack_reuse_clean_logits=True, max_steps=1)
+    trainer = CURETrainer(_tiny_transformers_vit(0.1), args, train_dataset=digits["train"])
+    with pytest.raises(ValueError, match="differ by up to"):
+        trainer.train()
+    model = _tiny_transformers_vit(0.0)
+    before = copy.deepcopy(model.state_dict())
+    trainer = CURETrainer(model, args, train_dataset=digits["train"])
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())  # it trained
+
+
+def test_reuse_clean_logits_is_refused_for_attacks_that_do_not_start_from_clean_logits(tmp_path):
+    with pytest.raises(ValueError, match="adv_method='pgd'"):
+        CURETrainer(make_tiny_model("test_vit"), make_args(tmp_path, adv_method="pgd", attack_reuse_clean_logits=True))
+
+
+def test_forward_check_restores_batchnorm_statistics_and_rng(digits_batch):
+    from cure_hf.runtime import check_train_eval_forwards_agree
+
+    model = make_tiny_model("test_resnet")
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    torch.manual_seed(5)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match="differ by up to"):  # BatchNorm: batch statistics vs running statistics
+        check_train_eval_forwards_agree(model, digits_batch["pixel_values"])
+    assert torch.equal(torch.rand(3), expected_draw)
+    for k, v in buffers.items():
+        assert torch.equal(model.state_dict()[k], v), k

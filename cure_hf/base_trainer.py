@@ -1,0 +1,446 @@
+"""RobustTrainer: every `transformers.Trainer` override that adversarial training needs besides its step.
+
+`CURETrainer` (trainer.py) adds the method's step on top; between the two files a reader sees every
+place where cure_hf departs from the Trainer. Each override calls the Trainer's own method and adds to it:
+
+- `evaluate()` is the Trainer's evaluation (clean pass, `eval_loss`, `compute_metrics`, speed metrics,
+  callbacks) with the robust metrics (`eval_pgd20_accuracy`, `eval_robust_accuracy`, ...) added to the same
+  dict, so `metric_for_best_model="robust_accuracy"` (the default whenever evaluation runs) selects checkpoints;
+- the optimizer comes from the Trainer's factory, with SGD's momentum and "weight decay on every parameter"
+  (the released code's defaults) supplied through its two hooks;
+- saving writes the folder that timm, transformers and cure_hf all load (`hub.save_pretrained`), plus the
+  `processing_class`; checkpoints are the Trainer's, with the method's own state added by the subclass
+  (`_save_method_state` / `_load_method_state`);
+- `push_to_hub` saves locally first and uploads only the exported model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections import defaultdict
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .attacks import cross_entropy_loss, logits_of
+from .config import CURETrainingArguments
+from .data import collate_pixels
+from .evaluation import (
+    evaluate_robustness,
+    log_evaluation_warnings,
+    log_robust_overfitting,
+    robust_overfitting_summary,
+)
+from .hub import export_files, load_weights_into, push_folder, save_pretrained
+from .methods import METHODS
+from .modelcard import card_value, write_model_card
+from .models import unwrap_normalized
+from .runtime import full_precision_forward, refuse_unsupported_parallelism
+
+__all__ = ["RobustTrainer"]
+
+logger = logging.getLogger(__name__)
+
+ROBUST_EVAL_HISTORY_NAME = "robust_eval_history.json"
+ROBUST_OVERFITTING_NAME = "robust_overfitting.json"
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+class RobustTrainer(Trainer):
+    """The Trainer plumbing shared by every adversarial method: robust evaluation, saving, resuming, pushing."""
+
+    _tag_names = ["cure_hf", "adversarial-training", "robustness"]
+    card_overrides: Optional[Dict[str, Any]] = None  # model-card fields, e.g. {"dataset": "CIFAR-10", ...}
+
+    def __init__(self, model: nn.Module, args: CURETrainingArguments, *pos, **kwargs):
+        if not isinstance(args, CURETrainingArguments):
+            raise TypeError(
+                f"{type(self).__name__} needs CURETrainingArguments, got {type(args).__name__}; "
+                "build it as CURETrainingArguments(output_dir=..., adv_method='cure', ...)"
+            )
+        kwargs.setdefault("data_collator", collate_pixels)
+        refuse_unsupported_parallelism(args)
+        pos, kwargs = self._with_validation_split(args, pos, kwargs)
+        # The Trainer's LabelSmoother serves its own compute_loss, which no method here uses (each method smooths
+        # its cross-entropy terms itself), and its set-up reads `model.config`, which timm models lack.
+        smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
+        try:
+            super().__init__(model, args, *pos, **kwargs)
+        finally:
+            args.label_smoothing_factor = smoothing
+        refuse_unsupported_parallelism(args, self.accelerator)
+        self.method = METHODS[args.adv_method]
+        self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)  # per-step parts, flushed by log()
+        self._attacking_in_evaluation = False
+        self._robust_eval_history: List[Dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------ optimizer
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args, model=None):
+        """The Trainer's optimizer for `optim`/`optim_args`, with SGD's momentum defaulting to the released code's."""
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if optimizer_cls is torch.optim.SGD and isinstance(args, CURETrainingArguments):
+            kwargs["momentum"] = args.resolved_sgd_momentum
+        return optimizer_cls, kwargs
+
+    def get_decay_parameter_names(self, model: nn.Module) -> List[str]:
+        """Every parameter when `weight_decay_all_parameters` (the released code), else the Trainer's choice."""
+        if self.args.weight_decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
+
+    # ----------------------------------------------------------------------------------- evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
+        """The Trainer's evaluation plus robust accuracy under `eval_attacks`, in one metrics dict.
+
+        Adds `{prefix}_accuracy` (clean), `{prefix}_pgd20_accuracy`, `{prefix}_cw_accuracy`,
+        `{prefix}_autoattack_accuracy` as asked, `{prefix}_robust_accuracy` (worst case per example) and
+        `{prefix}_n_examples`. Attacks run in eval mode with their own batch size (`eval_attack_batch_size`), in
+        fp32 unless `eval_mixed_precision`; per-example results are gathered across processes so each example
+        counts once. Every evaluation is recorded in `output_dir/robust_eval_history.json` with AutoAttack's
+        per-attack accuracies and warnings (gradient masking: Square beating the white-box attacks).
+        """
+        previous, self._attacking_in_evaluation = self._attacking_in_evaluation, True
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._attacking_in_evaluation = previous
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The Trainer's loop, then (from `evaluate()`) the attacks on the same examples; both in fp32 unless
+        `eval_mixed_precision` (fp16 attacks are weaker, so the robust number would be inflated)."""
+        model = self.accelerator.unwrap_model(self.model)
+        precision = contextlib.nullcontext() if self.args.eval_mixed_precision else full_precision_forward(model)
+        with precision:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+            robust = self._robust_metrics(dataloader.dataset, metric_key_prefix) if self._attacking_in_evaluation else {}
+        for key, value in robust.items():
+            if key in output.metrics:  # compute_metrics named it first: the user's definition stands
+                logger.warning("%s is computed by compute_metrics and by the robust evaluation; keeping "
+                               "compute_metrics' value %s (robust evaluation: %s)", key, output.metrics[key], value)
+                continue
+            output.metrics[key] = value
+        return output
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The Trainer's evaluation loader over the first `eval_max_examples` examples (all when unset), so the
+        clean pass (`eval_loss`, `compute_metrics`) and the attacks see the same examples."""
+        limit = self.args.eval_max_examples
+        if limit is not None:
+            if eval_dataset is None or isinstance(eval_dataset, str):
+                eval_dataset = self.eval_dataset if eval_dataset is None else self.eval_dataset[eval_dataset]
+            if len(eval_dataset) > limit:  # the same first N on every process: each example counted once
+                eval_dataset = eval_dataset.select(range(limit)) if hasattr(eval_dataset, "select") else \
+                    torch.utils.data.Subset(eval_dataset, range(limit))
+        return super().get_eval_dataloader(eval_dataset)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Logits and cross-entropy for models that take `pixel_values` and return logits or `.logits`."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = logits_of(model(inputs["pixel_values"]))
+            loss = cross_entropy_loss(logits, inputs["labels"]).detach()
+        return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), inputs["labels"])
+
+    def _robust_metrics(self, dataset, prefix: str) -> Dict[str, float]:
+        args = self.args
+        generator = torch.Generator(device=args.device).manual_seed(args.eval_seed + args.process_index)
+        result = evaluate_robustness(
+            self.accelerator.unwrap_model(self.model), self._robust_eval_dataloader(dataset), args.eval_attack_list,
+            eps=args.resolved_eval_epsilon, step_size=args.resolved_eval_step_size, steps=args.eval_pgd_steps,
+            restarts=args.eval_restarts, generator=generator, gather=self.accelerator.gather_for_metrics,
+            device=args.device, progress=self.is_world_process_zero() and not args.disable_tqdm,
+            autoattack=args.autoattack_config(),
+        )
+        metrics = {f"{prefix}_{k}": v for k, v in result.metrics.items()}
+        if result.autoattack_stages:
+            metrics[f"{prefix}_gradient_masking_suspected"] = float(result.gradient_masking_suspected)
+        if self.is_world_process_zero():
+            log_evaluation_warnings(result, prefix)
+        self._record_robust_evaluation(prefix, result)
+        return metrics
+
+    def _robust_eval_dataloader(self, dataset):
+        """The evaluation set (already cut to `eval_max_examples`), in batches of `eval_attack_batch_size` per device."""
+        batch_size = self.args.eval_attack_batch_size or self.args.per_device_eval_batch_size
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
+        )
+        return self.accelerator.prepare(loader)
+
+    @property
+    def robust_eval_history(self) -> List[Dict[str, Any]]:
+        """Every evaluation of this trainer: step, epoch, metrics, AutoAttack per attack, warnings, settings."""
+        return self._robust_eval_history
+
+    def _record_robust_evaluation(self, prefix: str, result) -> None:
+        record = {"step": self.state.global_step, "epoch": self.state.epoch, "prefix": prefix, **result.to_dict()}
+        self._robust_eval_history.append(record)
+        if self.is_world_process_zero() and self.args.output_dir:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, ROBUST_EVAL_HISTORY_NAME), "w", encoding="utf-8") as f:
+                json.dump(self._robust_eval_history, f, indent=2, default=str)
+
+    def robust_overfitting_summary(self) -> Dict[str, Dict[str, Any]]:
+        """Best and last value of every `*robust_accuracy` metric logged so far, and their difference (gap).
+
+        With a validation split, the other splits also report their value at the best validation evaluation.
+        """
+        selection = "eval_validation_robust_accuracy"
+        if self.args.metric_for_best_model:
+            selection = "eval_" + self.args.metric_for_best_model.removeprefix("eval_")
+        return robust_overfitting_summary(self.state.log_history, selection_key=selection)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then the robust-overfitting report: best vs last robust accuracy of every evaluation."""
+        output = super().train(*args, **kwargs)
+        summary = self.robust_overfitting_summary()
+        for key, entry in summary.items():
+            output.metrics.update({f"{key}_best": entry["best"], f"{key}_last": entry["last"],
+                                   f"{key}_best_minus_last": entry["gap"]})
+            if "at_selected" in entry:
+                output.metrics[f"{key}_at_selected"] = entry["at_selected"]
+        if summary and self.is_world_process_zero():
+            log_robust_overfitting(summary)
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, ROBUST_OVERFITTING_NAME), "w", encoding="utf-8") as f:
+                json.dump(summary, f, indent=2)
+        return output
+
+    def _with_validation_split(self, args, pos: tuple, kwargs: dict):
+        """`validation_fraction > 0`: carve `self.validation_dataset` from the training set (never the test set).
+
+        The eval set becomes `{"validation": split, "test": given}`, which the Trainer evaluates as
+        `eval_validation_*` and `eval_test_*`; `metric_for_best_model` refers to the validation split. The split
+        uses the given eval set's transform (no augmentation) when it has one.
+        """
+        self.validation_dataset = None
+        if not args.validation_fraction:
+            return pos, kwargs
+        from .data import split_validation
+
+        names = ("data_collator", "train_dataset", "eval_dataset")
+        kwargs = dict(kwargs, **dict(zip(names, pos)))
+        pos = tuple(pos[len(names):])
+        train, given = kwargs.get("train_dataset"), kwargs.get("eval_dataset")
+        if train is None:
+            raise ValueError(f"validation_fraction={args.validation_fraction} needs a train_dataset to split")
+        candidates = list(given.values()) if isinstance(given, dict) else [given] if given is not None else []
+        transform = next((d.format.get("format_kwargs", {}).get("transform") for d in candidates
+                          if getattr(d, "format", {}).get("type") == "custom"), None)
+        kwargs["train_dataset"], self.validation_dataset = split_validation(
+            train, args.validation_fraction, args.seed, transform)
+        if isinstance(given, dict):
+            if "validation" in given:
+                raise ValueError("validation_fraction > 0 names its split 'validation'; rename the eval_dataset "
+                                 "entry 'validation' or set validation_fraction=0")
+            kwargs["eval_dataset"] = {"validation": self.validation_dataset, **given}
+        elif given is not None:
+            kwargs["eval_dataset"] = {"validation": self.validation_dataset, "test": given}
+        else:
+            kwargs["eval_dataset"] = {"validation": self.validation_dataset}
+        return pos, kwargs
+
+    # ------------------------------------------------------------------------------ saving, resuming
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """The folder timm, transformers and cure_hf all load, the processing class, the arguments as JSON."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        save_pretrained(self.accelerator.unwrap_model(self.model), output_dir, card=self.model_card_info(),
+                        image_size=self._export_image_size(), label_names=self._label_names(),
+                        processing_class=self.processing_class)
+        # The arguments as JSON rather than the Trainer's pickled training_args.bin: nothing needs torch.load.
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
+            f.write(self.args.to_json_string())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, with the method's own state written into the same folder first."""
+        if self.args.should_save and not self.args.save_only_model:
+            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self._save_method_state(folder)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
+        """Weights from the checkpoint's safetensors (the inverse of `_save`), then the method's own state."""
+        load_weights_into(model if model is not None else self.model, resume_from_checkpoint)
+        self._load_method_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_weights_into(self.model, self.state.best_model_checkpoint)
+
+    def _save_method_state(self, folder: str) -> None:
+        """What the method needs beyond the Trainer's checkpoint to resume (none for the plain methods)."""
+
+    def _load_method_state(self, folder: str) -> None:
+        """The inverse of `_save_method_state`."""
+
+    def _export_image_size(self) -> Optional[tuple]:
+        """The training image size, written to config.json so timm/transformers preprocessing resize to it."""
+        _, normalized = unwrap_normalized(self.accelerator.unwrap_model(self.model))
+        if normalized is not None and normalized.input_size is not None:
+            return normalized.input_size
+        for dataset in (self.train_dataset, self.eval_dataset):
+            if isinstance(dataset, dict):
+                dataset = next(iter(dataset.values()), None)
+            try:
+                pixels = dataset[0]["pixel_values"]
+                return tuple(int(v) for v in pixels.shape[-2:])
+            except (TypeError, KeyError, IndexError, AttributeError):
+                continue
+        return None
+
+    def _label_names(self) -> Optional[List[str]]:
+        features = getattr(self.train_dataset, "features", None) or {}
+        for key in ("labels", "label"):
+            names = getattr(features.get(key), "names", None) if hasattr(features, "get") else None
+            if names:
+                return list(names)
+        return None
+
+    # ----------------------------------------------------------------------------------- model card
+    def _latest_eval_metrics(self) -> Dict[str, float]:
+        for entry in reversed(self.state.log_history):
+            if any(k.startswith("eval_") and k.endswith("accuracy") for k in entry):
+                return entry
+        return {}
+
+    def model_card_info(self, **overrides) -> Dict[str, Any]:
+        """The fields of the model card (see `cure_hf.modelcard.write_model_card`), from the arguments, the data and
+        the last evaluation."""
+        args, eval_metrics = self.args, self._latest_eval_metrics()
+        # with a validation split the test numbers are eval_test_*; the card reports test accuracy
+        prefix = "eval_test_" if "eval_test_accuracy" in eval_metrics else "eval_"
+        steps = args.eval_pgd_steps
+        hyper_names = ["adv_method", "epsilon", "attack_step_size", "attack_steps", "learning_rate", "weight_decay",
+                       "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                       "optim", "seed", "label_smoothing_factor"]
+        if self.method.uses_revision:
+            hyper_names += ["conserve_fraction", "clean_weight", "consistency_weight", "revision_rate",
+                            "revision_decay", "prominence", "conservation"]
+        elif args.adv_method in ("trades", "mart"):
+            hyper_names += ["trades_beta"]
+        _, normalized = unwrap_normalized(self.accelerator.unwrap_model(self.model))
+        info = {
+            "model_name": (self.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
+            "repo_id": self.hub_model_id,
+            "method": args.adv_method,
+            "hyperparameters": {name: card_value(getattr(args, name), pixel=name in ("epsilon", "attack_step_size"))
+                                for name in hyper_names if hasattr(args, name)},
+            "threat_model": "Linf",
+            "eps": card_value(args.resolved_eval_epsilon, pixel=True),
+            "pgd_steps": steps,
+            "clean_accuracy": eval_metrics.get(f"{prefix}accuracy"),
+            f"pgd{steps}_accuracy": eval_metrics.get(f"{prefix}pgd{steps}_accuracy"),
+            "autoattack_accuracy": eval_metrics.get(f"{prefix}autoattack_accuracy"),
+            "additional_data": False,
+            "base_model": getattr(normalized, "source", None),
+            "tags": [f"method-{args.adv_method}"] + list(self._tag_names),
+        }
+        info.update(self._dataset_card_fields())
+        info.update(self.card_overrides or {})
+        info.update(overrides)
+        return info
+
+    def _dataset_card_fields(self) -> Dict[str, Any]:
+        """The training set's name and Hub id, from its `datasets` metadata when it has any."""
+        dataset_info = getattr(self.train_dataset, "info", None)
+        name = getattr(dataset_info, "dataset_name", None)
+        builder = getattr(dataset_info, "builder_name", None)
+        fields: Dict[str, Any] = {}
+        if name:
+            fields["dataset"] = name
+        hub_id = getattr(self.train_dataset, "_cure_hf_hub_id", None) or (
+            name if name and "/" in str(name) and builder not in (None, "imagefolder") else None)
+        if hub_id:
+            fields["dataset_id"] = hub_id
+        return fields
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
+                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+        """The cure_hf model card in `output_dir/README.md` (also written with every save)."""
+        if not self.is_world_process_zero():
+            return
+        overrides = {k: v for k, v in dict(license=license, model_name=model_name, base_model=finetuned_from,
+                                           dataset=dataset, **kwargs).items() if v is not None}
+        info = self.model_card_info(**overrides)
+        if tags:
+            info["tags"] = list(info["tags"]) + ([tags] if isinstance(tags, str) else list(tags))
+        info.setdefault("image_size", self._export_image_size())
+        write_model_card(self.args.output_dir, info)
+
+    # -------------------------------------------------------------------------------------- pushing
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
+                    token: Optional[str] = None, revision: Optional[str] = None, private: Optional[bool] = None,
+                    **kwargs):
+        """Save the model folder to `output_dir` first (it stays on disk if the upload fails), then upload exactly
+        its exported files (weights, config, card, processor). Keyword arguments go to the model card
+        (`finetuned_from`, `dataset`, `tags`, `license`, `model_name`)."""
+        card = {k: v for k, v in dict(base_model=kwargs.pop("finetuned_from", None), **kwargs).items() if v is not None}
+        self.card_overrides = {**(self.card_overrides or {}), **card}
+        self.save_model(_internal_call=True)
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        if self.hub_model_id is None:
+            self.init_hf_repo(token=token, private=private)
+            self.create_model_card()  # the card's loading snippets now name the repo
+        if not self.is_world_process_zero():
+            return None
+        self._finish_current_push()
+        return push_folder(
+            self.args.output_dir, self.hub_model_id, files=export_files(self.args.output_dir), token=token,
+            private=private, revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message, run_as_future=not blocking,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """During training (hub_strategy every_save/checkpoint/all_checkpoints): the checkpoint's model folder."""
+        import shutil
+
+        from huggingface_hub import HfApi
+        from transformers.trainer_utils import HubStrategy
+        from transformers.utils.hub import PushInProgress
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        files = export_files(checkpoint_folder)
+        for name in files:
+            shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        message = f"Training in progress, step {self.state.global_step}"
+        jobs = [push_folder(self.args.output_dir, self.hub_model_id, files=files, token=self.args.hub_token,
+                            revision=self.args.hub_revision, commit_message=message, run_as_future=True)]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(
+                checkpoint_folder)
+            jobs.append(HfApi().upload_folder(
+                repo_id=self.hub_model_id, folder_path=checkpoint_folder, path_in_repo=path_in_repo,
+                commit_message=message + ", checkpoint", token=self.args.hub_token, run_as_future=True,
+                revision=self.args.hub_revision,
+            ))
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
+
+    # -------------------------------------------------------------------------------------- logging
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        """A training log also carries the mean of each per-step loss part since the last log."""
+        if "loss" in logs and self._metrics:
+            for name, values in self._metrics.items():
+                logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
+            self._metrics.clear()
+        super().log(logs, start_time)
