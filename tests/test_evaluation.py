@@ -138,12 +138,14 @@ def test_gradient_masking_model_triggers_the_warning(trained_model, test_batch):
     result = evaluate_robustness(
         masked, [collate_pixels([{"pixel_values": x, "labels": y} for x, y in
                                  zip(test_batch["pixel_values"][:16], test_batch["labels"][:16])])],
-        "clean,pgd20,autoattack", eps=16 / 255,
-        autoattack=AutoAttackConfig(version="custom", attacks=["apgd-dlr", "square"], n_queries=200),
+        # 32/255 spans about two quantisation levels (1/15 = 17/255), so Square's random search breaks many
+        # examples (about half, seen on two machines), while every gradient is zero
+        "clean,pgd20,autoattack", eps=32 / 255,
+        autoattack=AutoAttackConfig(version="custom", attacks=["apgd-dlr", "square"], n_queries=300),
     )
     m, stages = result.metrics, result.autoattack_stages
     assert m["pgd20_accuracy"] == m["accuracy"], "zero gradients: PGD cannot move"
-    assert stages["square"] < stages["apgd-dlr"]
+    assert stages["square"] <= stages["apgd-dlr"] - 0.2, "Square finds what the gradient attacks cannot"
     assert result.gradient_masking_suspected
     assert any("possible gradient masking" in w and "square" in w for w in result.warnings)
     assert any(w.startswith("AutoAttack:") and "zero gradient" in w for w in result.warnings)
