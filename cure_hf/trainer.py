@@ -11,6 +11,10 @@ One CURE step, as in the spec (shared CURE_SPEC.md, section 2):
 7. revise: an optimizer post-step hook averages f into g with probability r.
 Masking and revision live in optimizer hooks so they run exactly once per optimizer step, whatever
 the gradient accumulation, and never on a step the fp16 scaler skipped.
+
+The Trainer overrides that are not the method (robust evaluation, saving, resuming, pushing, the optimizer
+defaults) live in `RobustTrainer` (base_trainer.py); this file overrides `create_optimizer` (to attach the
+hooks), `create_scheduler` (the paper's step schedule), `training_step` and `log`.
 """
 from __future__ import annotations
 
