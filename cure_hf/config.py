@@ -90,6 +90,9 @@ class CURETrainingArguments(TrainingArguments):
             train and eval forwards agree only). Also `bf16`, `torch_compile`, `dataloader_num_workers`.
         eval_mixed_precision (`False`): evaluation runs in fp32 even when training uses bf16/fp16; True keeps
             the training's autocast (faster, but fp16 attacks are weaker).
+        speed_preset (`"none"`): "fast" = bf16 + channels_last + torch_compile + attack_cuda_graph +
+            device_resident_data (+ cudnn_benchmark, no per-step host syncs); attack_cuda_graph, device_resident_data,
+            device_augment, cudnn_benchmark also stand alone. docs/benchmarks.md ("GPU fast path").
     Recipes (recipes/configs, docs/recipes.md):
         natural_warmup_epochs (`0`): the efficient variant, clean loss first, then the method in the same run.
         lr_step_epochs (`None`), lr_step_factor (`0.1`): the paper's step schedule ('100,150' of 200 epochs).
@@ -195,9 +198,48 @@ class CURETrainingArguments(TrainingArguments):
         default=False, metadata={"help": "DDP buffer broadcast; off because of several forwards per backward."}
     )
 
+    # --- GPU speed (issue 14): cure_hf/speed.py, docs/benchmarks.md. Validated by _validate_speed_fields. ---
+    speed_preset: str = field(
+        default="none",
+        metadata={"help": "'fast': bf16 autocast (attack included), channels_last, torch_compile, "
+                          "logging_nan_inf_filter=False, dataloader_drop_last=True, and where the device allows: "
+                          "attack_cuda_graph, cudnn_benchmark (CUDA) and device_resident_data. 'none': each option "
+                          "as set. Refuses fp16=True and cudagraph compile modes."},
+    )
+    attack_cuda_graph: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Capture the training attack's K steps once as a CUDA graph and replay it every step "
+                          "(CUDA only; a capture that fails runs eagerly, logged). None: on under speed_preset='fast' "
+                          "on CUDA, else off."},
+    )
+    device_resident_data: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Keep the whole training set on the device (uint8 when exact), shuffle and augment there "
+                          "a batch at a time; same order as the Trainer's sampler. Needs a map-style training set "
+                          "with a deterministic transform and dataloader_num_workers=0. None: on under "
+                          "speed_preset='fast' when the training set allows it (else the DataLoader, logged)."},
+    )
+    device_augment: str = field(
+        default="none",
+        metadata={"help": "Augmentation of device_resident_data: 'none' or 'crop_flip' (pad-4 random crop + "
+                          "horizontal flip, drawn per epoch from seed; a TensorImageDataset's own augment wins)."},
+    )
+    cudnn_benchmark: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Set torch.backends.cudnn.benchmark (autotuned convolution algorithms; static shapes). "
+                          "None: True under speed_preset='fast' on CUDA, else left as it is."},
+    )
+
     def __post_init__(self):
         self._validate_cure_fields()
+        self._validate_speed_fields()  # before super(): the preset sets bf16/torch_compile, which super() validates
         super().__post_init__()
+
+    # --- GPU speed (issue 14) ---
+    def _validate_speed_fields(self) -> None:
+        from .speed import apply_speed_preset
+
+        self.speed_preset_changed = apply_speed_preset(self)  # e.g. ["bf16=True", ...]: what the preset set
 
     def _validate_cure_fields(self) -> None:
         _check(self.adv_method in ADV_METHODS, "adv_method", self.adv_method, f"one of {ADV_METHODS}")

@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 from transformers import Trainer
 
-from .attacks import cross_entropy_loss, fgsm_rs, logits_of, pgd
+from .attacks import cross_entropy_loss, fgsm_rs, logits_of
 from .config import CURETrainingArguments
-from .data import check_pixel_range, collate_pixels
+from .data import collate_pixels
 from .evaluation import RobustEvaluationMixin
 from .hub import HubCheckpointMixin
 from .methods import METHODS, method_loss
@@ -32,6 +32,7 @@ from .models import head_parameter_names
 from .prominence import mask_gradients_, paper_score
 from .revision import RevisionModel
 from .runtime import average_running_stats_, check_clean_logits_reusable, refuse_unsupported_parallelism
+from .speed import SpeedRuntime, attack_module
 
 __all__ = ["CURETrainer"]
 
@@ -66,6 +67,9 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         pos, kwargs = self._with_validation_split(args, pos, kwargs)  # validation_fraction: carve it from train
         super().__init__(model, args, *pos, **kwargs)
         refuse_unsupported_parallelism(args, self.accelerator)
+        # GPU speed (issue 14): CUDA-graph attack, device-resident data, pixel checks on the CPU (cure_hf/speed.py).
+        self.speed = SpeedRuntime(args, args.device)
+        self.data_collator = self.speed.checking_collator(self.data_collator)
         self.method = METHODS[args.adv_method]
         self.head_names = head_parameter_names(model, args.head_modules)
         self.revision: Optional[RevisionModel] = None
@@ -244,17 +248,17 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         if attack == "fgsm_rs":
             return fgsm_rs(model, x, labels, eps=args.epsilon)
         loss = "kl" if attack == "pgd_kl" else "ce"
-        return pgd(model, x, labels, eps=args.epsilon, step_size=args.attack_step_size,
-                   steps=args.attack_steps, loss=loss, init=init, clean_logits=clean_logits)
+        return self.speed.pgd(model, x, labels, eps=args.epsilon, step_size=args.attack_step_size,
+                              steps=args.attack_steps, loss=loss, init=init, clean_logits=clean_logits)
 
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
         x, labels = inputs["pixel_values"], inputs["labels"]
-        check_pixel_range(x)
+        self.speed.check_pixels(x)  # no device sync: batches were checked on the CPU by the collator
         if self.args.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        net = self.accelerator.unwrap_model(model)
+        net = attack_module(model)  # no DDP; the compiled module when compiled (never rewires the training model)
         if self.in_natural_warmup:  # efficient variant: clean training until the switch
             return self._natural_warmup_step(model, x, labels)
         if self.args.natural_warmup_epochs and self._method_start_step is None:
@@ -311,6 +315,11 @@ class CURETrainer(RobustEvaluationMixin, HubCheckpointMixin, Trainer):
         else:
             for acc, new in zip(self._paper_grads, sums):
                 torch._foreach_add_(acc, new)
+
+    def get_train_dataloader(self):
+        """The device-resident loader when device_resident_data is on (cure_hf/speed.py), else the Trainer's."""
+        loader = self.speed.train_dataloader(self)
+        return loader if loader is not None else super().get_train_dataloader()
 
     # ---------------------------------------------------------------------------- evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
