@@ -571,6 +571,9 @@ class DeviceResidentLoader:
         else:
             epoch = self.epoch
         self.epoch = epoch + 1
+        # A DataLoader iterator draws its workers' base seed from the global CPU generator; so does this, so that a
+        # run takes the same random draws afterwards (e.g. the attack's start on the CPU) with or without it.
+        torch.empty((), dtype=torch.int64).random_()
         order = self.permutation(epoch).to(self.device, non_blocking=True)
         draws = None
         if self.augment == "crop_flip":
@@ -617,7 +620,7 @@ class SpeedRuntime:
 
     def pgd(self, model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``attacks.pgd``, replayed from a CUDA graph when ``attack_cuda_graph`` is on."""
-        if self.graphed_attack is not None and x.device.type == "cuda":
+        if self.graphed_attack is not None:
             return self.graphed_attack(model, x, labels, **kwargs)
         return pgd(model, x, labels, **kwargs)
 

@@ -267,33 +267,53 @@ class GradientsBeforeTheStep(TrainerCallback):
         self.grads = None
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self.grads = {n: p.grad.detach().float().clone() for n, p in kwargs.get("model", model).named_parameters()
-                      if p.grad is not None}
+        self.grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _fixed_attack(method):
+    """The fp32 eager attack of the initial model: both runs then train on the same adversarial batch (a sign
+    gradient flips where it is near zero, so bf16 and fp32 attacks differ pixel by pixel, by design)."""
+    reference = make_tiny_model("test_resnet", seed=3)
+    loss = "kl" if method in ("trades", "cure") else "ce"
+
+    def craft(model, x, labels, clean_logits=None):
+        x = x.float().contiguous()
+        return pgd(reference, x, labels, loss=loss, init="normal", generator=torch.Generator().manual_seed(0), **KW)
+
+    return craft
 
 
 @pytest.mark.parametrize("method", ["trades", "cure"])
 def test_fast_preset_step_matches_the_fp32_step(tmp_path, one_thread, method):
-    """One step from the same weights on the same batch: the loss and the gradient agree within bf16 tolerance."""
-    images, labels = _images(n=16, size=16, seed=1)
+    """One step from the same weights on the same batch (the preset's device-resident loader must yield the DataLoader's
+    batch): the loss and the gradients agree within bf16 tolerance; and the preset's own attack (bf16, channels_last,
+    compiled) is as strong as the fp32 one."""
+    # 32x32, not 16x16: on 16x16 inputs test_resnet's last stage convolves a 1x1 map with stride 2, where the CPU's
+    # bf16 weight-gradient kernel (oneDNN) intermittently returns NaN (torch 2.14 CPU; unrelated to cure_hf).
+    images, labels = _images(n=16, size=32, seed=1)
     dataset = TensorImageDataset(images, labels, augment="crop_flip", seed=0)
     results = {}
     for name, fields in (("fp32", {}), ("fast", dict(speed_preset="fast", torch_compile_backend="aot_eager"))):
-        torch._dynamo.reset()
-        model = make_tiny_model("test_resnet", seed=3)
-        recorder = GradientsBeforeTheStep()
-        args = _args(tmp_path / name, adv_method=method, per_device_train_batch_size=16, max_steps=1,
-                     attack_steps=3, logging_strategy="steps", logging_steps=1, **fields)
-        trainer = CURETrainer(model, args, train_dataset=dataset, callbacks=[recorder])
-        result = trainer.train()
-        if name == "fast":
-            assert isinstance(trainer.get_train_dataloader(), DeviceResidentLoader)
-            assert trainer.args.bf16 and trainer.args.torch_compile
-        results[name] = (result.training_loss, recorder.grads)
-    (loss32, grads32), (loss16, grads16) = results["fp32"], results["fast"]
-    assert math.isfinite(loss16) and loss16 == pytest.approx(loss32, rel=0.05)
+        for attack in ("fixed", "own"):
+            torch._dynamo.reset()
+            model = make_tiny_model("test_resnet", seed=3)
+            recorder = GradientsBeforeTheStep()
+            args = _args(tmp_path / name, adv_method=method, per_device_train_batch_size=16, max_steps=1,
+                         attack_steps=KW["steps"], **fields)
+            trainer = CURETrainer(model, args, train_dataset=dataset, callbacks=[recorder])
+            if attack == "fixed":
+                trainer.craft_adversarial = _fixed_attack(method)
+            if name == "fast":
+                assert isinstance(trainer.get_train_dataloader(), DeviceResidentLoader)
+                assert trainer.args.bf16 and trainer.args.torch_compile and trainer.args.channels_last
+            results[name, attack] = (trainer.train().training_loss, recorder.grads)
+    (loss32, grads32), (loss16, grads16) = results["fp32", "fixed"], results["fast", "fixed"]
+    assert math.isfinite(loss16) and loss16 == pytest.approx(loss32, rel=0.02)
     assert grads16.keys() == grads32.keys()
     flat32 = torch.cat([grads32[n].flatten() for n in grads32])
     flat16 = torch.cat([grads16[n].flatten() for n in grads32])
     cosine = torch.nn.functional.cosine_similarity(flat32, flat16, dim=0)
-    assert cosine > 0.98, f"gradient direction differs: cosine {cosine:.4f}"
+    assert cosine > 0.95, f"gradient direction differs: cosine {cosine:.4f}"  # bf16 on a tiny net: 0.97-0.99
     assert (flat16.norm() / flat32.norm() - 1).abs() < 0.05
+    # with each run's own attack: the same loss within a few percent
+    assert results["fast", "own"][0] == pytest.approx(results["fp32", "own"][0], rel=0.05)
