@@ -92,8 +92,8 @@ def synthetic_images(size: int, image_size: int, num_classes: int = 10, seed: in
         return torch.randint(0, 256, (size, image_size, image_size, 3), dtype=torch.uint8, generator=generator), labels
     templates = torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(1234)) * 2 - 1
     templates = F.interpolate(templates, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    noise = torch.randn(size, 3, image_size, image_size, generator=generator) * 0.12
-    pixels = (0.5 + 0.2 * templates[labels] + noise).clamp(0, 1)
+    noise = torch.randn(size, 3, image_size, image_size, generator=generator) * 0.1
+    pixels = (0.5 + 0.3 * templates[labels] + noise).clamp(0, 1)  # test_resnet, 60 CURE steps: clean 1.0, PGD-20 0.45
     return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), labels
 
 
@@ -525,7 +525,7 @@ def robust_accuracy(model, images: torch.Tensor, labels: torch.Tensor, device, b
     """Accuracy of ``model`` (fp32, eval mode) under PGD-``steps`` (CE, uniform start, step 2/255, eps 8/255, fixed
     seeds) crafted by ``attack`` on ``attack_net`` (default: the model itself, eager fp32)."""
     correct = 0
-    net = attack_net or model
+    net = attack_net if attack_net is not None else model
     model.eval()
     for start in range(0, len(labels), batch_size):
         x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div(255)
@@ -533,8 +533,8 @@ def robust_accuracy(model, images: torch.Tensor, labels: torch.Tensor, device, b
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         generator = torch.Generator(device=device).manual_seed(start)
-        x_adv = attack(net, x, y, eps=8 / 255, step_size=2 / 255, steps=steps, loss="ce", init="uniform",
-                       generator=generator)
+        x_adv = x if steps == 0 else attack(net, x, y, eps=8 / 255, step_size=2 / 255, steps=steps, loss="ce",
+                                            init="uniform", generator=generator)
         with torch.no_grad():
             correct += int((logits_of(model(x_adv)).argmax(1) == y).sum())
     return correct / len(labels)
@@ -563,8 +563,9 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
         strip_wrappers(fp32_copy)
         trained[name] = fp32_copy
         out[f"pgd20_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 20)
-        print(f"  robust accuracy (fp32 PGD-20) after {cfg.robust_steps} CURE steps, {name}: {out[f'pgd20_{name}']:.4f}",
-              flush=True)
+        out[f"clean_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 0)
+        print(f"  after {cfg.robust_steps} CURE steps, {name}: clean {out[f'clean_{name}']:.4f}, fp32 PGD-20 "
+              f"{out[f'pgd20_{name}']:.4f}", flush=True)
         del trainer, run
         release(device)
     # one fixed model (the fp32-trained one), attacked the fp32 way and the preset's way (bf16 autocast as accelerate
@@ -617,6 +618,30 @@ def check_attack_syncs(cfg, models: Models) -> List[str]:
         report = counter.report()
         lines.append(f"CHECK host synchronisations inside a {label} PGD-{cfg.attack_steps} KL attack: "
                      f"{report['count'] if report['measured'] else 'n/a off CUDA'} {report['where'] or ''}")
+    return lines
+
+
+def check_graph_attack(cfg, models: Models) -> List[str]:
+    """The CUDA-graph attack against the eager attack from the same start: fp32 eager model, and the preset's module
+    (bf16 autocast wrapper, channels_last, compiled). Off CUDA the graph is the eager stand-in."""
+    device, lines = cfg.device, []
+    x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device,
+                   generator=torch.Generator(device=device).manual_seed(0))
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=torch.Generator(device=device).manual_seed(1))
+    eager_model = build_model(cfg).to(device)
+    fast_model = autocast_forward(build_model(cfg).to(device).to(memory_format=torch.channels_last), device.type)
+    cases = (("fp32 eager", eager_model, x), ("bf16+channels_last+compiled", torch.compile(fast_model, backend=cfg.compile_backend),
+                                                x.contiguous(memory_format=torch.channels_last)))
+    for label, net, xi in cases:
+        attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
+        kwargs = dict(eps=8 / 255, step_size=2 / 255, steps=cfg.attack_steps, loss="kl", init="normal")
+        for seed in (0, 1):  # the second call replays the graph
+            expected = pgd(net, xi, y, generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
+            got = attack(net, xi, y, generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
+        same = (got == expected).float().mean().item()
+        lines.append(f"CHECK CUDA-graph attack vs eager ({label}, PGD-{cfg.attack_steps} KL): {same:.2%} of pixels "
+                     f"identical, max |difference| {(got - expected).abs().max().item():.4f} (2 steps = {4 / 255:.4f}); "
+                     f"replays {attack.replays}, eager calls {attack.eager_calls}")
     return lines
 
 
@@ -799,7 +824,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         jobs += [trainer_job("cure", "fp32", profile_name=True, count_syncs=True)]
         if has("fast"):
             jobs += [trainer_job("cure", "fast", profile_name=True, count_syncs=True)]
-        jobs += [checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
+        jobs += [checks_job("CUDA-graph attack vs eager", lambda: check_graph_attack(cfg, models)),
+                 checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
                  checks_job("host overhead", lambda: host_overhead(cfg))]
     for method in methods:
         if method == "cure":
@@ -915,7 +941,7 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
         print(f"\n## robust accuracy (fp32 PGD-20 on {robust['examples']} held-out synthetic examples, CURE "
               f"{robust['steps']} steps from one init)")
         for key, value in robust.items():
-            if key.startswith("pgd20"):
+            if key.startswith("pgd20") or key.startswith("clean"):
                 print(f"{key:<34} {value:.4f}")
     print(f"\n## jobs: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed, "
           f"{time.perf_counter() - cfg.started:.0f} s in all")

@@ -469,6 +469,8 @@ def resident_arrays(dataset, collate_fn: Callable, batch_size: int = 512, num_wo
     it on the device would freeze one draw of its augmentation.
     """
     if isinstance(dataset, TensorImageDataset):
+        if dataset.images.dtype != torch.uint8:
+            check_pixel_range(dataset.images)
         return dataset.images, dataset.labels
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
         raise TypeError(f"device_resident_data needs a map-style dataset with a length, got {type(dataset).__name__}")

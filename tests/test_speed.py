@@ -104,6 +104,20 @@ def test_attack_loop_makes_no_cuda_synchronisation():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_attack_replays_the_eager_attack_on_the_gpu():
+    model = make_tiny_model("test_resnet").cuda()
+    labels = torch.arange(8, device="cuda") % 10
+    attack = GraphedAttack()
+    for seed in range(3):
+        x = torch.rand(8, 3, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        kwargs = dict(loss="kl", init="normal", **KW)
+        expected = pgd(model, x, labels, generator=torch.Generator("cuda").manual_seed(seed), **kwargs)
+        got = attack(model, x, labels, generator=torch.Generator("cuda").manual_seed(seed), **kwargs)
+        assert (got == expected).float().mean() > 0.99
+    assert attack.replays == 3 and attack.eager_calls == 0
+
+
 def test_frozen_parameters_are_not_needed_against_gradient_leaks(one_thread):
     model = make_tiny_model("test_resnet")
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
