@@ -752,9 +752,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         parser.error(f"unknown methods/configs {unknown}; --warmup/--steps >= 1; configs must include fp32")
     if cfg.profile_dir:
         os.makedirs(cfg.profile_dir, exist_ok=True)
-    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
-        torch._dynamo.config.accumulated_cache_size_limit = max(512, torch._dynamo.config.accumulated_cache_size_limit)
+    # Every model family adds its graphs to the same code objects: let them all stay compiled (never fall back to eager).
+    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512),
+                        ("accumulated_cache_size_limit", 512)):
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(torch._dynamo.config, name, max(value, getattr(torch._dynamo.config, name)))
     steps_per_epoch = math.ceil(cfg.epoch_examples / cfg.batch_size)
     models = Models(cfg)
     profiles = Profiles(cfg)

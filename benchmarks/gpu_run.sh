@@ -19,7 +19,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # inductor's caches (outside $OUT): the second model of a family reuses the first one's compiled kernels
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/torchinductor_bench}
 export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
-export TORCH_LOGS=${TORCH_LOGS-recompiles}  # dynamo recompilations, with their reasons
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}  # dynamo recompilations, with their reasons (an empty TORCH_LOGS breaks torch)
 
 if [ "${DRY_RUN:-0}" = "1" ]; then
     ARGS=(--device cpu --model test_resnet --batch-size 8 --warmup 1 --steps 1 --base-workers 0

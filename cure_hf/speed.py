@@ -70,7 +70,7 @@ FAST_PRESET_FIELDS = {
     "torch_compile": True,  # one compiled module serves the training forward and the attack
     "logging_nan_inf_filter": False,  # the Trainer's isnan(loss) check reads the loss back every step
     "dataloader_drop_last": True,  # one batch shape: no recompilation, one captured attack graph
-}
+}  # and accelerator_config.non_blocking=True unless the user's accelerator_config says otherwise
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -127,6 +127,12 @@ def apply_speed_preset(args) -> List[str]:
         if getattr(args, name) != value:
             setattr(args, name, value)
             changed.append(f"{name}={value}")
+    # Batches that stay in the DataLoader: copy them to the device without a host synchronisation (accelerate's
+    # default is a blocking copy, which waits for the device every step).
+    config = getattr(args, "accelerator_config", None)
+    if config is None or (isinstance(config, dict) and "non_blocking" not in config):
+        args.accelerator_config = {**(config or {}), "non_blocking": True}
+        changed.append("accelerator_config.non_blocking=True")
     return changed
 
 

@@ -35,7 +35,7 @@ def test_gpu_run_dry_run_on_cpu_without_datasets(tmp_path):
     out = tmp_path / "out"
     root = os.path.dirname(BENCHMARKS)
     env = dict(os.environ, OUT=str(out), DRY_RUN="1", PYTHONPATH=str(site), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="", TORCH_LOGS="")
+               CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=root, env=env, capture_output=True, text=True,
                             timeout=900)
     log = result.stdout + result.stderr
