@@ -134,6 +134,15 @@ class Models:
         return model
 
 
+def prepare_module(model: torch.nn.Module, device: torch.device, bf16: bool, channels_last: bool) -> torch.nn.Module:
+    """channels_last and accelerate's autocast wrapper, once per model object (idempotent)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if bf16 and "_original_forward" not in model.__dict__:
+        autocast_forward(model, device.type)  # what accelerate does for the trainer: the same compiled graphs
+    return model
+
+
 def set_cudnn_benchmark(device: torch.device, value: bool) -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = value
@@ -150,11 +159,7 @@ class PlainStep:
         device = cfg.device
         self.cfg, self.device, self.method, self.spec = cfg, device, method, METHODS[method]
         self.channels_last = channels_last
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        if bf16 and "_original_forward" not in model.__dict__:
-            autocast_forward(model, device.type)  # what accelerate does for the trainer: the same compiled graphs
-        self.module = model
+        self.module = model = prepare_module(model, device, bf16, channels_last)
         self.model = torch.compile(model, backend=cfg.compile_backend) if compiled else model
         self.attack_net = attack_module(self.model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -571,7 +576,9 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
     # one fixed model (the fp32-trained one), attacked the fp32 way and the preset's way (bf16 autocast as accelerate
     # wraps it, channels_last, compiled: the trainer's attack graphs, from inductor's cache; CUDA graph), judged in fp32
     model = trained["fp32"]
-    fast_model = autocast_forward(copy.deepcopy(model).to(memory_format=torch.channels_last), device.type)
+    fast_model = prepare_module(models.get("plain", True, True, True), device, True, True)  # compiled graphs reused
+    with torch.no_grad():
+        fast_model.load_state_dict(model.state_dict())
     compiled = torch.compile(fast_model, backend=cfg.compile_backend)
     attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
     out["pgd20_fixed_model_fp32_attack"] = out["pgd20_fp32"]
@@ -629,7 +636,7 @@ def check_graph_attack(cfg, models: Models) -> List[str]:
                    generator=torch.Generator(device=device).manual_seed(0))
     y = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=torch.Generator(device=device).manual_seed(1))
     eager_model = build_model(cfg).to(device)
-    fast_model = autocast_forward(build_model(cfg).to(device).to(memory_format=torch.channels_last), device.type)
+    fast_model = prepare_module(models.get("plain", True, True, True), device, True, True)  # compiled graphs reused
     cases = (("fp32 eager", eager_model, x), ("bf16+channels_last+compiled", torch.compile(fast_model, backend=cfg.compile_backend),
                                                 x.contiguous(memory_format=torch.channels_last)))
     for label, net, xi in cases:
@@ -953,11 +960,15 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
         print("FAILED (tracebacks above): " + "; ".join(failed))
 
     print("\n## ratios and targets (issue 14)")
-    for config in configs:
-        for method in methods:
-            p, base = plain.get(config, {}).get(method), plain.get("fp32", {}).get(method)
-            if config != "fp32" and p and base:
-                print(f"RATIO speedup[{method} {config}] = {base / p:.2f}x (plain loop, vs fp32)")
+    for method in methods:
+        base, base_t = plain.get("fp32", {}).get(method), trainer.get("fp32", {}).get(method)
+        plain_ratios = [f"{c} {base / plain[c][method]:.2f}x" for c in configs
+                        if c != "fp32" and base and plain.get(c, {}).get(method)]
+        trainer_ratios = [f"{c} {base_t / trainer[c][method]:.2f}x" for c in configs
+                          if c != "fp32" and base_t and trainer.get(c, {}).get(method)]
+        if plain_ratios or trainer_ratios:
+            print(f"RATIO speedup_vs_fp32[{method}] = plain: {', '.join(plain_ratios) or '-'}; trainer: "
+                  f"{', '.join(trainer_ratios) or '-'}")
     fast_cure = trainer.get("fast", {}).get("cure")
     if fast_cure:
         seconds = fast_cure * steps_per_epoch
