@@ -259,7 +259,10 @@ def run_plain(cfg, models: Models, method: str, config: str, *, breakdown: bool 
     if isinstance(step.attack, GraphedAttack):
         result["graph_replays"], result["graph_eager_calls"] = step.attack.replays, step.attack.eager_calls
     if profile is not None:
-        result["profile"] = profile(lambda: step(next(batches)), cfg.profile_steps)
+        try:
+            result["profile"] = profile(lambda run=step, data=batches: run(next(data)), cfg.profile_steps)
+        except Exception:  # the timing above stands; say why there is no profile
+            print(f"profile of plain {config} {method} failed:\n{traceback.format_exc()}", flush=True)
     del step, loader, batches
     release(device)
     return result
@@ -316,6 +319,14 @@ def run_trainer(cfg, models: Models, method: str, config: str, *, dataset=None, 
     first_timed, last_timed = cfg.warmup, cfg.warmup + cfg.steps
 
     class Clock(TrainerCallback):
+        @staticmethod
+        def _guard(fn):  # a failing profiler must not cost the run its timing
+            try:
+                return fn()
+            except Exception:
+                print(f"profile of trainer {config} {method} failed:\n{traceback.format_exc()}", flush=True)
+                return None
+
         def __init__(self):
             self.start = self.end = None
             self.profiled = None
@@ -326,8 +337,8 @@ def run_trainer(cfg, models: Models, method: str, config: str, *, dataset=None, 
             # Windows run from one step's end to another's: they include loading the next batch.
             step = state.global_step
             if self._profiler is not None and step == last_timed + cfg.profile_steps:
-                self.profiled = self._profiler.stop()
-                self._profiler = None
+                profiler, self._profiler = self._profiler, None
+                self.profiled = self._guard(profiler.stop)
             if self._sync_counter is not None and step == total:
                 self._sync_counter.__exit__(None, None, None)
                 self.syncs = self._sync_counter.report()
@@ -340,7 +351,7 @@ def run_trainer(cfg, models: Models, method: str, config: str, *, dataset=None, 
                 sync(device)
                 self.end = time.perf_counter()
             if profile is not None and step == last_timed:
-                self._profiler = profile(None, cfg.profile_steps, start=True)
+                self._profiler = self._guard(lambda: profile(None, cfg.profile_steps, start=True))
             if count_syncs and step == total - 1:
                 self._sync_counter = SyncCounter(device).__enter__()
 
@@ -818,49 +829,39 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             return f"parts of a CURE step ({config}) timed"
         return (f"parts of a CURE step {config}", job)
 
-    # Jobs in order of importance: a budget cut drops the tail.
+    # Jobs in order of importance: a budget cut drops the tail. The CURE runs of fp32 and the preset carry their
+    # profiles (and the trainer's a count of host synchronisations per step) after their timed steps.
     jobs: List[Tuple[str, Callable]] = []
     has = lambda c: c in configs  # noqa: E731
-    if "cure" in methods:
-        jobs += [trainer_job("cure", "fp32"), plain_job("cure", "fp32")]
-        if has("fast"):
-            jobs += [trainer_job("cure", "fast"), plain_job("cure", "fast")]
-        jobs += [plain_job("cure", "fp32", profile_name=True, trace=cfg.trace_config == "fp32")]
-        if has("fast"):
-            jobs += [plain_job("cure", "fast", profile_name=True, trace=cfg.trace_config == "fast")]
-        if has("bf16"):
-            jobs += [plain_job("cure", "bf16", profile_name=True, trace=cfg.trace_config == "bf16")]
-        jobs += [trainer_job("cure", "fp32", profile_name=True, count_syncs=True)]
-        if has("fast"):
-            jobs += [trainer_job("cure", "fast", profile_name=True, count_syncs=True)]
-        jobs += [checks_job("CUDA-graph attack vs eager", lambda: check_graph_attack(cfg, models)),
-                 checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
-                 checks_job("host overhead", lambda: host_overhead(cfg))]
-    for method in methods:
-        if method == "cure":
-            continue
+    cure = "cure" in methods
+    others = [m for m in methods if m != "cure"]
+    if cure:
+        for config in ("fp32", "fast"):
+            if has(config):
+                jobs += [trainer_job("cure", config, profile_name=True, count_syncs=True),
+                         plain_job("cure", config, profile_name=True, trace=cfg.trace_config == config)]
+        # the ladder, plain loop: which step buys what (and the CUDA-graph attack without compile)
+        jobs += [plain_job("cure", c, profile_name=True, trace=cfg.trace_config == c)
+                 for c in ("bf16", "bf16_cl", "compile", "graphs", "fp32_graphs", "bf16_cl_graphs") if has(c)]
+        if cfg.robust_steps > 0 and has("fast"):
+            jobs.append(robustness_job())
+    for method in others:
         for config in ("fp32", "fast"):
             if has(config):
                 if config in trainer_configs:
                     jobs.append(trainer_job(method, config))
                 jobs.append(plain_job(method, config))
-    if "cure" in methods:
-        for config in ("bf16", "bf16_cl", "compile", "graphs"):
-            if has(config):
-                jobs.append(plain_job("cure", config))
-                if config in trainer_configs:
-                    jobs.append(trainer_job("cure", config))
-    if cfg.robust_steps > 0 and has("fast") and "cure" in methods:
-        jobs.append(robustness_job())
-    for method in methods:
-        if method != "cure":
-            jobs += [plain_job(method, c) for c in ("bf16", "bf16_cl", "compile", "graphs") if has(c)]
-    if "cure" in methods:
-        jobs += [plain_job("cure", c) for c in ("fp32_graphs", "bf16_cl_graphs") if has(c)]
-        jobs += [plain_job("cure", c, profile_name=True, trace=cfg.trace_config == c)
-                 for c in ("bf16_cl", "compile", "graphs", "fp32_graphs") if has(c)]
+    if cure:
+        jobs += [checks_job("CUDA-graph attack vs eager", lambda: check_graph_attack(cfg, models)),
+                 checks_job("attack synchronisations", lambda: check_attack_syncs(cfg, models)),
+                 checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
+                 checks_job("host overhead", lambda: host_overhead(cfg))]
+        jobs += [trainer_job("cure", c) for c in ("bf16", "bf16_cl", "compile", "graphs")
+                 if has(c) and c in trainer_configs]
+    for method in others:
+        jobs += [plain_job(method, c) for c in ("bf16", "bf16_cl", "compile", "graphs") if has(c)]
+    if cure:
         jobs += [breakdown_job("fp32")] + ([breakdown_job("fast")] if has("fast") else [])
-        jobs += [checks_job("attack synchronisations", lambda: check_attack_syncs(cfg, models))]
     jobs += [checks_job("mask checks", lambda: check_mask(cfg, models))]
 
     def on_interrupt(signum, frame):

@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MethodType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -181,11 +181,14 @@ def attack_module(model: nn.Module) -> nn.Module:
     module (new graphs for eval mode and input gradients are added to the same cache). For torch.compile around
     DDP, the bare module gets a compiled wrapper of its own (cached): accelerate's ``unwrap_model(...,
     keep_torch_compile=True)`` would instead rewire the training model's compiled wrapper to the bare module,
-    silently dropping DDP (and its gradient all-reduce) from every later training forward.
+    silently dropping DDP (and its gradient all-reduce) from every later training forward. (That wrapper is compiled
+    with torch.compile's default backend and mode.)
     """
+    from torch._dynamo.eval_frame import OptimizedModule
+
     compiled = None
     module = model
-    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+    if isinstance(module, OptimizedModule):
         compiled, module = module, module._orig_mod
     while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         module = module.module
@@ -385,9 +388,9 @@ class CheckingCollator:
 
     def __call__(self, examples: List[Any]) -> Dict[str, Any]:
         batch = self.collator(examples)
-        pixels = batch.get("pixel_values") if isinstance(batch, dict) else None
-        if isinstance(pixels, torch.Tensor) and pixels.device.type == "cpu":
-            check_pixel_range(pixels)
+        pixels = batch.get("pixel_values") if isinstance(batch, Mapping) else None
+        if isinstance(pixels, torch.Tensor):
+            check_pixel_range(pixels)  # on the CPU, as collators make batches (a device tensor is checked too)
         return batch
 
 

@@ -80,7 +80,7 @@ def test_time_budget_skips_the_tail_and_says_which(capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "SKIPPED (time budget): trainer fp32 cure; plain fp32 cure" in out
+    assert "SKIPPED (time budget): trainer fp32 cure +profile; plain fp32 cure +profile" in out
     assert results["plain"] == {} and "## ratios and targets" in out
 
 

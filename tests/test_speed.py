@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.attacks import attack_mode, pgd, pgd_steps, random_start
+from cure_hf.attacks import pgd, pgd_steps, random_start
 from cure_hf.speed import (
     CheckingCollator, DeviceResidentLoader, GraphedAttack, TensorImageDataset, _EagerReplay, attack_module,
     augmentation_draws, crop_flip, plan_speed,
