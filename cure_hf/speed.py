@@ -24,6 +24,7 @@ loader yields the batches the Trainer's DataLoader yields (same order, same crop
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import weakref
@@ -358,7 +359,8 @@ class GraphedAttack:
             logger.warning("attack_cuda_graph: capturing the attack failed (%s: %s); it runs eagerly instead",
                            type(error).__name__, error)
             if x.device.type == "cuda":
-                torch.cuda.synchronize(x.device)
+                with contextlib.suppress(Exception):  # let an aborted capture's work finish before going on
+                    torch.cuda.synchronize(x.device)
             self.graphs[key] = _EAGER
             return _EAGER
         entry = _Captured(graph, static, output, _fingerprint(model))
