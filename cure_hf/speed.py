@@ -618,6 +618,8 @@ class SpeedRuntime:
         self._resident: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         if self.plan.cudnn_benchmark is not None and self.device.type == "cuda":
             torch.backends.cudnn.benchmark = self.plan.cudnn_benchmark
+        if getattr(args, "speed_preset_changed", None):
+            logger.info("speed_preset=%r set %s", args.speed_preset, ", ".join(args.speed_preset_changed))
         for note in self.plan.notes:
             logger.info(note)
 
