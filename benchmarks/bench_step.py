@@ -1,35 +1,45 @@
-"""Put numbers on every part of an adversarial-training step, in one run, on one model and one data set.
+"""Put numbers on an adversarial-training step on one device, in one process, for every speed configuration.
 
-It measures, for the same model, data and batch size:
-1. steps per second of each method inside ``CURETrainer`` (the trainer as users run it);
-2. the same work in a minimal plain-PyTorch loop (DataLoader, SGD, the same attack/loss/mask/revision functions);
-3. the time of each part of a CURE step (attack, forward passes, revision forward, backward, mask, optimizer,
-   revision update), each part timed between device synchronisations;
-4. the peak memory of a CURE step relative to a TRADES step;
-5. the effect of the speed options (channels_last, bf16, torch.compile, data loader workers, and an attack that
-   reuses the clean forward where the model allows it);
-6. that the prominence mask makes no host synchronisation (on CUDA) and is exact beyond 2**24 entries.
+Configurations (cumulative; ``cure_hf.speed`` and docs/benchmarks.md describe each piece):
 
-Lines starting with ``RATIO`` compare against the targets of issue 7 and say whether each is met.
+    fp32      fp32, NCHW, eager, DataLoader (per-example crop + flip in workers), eager attack
+    bf16      + bf16 autocast over the whole step (attack included; losses in fp32)
+    bf16_cl   + channels_last
+    compile   + torch.compile (the attack runs through the same compiled module)
+    graphs    + the attack's K steps replayed from a CUDA graph (on the CPU: an eager stand-in, for the format)
+    fast      + the training set resident on the device, cropped and flipped there: speed_preset="fast"
+              (which also sets cudnn.benchmark and removes the Trainer's per-step host synchronisations)
+    fp32_graphs, bf16_cl_graphs   diagnostics: CUDA-graph attack without torch.compile
 
-    python benchmarks/bench_step.py                       # CPU: timm resnet18 at 32x32, few steps
-    python benchmarks/bench_step.py --device cuda --model cifar_resnet18 --batch-size 128 --steps 20 \\
-        --options channels_last,bf16,bf16_channels_last,compile,workers,reuse
+For each configuration and method (clean, pgd, trades, cure) it measures seconds per step of ``CURETrainer``
+and of a plain PyTorch loop built from the same pieces (so trainer-vs-plain is the Trainer's own cost), seconds
+per CIFAR-10 epoch, the ratio to fp32, and peak memory. It profiles one CURE step per configuration
+(``--profile-dir``: top kernels and operators, kernel launches, host synchronisations), checks that robust accuracy
+is unchanged between fp32 and the preset, and prints ``RATIO``/``TARGET`` lines against the targets of issue 14
+at the end. Jobs run in order of importance under ``--time-budget-s``; a failing job prints its traceback and the
+run goes on. No ``datasets``/``evaluate``/``pyautoattack``: synthetic CIFAR-shaped data.
+
+    python benchmarks/bench_step.py --device cpu --model test_resnet --batch-size 8 --steps 1 --warmup 1   # dry run
+    bash benchmarks/gpu_run.sh                                                                               # H100
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
+import gzip
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
-import weakref
+import traceback
+import warnings
 from collections import OrderedDict, defaultdict
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,9 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -49,42 +57,50 @@ from cure_hf.methods import METHODS, method_loss  # noqa: E402
 from cure_hf.models import create_model, head_parameter_names  # noqa: E402
 from cure_hf.prominence import mask_gradients_, quantile_threshold  # noqa: E402
 from cure_hf.revision import RevisionModel  # noqa: E402
+from cure_hf.speed import (  # noqa: E402
+    DeviceResidentLoader, GraphedAttack, TensorImageDataset, _EagerReplay, attack_module, autocast_forward,
+)
 
-TARGETS = {"trainer_overhead": 0.05, "cure_vs_trades": 1.10, "mask_revision_share": 0.02}
-ALL_OPTIONS = ("channels_last", "bf16", "bf16_channels_last", "compile", "workers", "reuse")
+TARGETS = {"cure_epoch_fast_s": 15.0, "bf16_speedup": 1.6, "trainer_overhead": 0.05, "cure_vs_trades": 1.10,
+           "mask_revision_share": 0.02}
+# name: (bf16, channels_last, compile, cuda graph attack, device-resident data, cudnn.benchmark)
+CONFIGS = OrderedDict([
+    ("fp32", (False, False, False, False, False, False)),
+    ("bf16", (True, False, False, False, False, False)),
+    ("bf16_cl", (True, True, False, False, False, False)),
+    ("compile", (True, True, True, False, False, False)),
+    ("graphs", (True, True, True, True, False, False)),
+    ("fast", (True, True, True, True, True, True)),
+    ("fp32_graphs", (False, False, False, True, False, False)),
+    ("bf16_cl_graphs", (True, True, False, True, False, False)),
+])
+LADDER = ("fp32", "bf16", "bf16_cl", "compile", "graphs", "fast")
+METHOD_ORDER = ("cure", "trades", "pgd", "clean")
+
+
+class BudgetExceeded(Exception):
+    pass
 
 
 # ------------------------------------------------------------------------------------------------ setup
-class SyntheticCifar(Dataset):
-    """CIFAR-10-shaped uint8 images (HWC) with the usual pad-4 random crop and flip, done per example as a real
-    input pipeline does, so data-loader workers have the same kind of work as on CIFAR-10."""
-
-    def __init__(self, size: int, image_size: int = 32, num_classes: int = 10, seed: int = 0):
-        generator = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (size, image_size, image_size, 3), dtype=torch.uint8, generator=generator)
-        self.labels = torch.randint(0, num_classes, (size,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
-        image = self.images[index].permute(2, 0, 1).float().div_(255.0)
-        size = image.shape[-1]
-        padded = F.pad(image, (4, 4, 4, 4))
-        top, left = torch.randint(0, 9, (2,)).tolist()
-        image = padded[:, top:top + size, left:left + size]
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return {"pixel_values": image.contiguous(), "labels": int(self.labels[index])}
+def synthetic_images(size: int, image_size: int, num_classes: int = 10, seed: int = 0, learnable: bool = False):
+    """uint8 (N, H, W, 3) images and labels. ``learnable``: each class has a smooth random template (4x4 upsampled)
+    added to mid-grey plus per-pixel noise, so a short run learns it and robust accuracy is neither 0 nor 1."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (size,), generator=generator)
+    if not learnable:
+        return torch.randint(0, 256, (size, image_size, image_size, 3), dtype=torch.uint8, generator=generator), labels
+    templates = torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(1234)) * 2 - 1
+    templates = F.interpolate(templates, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    noise = torch.randn(size, 3, image_size, image_size, generator=generator) * 0.1
+    pixels = (0.5 + 0.3 * templates[labels] + noise).clamp(0, 1)  # test_resnet, 60 CURE steps: clean 1.0, PGD-20 0.45
+    return (pixels * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous(), labels
 
 
-def build_model(name: str, image_size: int, vit_patch: int, seed: int = 0) -> torch.nn.Module:
-    """A model taking pixels in [0, 1]; ``cifar_*`` names come from cure_hf's CIFAR registry when it is there."""
-    with contextlib.suppress(ImportError):
-        import cure_hf.cifar_models  # noqa: F401  registers cifar_resnet18 & co. in timm
+def build_model(cfg, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    kwargs = {"image_size": image_size, "patch_size": vit_patch} if "vit" in name else {}
-    return create_model(name, 10, **kwargs)
+    kwargs = {"image_size": cfg.image_size, "patch_size": cfg.vit_patch} if "vit" in cfg.model else {}
+    return create_model(cfg.model, 10, **kwargs)
 
 
 def sync(device: torch.device) -> None:
@@ -92,41 +108,67 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def release(device: torch.device, workers: int) -> None:
-    """Free what a finished configuration left behind (loader worker processes, cached blocks) before the next."""
-    if device.type == "cuda" or workers > 0:  # a full collection costs seconds on a busy CPU: only when needed
-        gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def autocast(device: torch.device, bf16: bool):
-    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-
-
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class Models:
+    """One model object per (role, bf16, channels_last, compile), reset to the same initial weights before every
+    run: torch.compile's graphs are then traced once per family and reused by every method and configuration."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.init_state = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
+        self.cache: Dict[tuple, torch.nn.Module] = {}
+
+    def get(self, role: str, bf16: bool, channels_last: bool, compiled: bool) -> torch.nn.Module:
+        key = (role, bf16, channels_last)
+        model = self.cache.get(key) if compiled else None  # eager models are built fresh every run
+        if model is None:
+            model = build_model(self.cfg).to(self.cfg.device)
+            if compiled:
+                self.cache[key] = model
+        with torch.no_grad():
+            model.load_state_dict(self.init_state)
+        model.zero_grad(set_to_none=True)
+        return model
+
+
+def prepare_module(model: torch.nn.Module, device: torch.device, bf16: bool, channels_last: bool) -> torch.nn.Module:
+    """channels_last and accelerate's autocast wrapper, once per model object (idempotent)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if bf16 and "_original_forward" not in model.__dict__:
+        autocast_forward(model, device.type)  # what accelerate does for the trainer: the same compiled graphs
+    return model
+
+
+def set_cudnn_benchmark(device: torch.device, value: bool) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = value
+
+
 # ------------------------------------------------------------------------------------------ plain loop
 class PlainStep:
-    """One training step of ``method`` written as a minimal PyTorch loop, from the same pure functions the
-    trainer uses (attacks, method losses, prominence mask, revision model), with every part timed on demand."""
+    """One training step of ``method`` as a minimal PyTorch loop, from the same pieces the trainer uses (attacks,
+    method losses, prominence mask, revision model, and cure_hf.speed's CUDA-graph attack and autocast wrapper).
+    It never synchronises the host, except around parts when ``timed`` (the part-by-part breakdown)."""
 
-    def __init__(self, model, method: str, device, *, attack_steps: int, bf16: bool, channels_last: bool,
-                 compile_model: bool, reuse_clean: bool = False, conservation: str = "soft"):
-        self.device, self.method, self.spec = device, method, METHODS[method]
-        self.bf16, self.channels_last, self.reuse_clean = bf16, channels_last, reuse_clean
-        self.attack_steps, self.conservation = attack_steps, conservation
-        model.to(device)
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.module = model
-        self.model = torch.compile(model) if compile_model else model
+    def __init__(self, cfg, model, method: str, config: str):
+        bf16, channels_last, compiled, graphs, _, _ = CONFIGS[config]
+        device = cfg.device
+        self.cfg, self.device, self.method, self.spec = cfg, device, method, METHODS[method]
+        self.channels_last = channels_last
+        self.module = model = prepare_module(model, device, bf16, channels_last)
+        self.model = torch.compile(model, backend=cfg.compile_backend) if compiled else model
+        self.attack_net = attack_module(self.model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         heads = head_parameter_names(model)
         self.maskable = [p for n, p in model.named_parameters() if n not in heads]
         self.revision = RevisionModel(model, seed=0) if self.spec.uses_revision else None
+        self.attack = pgd
+        if graphs:
+            self.attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
         self.times: Dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
@@ -148,25 +190,19 @@ class PlainStep:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         model.train()
-        z_nat = None
-        if self.reuse_clean:
-            with self.part("forward f (clean, adv)", timed), autocast(self.device, self.bf16):
-                z_nat = logits_of(model(x))
         x_adv = None
         if spec.attack:
-            with self.part("attack", timed), autocast(self.device, self.bf16):
+            with self.part("attack", timed):
                 loss_name = "kl" if spec.attack == "pgd_kl" else "ce"
-                steps, step_size = (1, 1.25 * 8 / 255) if spec.attack == "fgsm_rs" else (self.attack_steps, 2 / 255)
-                clean = None if z_nat is None else z_nat.detach()
-                x_adv = pgd(model, x, labels, eps=8 / 255, step_size=step_size, steps=steps, loss=loss_name,
-                            init=spec.attack_init, clean_logits=clean)
-        with self.part("forward f (clean, adv)", timed), autocast(self.device, self.bf16):
-            if z_nat is None and spec.uses_clean_pass:
-                z_nat = logits_of(model(x))
+                steps, step_size = (1, 1.25 * 8 / 255) if spec.attack == "fgsm_rs" else (self.cfg.attack_steps, 2 / 255)
+                x_adv = self.attack(self.attack_net, x, labels, eps=8 / 255, step_size=step_size, steps=steps,
+                                    loss=loss_name, init=spec.attack_init)
+        with self.part("forward f (clean, adv)", timed):
+            z_nat = logits_of(model(x)) if spec.uses_clean_pass else None
             z_adv = logits_of(model(x_adv)) if x_adv is not None else None
         r_nat = r_adv = None
         if spec.uses_revision:
-            with self.part("forward g (revision)", timed), autocast(self.device, self.bf16):
+            with self.part("forward g (revision)", timed):
                 r_nat, r_adv = logits_of(self.revision(x)), logits_of(self.revision(x_adv))
         with self.part("loss", timed):
             loss, _ = method_loss(self.method, labels, z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv)
@@ -175,322 +211,814 @@ class PlainStep:
             loss.backward()
         if spec.uses_revision:
             with self.part("mask", timed):
-                conserved = []
-                on_mask = None
-                if self.conservation == "hard":
-                    on_mask = lambda p, m: conserved.append((p, torch.where(m, p.detach(), float("nan"))))  # noqa: E731
-                mask_gradients_(self.maskable, 0.3, on_mask=on_mask)
+                mask_gradients_(self.maskable, 0.3)
         with self.part("optimizer", timed):
             self.optimizer.step()
         if spec.uses_revision:
-            with self.part("revision update", timed), torch.no_grad():
-                for p, saved in conserved:
-                    p.copy_(torch.where(saved.isnan(), p, saved))
+            with self.part("revision update", timed):
                 self.revision.step_(self.module)
 
 
-def loader_for(dataset, batch_size: int, workers: int, device) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, collate_fn=collate_pixels,
-                      pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+def make_loader(cfg, dataset: TensorImageDataset, resident: bool, channels_last: bool):
+    if resident:
+        return DeviceResidentLoader(dataset.images, dataset.labels, batch_size=cfg.batch_size, device=cfg.device,
+                                    augment=dataset.augment, seed=dataset.seed, sampler_seed=0, drop_last=True,
+                                    channels_last=channels_last)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.base_workers,
+                      collate_fn=collate_pixels, pin_memory=cfg.device.type == "cuda", drop_last=True,
+                      persistent_workers=False)
 
 
-def run_plain(cfg, method: str, *, model_name=None, bf16=False, channels_last=False, compile_model=False,
-              workers=None, reuse_clean=False, breakdown=False) -> Dict[str, object]:
-    """Seconds per step of the plain loop (warm-up excluded); with ``breakdown``, seconds per step of each part."""
+def timed_dataset(cfg, steps: int) -> TensorImageDataset:
+    images, labels = synthetic_images(cfg.batch_size * steps, cfg.image_size, seed=0)
+    return TensorImageDataset(images, labels, augment="crop_flip", seed=0)
+
+
+def run_plain(cfg, models: Models, method: str, config: str, *, breakdown: bool = False,
+              profile: Optional[Callable] = None) -> Dict[str, Any]:
+    """Seconds per step of the plain loop over ``cfg.steps`` steps after ``cfg.warmup``, the device synchronised only
+    before and after the timed steps; with ``breakdown``, seconds per step of each part (synchronised per part)."""
+    bf16, channels_last, compiled, _, resident, benchmark = CONFIGS[config]
     device = cfg.device
-    workers = cfg.base_workers if workers is None else workers
-    model = build_model(model_name or cfg.model, cfg.image_size, cfg.vit_patch)
-    step = PlainStep(model, method, device, attack_steps=cfg.attack_steps, bf16=bf16, channels_last=channels_last,
-                     compile_model=compile_model, reuse_clean=reuse_clean)
-    dataset = SyntheticCifar(cfg.batch_size * (cfg.warmup + cfg.steps), cfg.image_size)
-    stamps = []
-    for i, batch in enumerate(loader_for(dataset, cfg.batch_size, workers, device)):
-        if i == cfg.warmup:
-            step.times.clear()
-        step(batch, timed=breakdown and i >= cfg.warmup)
-        sync(device)
-        stamps.append(time.perf_counter())
-    per_step = float(np.median(np.diff(stamps[cfg.warmup - 1:])))
-    parts = {k: v / cfg.steps for k, v in step.times.items()}
-    del step
-    release(device, workers)
-    return {"step_s": per_step, "parts_s": parts}
+    set_cudnn_benchmark(device, benchmark)
+    model = models.get("plain", bf16, channels_last, compiled)
+    step = PlainStep(cfg, model, method, config)
+    extra = cfg.profile_steps if profile else 0
+    loader = make_loader(cfg, timed_dataset(cfg, cfg.warmup + cfg.steps + extra), resident, channels_last)
+    batches = iter(loader)
+    for _ in range(cfg.warmup):
+        step(next(batches))
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(cfg.steps):
+        step(next(batches), timed=breakdown)
+    sync(device)
+    seconds = (time.perf_counter() - start) / cfg.steps
+    result = {"step_s": seconds, "peak_mib": peak_mib(device), "parts_s": {k: v / cfg.steps for k, v in step.times.items()}}
+    if isinstance(step.attack, GraphedAttack):
+        result["graph_replays"], result["graph_eager_calls"] = step.attack.replays, step.attack.eager_calls
+    if profile is not None:
+        try:
+            result["profile"] = profile(lambda run=step, data=batches: run(next(data)), cfg.profile_steps)
+        except Exception:  # the timing above stands; say why there is no profile
+            print(f"profile of plain {config} {method} failed:\n{traceback.format_exc()}", flush=True)
+    del step, loader, batches
+    release(device)
+    return result
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of live tensor storage on the CPU, where PyTorch keeps no allocator statistics: every storage an
-    operator returns is counted until it is freed; tensors that existed before are registered with ``track``."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.sizes: Dict[int, int] = {}
-
-    def _add(self, tensor: torch.Tensor) -> None:
-        storage = tensor.untyped_storage()
-        key = id(storage)
-        if key not in self.sizes:
-            self.sizes[key] = storage.nbytes()
-            self.live += storage.nbytes()
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live -= self.sizes.pop(key, 0)
-
-    def track(self, tensors) -> None:
-        for tensor in tensors:
-            if isinstance(tensor, torch.Tensor):
-                self._add(tensor)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.track(tree_leaves(out))
-        return out
-
-
-def peak_step_memory(cfg, method: str) -> Dict[str, float]:
-    """Peak memory of one step after a warm-up step, everything live counted: model, gradients, optimizer state,
-    revision copy, activations, scratch. CUDA: the caching allocator's peak; CPU: ``LiveTensorBytes``. The attack
-    runs one step here: its graph is freed after every step, so more steps change the time, not the peak."""
-    device = cfg.device
-    model = build_model(cfg.model, cfg.image_size, cfg.vit_patch)
-    step = PlainStep(model, method, device, attack_steps=1, bf16=False, channels_last=False, compile_model=False)
-    dataset = SyntheticCifar(cfg.batch_size * 2, cfg.image_size)
-    batches = list(loader_for(dataset, cfg.batch_size, 0, device))
-    step(batches[0])
+def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
-        sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        step(batches[1])
-        sync(device)
-        return {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    tracker = LiveTensorBytes()
-    modules = [step.module] + ([step.revision.module] if step.revision else [])
-    tracker.track(t for m in modules for t in list(m.parameters()) + list(m.buffers()))
-    tracker.track(p.grad for p in step.module.parameters())
-    tracker.track(t for state in step.optimizer.state.values() for t in state.values())
-    with tracker:
-        step(batches[1])
-    return {"peak_mib": tracker.peak / 2**20}
+
+
+def peak_mib(device: torch.device) -> Optional[float]:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- trainer
-def run_trainer(cfg, method: str, *, model_name=None, bf16=False, channels_last=False, compile_model=False,
-                workers=None, reuse_clean=False) -> Dict[str, object]:
-    """Seconds per step of ``CURETrainer.train()`` (warm-up excluded), from one timestamp per optimizer step."""
+def trainer_arguments(cfg, method: str, config: str, out: str, max_steps: int, **extra):
+    from cure_hf import CURETrainingArguments
+
+    bf16, channels_last, compiled, graphs, resident, benchmark = CONFIGS[config]
+    fields = dict(bf16=bf16, channels_last=channels_last, torch_compile=compiled, attack_cuda_graph=graphs and
+                  cfg.device.type == "cuda", device_resident_data=resident, cudnn_benchmark=benchmark,
+                  dataloader_num_workers=0 if resident else cfg.base_workers)
+    if config == "fast":  # the preset as users write it
+        fields = dict(speed_preset="fast", dataloader_num_workers=0)
+    if compiled and cfg.compile_backend != "inductor":
+        fields["torch_compile_backend"] = cfg.compile_backend
+    return CURETrainingArguments(
+        output_dir=out, adv_method=method, max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
+        attack_steps=cfg.attack_steps, seed=0, report_to=[], save_strategy="no", logging_strategy="no",
+        disable_tqdm=True, use_cpu=cfg.device.type == "cpu", dataloader_pin_memory=cfg.device.type == "cuda",
+        dataloader_drop_last=True, **{**fields, **extra},
+    )
+
+
+def run_trainer(cfg, models: Models, method: str, config: str, *, dataset=None, max_steps: Optional[int] = None,
+                profile: Optional[Callable] = None, count_syncs: bool = False, **extra) -> Dict[str, Any]:
+    """Seconds per step of ``CURETrainer.train()``: the device synchronised at the end of the warm-up steps and of the
+    timed steps only (a callback), so host and device overlap as they do in a real run."""
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from cure_hf import CURETrainer, CURETrainingArguments
+    from cure_hf import CURETrainer
 
+    bf16, channels_last, compiled, graphs, _, _ = CONFIGS[config]
     device = cfg.device
-    workers = cfg.base_workers if workers is None else workers
+    extra_steps = (cfg.profile_steps if profile else 0) + (1 if count_syncs else 0)
+    total = max_steps or cfg.warmup + cfg.steps + extra_steps
+    first_timed, last_timed = cfg.warmup, cfg.warmup + cfg.steps
 
-    class StepTimer(TrainerCallback):
+    class Clock(TrainerCallback):
+        @staticmethod
+        def _guard(fn):  # a failing profiler must not cost the run its timing
+            try:
+                return fn()
+            except Exception:
+                print(f"profile of trainer {config} {method} failed:\n{traceback.format_exc()}", flush=True)
+                return None
+
         def __init__(self):
-            self.stamps: List[float] = []
+            self.start = self.end = None
+            self.profiled = None
+            self.syncs = None
+            self._profiler = self._sync_counter = None
 
         def on_step_end(self, args, state, control, **kwargs):
-            sync(device)
-            self.stamps.append(time.perf_counter())
+            # Windows run from one step's end to another's: they include loading the next batch.
+            step = state.global_step
+            if self._profiler is not None and step == last_timed + cfg.profile_steps:
+                profiler, self._profiler = self._profiler, None
+                self.profiled = self._guard(profiler.stop)
+            if self._sync_counter is not None and step == total:
+                self._sync_counter.__exit__(None, None, None)
+                self.syncs = self._sync_counter.report()
+                self._sync_counter = None
+            if step == first_timed:
+                sync(device)
+                reset_peak(device)
+                self.start = time.perf_counter()
+            elif step == last_timed:
+                sync(device)
+                self.end = time.perf_counter()
+            if profile is not None and step == last_timed:
+                self._profiler = self._guard(lambda: profile(None, cfg.profile_steps, start=True))
+            if count_syncs and step == total - 1:
+                self._sync_counter = SyncCounter(device).__enter__()
 
-    model = build_model(model_name or cfg.model, cfg.image_size, cfg.vit_patch)
-    timer = StepTimer()
+    model = models.get("trainer", bf16, channels_last, compiled)
+    clock = Clock()
     with tempfile.TemporaryDirectory() as out:
-        args = CURETrainingArguments(
-            output_dir=out, adv_method=method, max_steps=cfg.warmup + cfg.steps,
-            per_device_train_batch_size=cfg.batch_size, attack_steps=cfg.attack_steps, seed=0,
-            report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-            use_cpu=device.type == "cpu", bf16=bf16, torch_compile=compile_model, channels_last=channels_last,
-            dataloader_num_workers=workers, dataloader_pin_memory=device.type == "cuda", dataloader_drop_last=True,
-            attack_reuse_clean_logits=reuse_clean,
-        )
-        trainer = CURETrainer(model, args, train_dataset=SyntheticCifar(cfg.batch_size * (cfg.warmup + cfg.steps),
-                                                                         cfg.image_size), callbacks=[timer])
-        trainer.remove_callback(PrinterCallback)  # keep the benchmark's output to its own table
+        args = trainer_arguments(cfg, method, config, out, total, **extra)
+        trainer = CURETrainer(model, args, train_dataset=dataset or timed_dataset(cfg, total), callbacks=[clock])
+        if graphs and device.type != "cuda":  # CPU dry run: the CUDA-graph plumbing with an eager stand-in
+            trainer.speed.graphed_attack = GraphedAttack(graph_factory=_EagerReplay)
+        trainer.remove_callback(PrinterCallback)
         trainer.train()
+        result = {"trainer": trainer}
+    result.update(step_s=(clock.end - clock.start) / cfg.steps if clock.end else None, peak_mib=peak_mib(device),
+                  profile=clock.profiled, syncs=clock.syncs)
+    if not max_steps:
+        del result["trainer"]
         del trainer
-    release(device, workers)
-    return {"step_s": float(np.median(np.diff(timer.stamps[cfg.warmup - 1:])))}
+        release(device)
+    return result
 
 
-# ---------------------------------------------------------------------------------------------- checks
-def check_mask(cfg) -> List[str]:
-    """The mask on the device: no host synchronisation (CUDA sync debug mode), exact beyond 2**24 entries."""
+def strip_wrappers(model: torch.nn.Module) -> None:
+    """Undo accelerate's autocast wrapper on a reused model (the next trainer wraps it again)."""
+    for name in ("forward", "_original_forward"):
+        model.__dict__.pop(name, None)
+
+
+# --------------------------------------------------------------------------------------- synchronisations
+class SyncCounter:
+    """Counts the host synchronisations of the code it wraps: CUDA's sync debug mode in "warn" mode, one warning per
+    synchronising call, with the Python line that made it. Off CUDA it counts nothing."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.records: List[warnings.WarningMessage] = []
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self._catch = warnings.catch_warnings(record=True)
+            self.records = self._catch.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self._catch.__exit__(*exc)
+        return False
+
+    def report(self) -> Dict[str, Any]:
+        syncs = [r for r in self.records if "synchroniz" in str(r.message)]
+        where = OrderedDict()
+        for r in syncs:
+            key = f"{os.path.basename(r.filename)}:{r.lineno}"
+            where[key] = where.get(key, 0) + 1
+        return {"count": len(syncs), "where": dict(where), "measured": self.device.type == "cuda"}
+
+
+# ---------------------------------------------------------------------------------------------- profiles
+_LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaStreamWaitEvent")
+
+
+class Profiles:
+    """torch.profiler over a few steps; a compact text summary per profile, all in one file, and one gzipped trace."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.summaries: List[str] = []
+        self.one_line: Dict[str, str] = OrderedDict()
+        self.trace_written = False
+
+    def __call__(self, name: str, trace: bool = False):
+        cfg = self.cfg
+
+        def profile(step: Optional[Callable], steps: int, start: bool = False):
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if cfg.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            profiler = torch.profiler.profile(activities=activities)
+            sync(cfg.device)
+            wall_start = time.perf_counter()
+            profiler.__enter__()
+
+            def stop():
+                sync(cfg.device)
+                profiler.__exit__(None, None, None)
+                wall = time.perf_counter() - wall_start
+                return self.summarise(name, profiler, steps, wall, trace)
+
+            if start:
+                return type("Running", (), {"stop": staticmethod(stop)})()
+            for _ in range(steps):
+                step()
+            return stop()
+
+        return profile
+
+    def summarise(self, name: str, profiler, steps: int, wall: float, trace: bool) -> Dict[str, Any]:
+        events = profiler.events()
+        gpu = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
+        gpu_ids = set(map(id, gpu))
+        cpu = [e for e in events if id(e) not in gpu_ids]
+        counts = defaultdict(int)
+        for e in cpu:
+            if e.name in _LAUNCH or e.name in _SYNCS or e.name.startswith("cudaMemcpy") or e.name == "cudaGraphLaunch":
+                counts[e.name] += 1
+        kernels = defaultdict(lambda: [0.0, 0])
+        intervals = []
+        dtoh = 0
+        for e in gpu:
+            elapsed = e.time_range.elapsed_us()
+            kernels[e.name][0] += elapsed
+            kernels[e.name][1] += 1
+            intervals.append((e.time_range.start, e.time_range.end))
+            if "DtoH" in e.name:
+                dtoh += 1
+        busy = _union(intervals) / 1e6
+        ops = defaultdict(lambda: [0.0, 0])
+        for e in cpu:
+            ops[e.name][0] += e.self_cpu_time_total
+            ops[e.name][1] += 1
+        launches = sum(counts[n] for n in _LAUNCH)
+        summary = {
+            "steps": steps, "wall_s_per_step": wall / steps, "gpu_busy_s_per_step": busy / steps,
+            "kernel_launches_per_step": launches / steps, "graph_launches_per_step": counts["cudaGraphLaunch"] / steps,
+            "gpu_kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
+            "syncs_per_step": {n: counts[n] / steps for n in _SYNCS if counts[n]},
+            "memcpy_dtoh_per_step": dtoh / steps,
+            "memcpy_calls_per_step": {n: c / steps for n, c in counts.items() if n.startswith("cudaMemcpy")},
+        }
+        lines = [f"=== profile {name}: {steps} step(s), wall {wall / steps * 1e3:.2f} ms/step, GPU busy "
+                 f"{busy / steps * 1e3:.2f} ms/step ({busy / max(wall, 1e-12):.0%})",
+                 f"kernel launches/step {summary['kernel_launches_per_step']:.0f} (+ {summary['graph_launches_per_step']:.1f}"
+                 f" CUDA graph launches), GPU kernels+copies/step {summary['gpu_kernels_per_step']:.0f}, "
+                 f"syncs/step {summary['syncs_per_step'] or 0}, memcpy DtoH/step {summary['memcpy_dtoh_per_step']:.1f}, "
+                 f"memcpy calls/step {summary['memcpy_calls_per_step'] or 0}",
+                 "top GPU kernels (ms/step, calls/step):"]
+        for kname, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]:
+            lines.append(f"  {total / 1e3 / steps:8.3f} ms {count / steps:7.1f}x  {kname[:110]}")
+        lines.append("top host ops by self CPU time (ms/step, calls/step):")
+        for oname, (total, count) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:15]:
+            lines.append(f"  {total / 1e3 / steps:8.3f} ms {count / steps:7.1f}x  {oname[:110]}")
+        self.summaries.append("\n".join(lines))
+        self.one_line[name] = (f"{wall / steps * 1e3:7.2f} ms/step wall, GPU busy {busy / max(wall, 1e-12):4.0%}, "
+                               f"{summary['kernel_launches_per_step']:5.0f} launches/step, "
+                               f"{summary['graph_launches_per_step']:.0f} graph launches/step, syncs/step "
+                               f"{sum(summary['syncs_per_step'].values()):.0f}, DtoH/step {summary['memcpy_dtoh_per_step']:.0f}")
+        if trace and self.cfg.profile_dir and not self.trace_written:
+            raw = os.path.join(tempfile.gettempdir(), "bench_trace.json")
+            profiler.export_chrome_trace(raw)
+            target = os.path.join(self.cfg.profile_dir, "trace.json.gz")
+            with open(raw, "rb") as f, gzip.open(target, "wb", compresslevel=6) as g:
+                g.write(f.read())
+            os.remove(raw)
+            if os.path.getsize(target) > 15 * 2**20:
+                os.remove(target)
+                self.summaries.append(f"(trace of {name} dropped: over 15 MiB gzipped)")
+            else:
+                self.trace_written = True
+                self.summaries.append(f"(chrome trace of {name}: trace.json.gz)")
+        self.write()
+        return summary
+
+    def write(self) -> None:
+        if self.cfg.profile_dir:
+            with open(os.path.join(self.cfg.profile_dir, "profiles.txt"), "w") as f:
+                f.write("\n\n".join(self.summaries) + "\n")
+
+
+def _union(intervals: List[Tuple[float, float]]) -> float:
+    total, end = 0.0, -math.inf
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+# ----------------------------------------------------------------------------------------- robust accuracy
+def robust_accuracy(model, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int, steps: int,
+                    attack=pgd, attack_net=None, channels_last: bool = False) -> float:
+    """Accuracy of ``model`` (fp32, eval mode) under PGD-``steps`` (CE, uniform start, step 2/255, eps 8/255, fixed
+    seeds) crafted by ``attack`` on ``attack_net`` (default: the model itself, eager fp32)."""
+    correct = 0
+    net = attack_net if attack_net is not None else model
+    model.eval()
+    for start in range(0, len(labels), batch_size):
+        x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div(255)
+        y = labels[start:start + batch_size].to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        generator = torch.Generator(device=device).manual_seed(start)
+        x_adv = x if steps == 0 else attack(net, x, y, eps=8 / 255, step_size=2 / 255, steps=steps, loss="ce",
+                                            init="uniform", generator=generator)
+        with torch.no_grad():
+            correct += int((logits_of(model(x_adv)).argmax(1) == y).sum())
+    return correct / len(labels)
+
+
+def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
+    """Train CURE for ``--robust-steps`` steps from one init with fp32 and with the preset (and fp32 with another
+    data seed, for the run-to-run noise), then evaluate every model with the same fp32 PGD-20 on the same held-out
+    examples; and evaluate the fp32 model with the preset's attack path (bf16 autocast, channels_last, compiled,
+    CUDA graph) against fp32 PGD-20."""
+    device = cfg.device
+    n_train = cfg.batch_size * cfg.robust_steps
+    n_eval = max(1, cfg.robust_eval // cfg.batch_size) * cfg.batch_size  # whole batches: one compiled shape
+    images, labels = synthetic_images(n_train + n_eval, cfg.image_size, seed=11, learnable=True)
+    train = TensorImageDataset(images[:n_train], labels[:n_train], augment="crop_flip", seed=0)
+    test_images, test_labels = images[n_train:], labels[n_train:]
+    out: Dict[str, Any] = OrderedDict()
+    trained = {}
+    for name, config, seed in (("fp32", "fp32", 0), ("fast", "fast", 0), ("fp32_seed1", "fp32", 1)):
+        check_budget(cfg, 20)
+        run = run_trainer(cfg, models, "cure", config, dataset=train, max_steps=cfg.robust_steps, data_seed=seed,
+                          learning_rate=0.05)
+        trainer = run.pop("trainer")
+        net = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+        fp32_copy = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format)
+        strip_wrappers(fp32_copy)
+        trained[name] = fp32_copy
+        out[f"pgd20_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 20)
+        out[f"clean_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 0)
+        print(f"  after {cfg.robust_steps} CURE steps, {name}: clean {out[f'clean_{name}']:.4f}, fp32 PGD-20 "
+              f"{out[f'pgd20_{name}']:.4f}", flush=True)
+        del trainer, run
+        release(device)
+    # one fixed model (the fp32-trained one), attacked the fp32 way and the preset's way (bf16 autocast as accelerate
+    # wraps it, channels_last, compiled: the trainer's attack graphs, from inductor's cache; CUDA graph), judged in fp32
+    model = trained["fp32"]
+    fast_model = prepare_module(models.get("plain", True, True, True), device, True, True)  # compiled graphs reused
+    with torch.no_grad():
+        fast_model.load_state_dict(model.state_dict())
+    compiled = torch.compile(fast_model, backend=cfg.compile_backend)
+    attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
+    out["pgd20_fixed_model_fp32_attack"] = out["pgd20_fp32"]
+    out["pgd20_fixed_model_fast_attack"] = robust_accuracy(model, test_images, test_labels, device, cfg.batch_size,
+                                                           20, attack=attack, attack_net=compiled, channels_last=True)
+    n = len(test_labels)
+    p = out["pgd20_fp32"]
+    out["binomial_se_of_difference"] = math.sqrt(2 * max(p * (1 - p), 1e-4) / n)
+    out["examples"], out["steps"] = n, cfg.robust_steps
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def check_mask(cfg, models: Models) -> List[str]:
+    """The mask: exact beyond 2**24 entries; no host synchronisation in it (CUDA)."""
     device, lines = cfg.device, []
     big = torch.rand(cfg.check_entries, generator=torch.Generator().manual_seed(0))
     expected = float(np.quantile(big.numpy().astype(np.float64), 0.3))
     got = float(quantile_threshold(big.to(device), 0.3))
-    ok = abs(got - expected) <= 1e-6
-    lines.append(f"CHECK quantile of {big.numel()} entries on {device.type}: {got:.9f} vs numpy "
-                 f"{expected:.9f} -> {'matches (|difference| <= 1e-6)' if ok else 'MISMATCH'}")
+    lines.append(f"CHECK quantile of {big.numel()} entries on {device.type}: {got:.9f} vs numpy {expected:.9f} -> "
+                 f"{'matches (|difference| <= 1e-6)' if abs(got - expected) <= 1e-6 else 'MISMATCH'}")
     if device.type == "cuda":
-        model = build_model(cfg.model, cfg.image_size, cfg.vit_patch).to(device)
-        params = list(model.parameters())
+        params = list(build_model(cfg).to(device).parameters())
         for p in params:
             p.grad = torch.randn_like(p)
-        sync(device)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            conserved = []
-            mask_gradients_(params, 0.3, on_mask=lambda p, m: conserved.append((p, torch.where(m, p.detach(), float("nan")))))
-            for p, saved in conserved:
-                p.data.copy_(torch.where(saved.isnan(), p, saved))
-            verdict = "none (torch.cuda.set_sync_debug_mode('error') raised nothing)"
-        except RuntimeError as error:
-            verdict = f"FOUND: {error}"
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        lines.append(f"CHECK host synchronisations in mask_gradients_ + hard-conservation restore: {verdict}")
+        with SyncCounter(device) as counter:
+            mask_gradients_(params, 0.3)
+        lines.append(f"CHECK host synchronisations in mask_gradients_: {counter.report()['count']}")
     return lines
 
 
-# ----------------------------------------------------------------------------------------------- report
-def verdict(value: float, target: float) -> str:
-    return "met" if value <= target else "NOT met"
+def check_attack_syncs(cfg, models: Models) -> List[str]:
+    """Host synchronisations inside one eager fp32 attack and one bf16 attack (CUDA sync debug mode)."""
+    device = cfg.device
+    model = build_model(cfg).to(device)
+    x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device)
+    lines = []
+    for label, context in (("fp32", contextlib.nullcontext()), ("bf16", torch.autocast(device.type, dtype=torch.bfloat16))):
+        with context:
+            pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=2, loss="kl", init="normal")  # warm-up
+            with SyncCounter(device) as counter:
+                pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=cfg.attack_steps, loss="kl", init="normal")
+        report = counter.report()
+        lines.append(f"CHECK host synchronisations inside a {label} PGD-{cfg.attack_steps} KL attack: "
+                     f"{report['count'] if report['measured'] else 'n/a off CUDA'} {report['where'] or ''}")
+    return lines
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
+def check_graph_attack(cfg, models: Models) -> List[str]:
+    """The CUDA-graph attack against the eager attack from the same start: fp32 eager model, and the preset's module
+    (bf16 autocast wrapper, channels_last, compiled). Off CUDA the graph is the eager stand-in."""
+    device, lines = cfg.device, []
+    x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device,
+                   generator=torch.Generator(device=device).manual_seed(0))
+    y = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=torch.Generator(device=device).manual_seed(1))
+    eager_model = build_model(cfg).to(device)
+    fast_model = prepare_module(models.get("plain", True, True, True), device, True, True)  # compiled graphs reused
+    cases = (("fp32 eager", eager_model, x), ("bf16+channels_last+compiled", torch.compile(fast_model, backend=cfg.compile_backend),
+                                                x.contiguous(memory_format=torch.channels_last)))
+    for label, net, xi in cases:
+        attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
+        kwargs = dict(eps=8 / 255, step_size=2 / 255, steps=cfg.attack_steps, loss="kl", init="normal")
+        for seed in (0, 1):  # the second call replays the graph
+            expected = pgd(net, xi, y, generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
+            got = attack(net, xi, y, generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
+        same = (got == expected).float().mean().item()
+        lines.append(f"CHECK CUDA-graph attack vs eager ({label}, PGD-{cfg.attack_steps} KL): {same:.2%} of pixels "
+                     f"identical, max |difference| {(got - expected).abs().max().item():.4f} (2 steps = {4 / 255:.4f}); "
+                     f"replays {attack.replays}, eager calls {attack.eager_calls}")
+    return lines
+
+
+def conv_microbench(cfg) -> List[str]:
+    """One 3x3 convolution of the first ResNet stage (and of the last), forward + input backward, per dtype, memory
+    format and cudnn.benchmark: is cuDNN's bf16 path itself slow here?"""
+    device = cfg.device
+    if device.type != "cuda":
+        return ["CONV microbenchmark: CUDA only"]
+    lines = [f"CONV cudnn {torch.backends.cudnn.version()}, allow_tf32 conv={torch.backends.cudnn.allow_tf32} "
+             f"matmul={torch.backends.cuda.matmul.allow_tf32}"]
+    saved = torch.backends.cudnn.benchmark
+    for channels, size in ((64, cfg.image_size), (512, max(1, cfg.image_size // 8))):
+        row = []
+        for benchmark in (False, True):
+            torch.backends.cudnn.benchmark = benchmark
+            for dtype in (torch.float32, torch.bfloat16):
+                for fmt in (torch.contiguous_format, torch.channels_last):
+                    x = torch.randn(cfg.batch_size, channels, size, size, device=device, dtype=dtype)
+                    x = x.contiguous(memory_format=fmt).requires_grad_(True)
+                    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype)
+                    conv = conv.to(memory_format=fmt).requires_grad_(False)
+                    for _ in range(3):
+                        torch.autograd.grad(conv(x).sum(), x)
+                    sync(device)
+                    start = time.perf_counter()
+                    for _ in range(20):
+                        torch.autograd.grad(conv(x).sum(), x)
+                    sync(device)
+                    ms = (time.perf_counter() - start) / 20 * 1e3
+                    row.append(f"{'bench' if benchmark else 'heur'}/{str(dtype)[6:]}/"
+                               f"{'NHWC' if fmt is torch.channels_last else 'NCHW'} {ms:.3f}")
+        lines.append(f"CONV {channels}ch {size}x{size} b{cfg.batch_size} fwd+dgrad ms: " + ", ".join(row))
+    torch.backends.cudnn.benchmark = saved
+    return lines
+
+
+def host_overhead(cfg) -> List[str]:
+    """Forward + input-gradient of the model at batch 2 (the device's work is negligible there): the host's cost per
+    pass, fp32 vs bf16 autocast vs channels_last: does autocast add host time?"""
+    device = cfg.device
+    lines = []
+    model = build_model(cfg).to(device).eval().requires_grad_(False)
+    x = torch.rand(2, 3, cfg.image_size, cfg.image_size, device=device)
+    for label, bf16, cl in (("fp32", False, False), ("bf16", True, False), ("bf16+channels_last", True, True)):
+        xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+        if cl:
+            model.to(memory_format=torch.channels_last)
+        context = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with context:
+            for _ in range(3):
+                torch.autograd.grad(model(xi.requires_grad_(True)).float().sum(), xi)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(10):
+                torch.autograd.grad(model(xi.requires_grad_(True)).float().sum(), xi)
+            sync(device)
+        lines.append(f"{label} {(time.perf_counter() - start) / 10 * 1e3:.2f} ms")
+    return ["HOST forward+input-backward at batch 2 (host-bound): " + ", ".join(lines)]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def check_budget(cfg, reserve: float = 0.0) -> None:
+    if time.perf_counter() - cfg.started + reserve > cfg.time_budget_s:
+        raise BudgetExceeded()
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", default="resnet18", help="timm or cure_hf name (cifar_resnet18 on GPU)")
-    parser.add_argument("--reuse-model", default=None,
-                        help="BatchNorm-free model for the reuse option (default: vit_tiny_patch16_224 on CUDA, "
-                             "test_vit on CPU), built for --image-size with patch --vit-patch")
+    parser.add_argument("--model", default="cifar_resnet18", help="timm or cure_hf name (test_resnet for dry runs)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--vit-patch", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--attack-steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1, help="steps run first and not timed (>= 1)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
-    parser.add_argument("--methods", default="clean,pgd,trades,cure")
-    parser.add_argument("--options", default="channels_last,workers,reuse",
-                        help=f"comma-separated subset of {ALL_OPTIONS} ('' for none)")
-    parser.add_argument("--base-workers", type=int, default=0, help="data-loader workers of every configuration")
-    parser.add_argument("--workers", type=int, default=2,
-                        help="the 'workers' option runs with this many workers (with 0 if --base-workers > 0)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps run first and not timed (>= 1)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--methods", default="cure,trades,pgd,clean")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {list(CONFIGS)}")
+    parser.add_argument("--trainer-configs", default="fp32,fast,bf16,bf16_cl,compile,graphs",
+                        help="configurations also run in CURETrainer (CURE in all of them; other methods in fp32 and fast)")
+    parser.add_argument("--compile-backend", default="inductor", help="aot_eager makes a CPU dry run fast")
+    parser.add_argument("--base-workers", type=int, default=4, help="data-loader workers of the DataLoader configurations")
     parser.add_argument("--epoch-examples", type=int, default=50000, help="examples per epoch (CIFAR-10: 50000)")
-    parser.add_argument("--skip-memory", action="store_true", help="skip the peak-memory comparison")
-    parser.add_argument("--check-entries", type=int, default=2**24 + 7,
-                        help="entries of the tensor whose quantile is checked against numpy (default: beyond 2**24)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (1 avoids thread oversubscription on a shared machine)")
-    parser.add_argument("--json", default=None, help="also write every number to this JSON file")
+    parser.add_argument("--robust-steps", type=int, default=60, help="CURE steps of the robust-accuracy check (0: skip)")
+    parser.add_argument("--robust-eval", type=int, default=1024, help="held-out examples of the robust-accuracy check")
+    parser.add_argument("--profile-dir", default=None, help="write profiles.txt (+ trace.json.gz) here")
+    parser.add_argument("--profile-steps", type=int, default=2)
+    parser.add_argument("--trace-config", default="bf16", help="configuration whose plain CURE step is traced")
+    parser.add_argument("--check-entries", type=int, default=2**24 + 7)
+    parser.add_argument("--time-budget-s", type=float, default=1e9, help="skip the remaining jobs after this")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write every number to this JSON file (after every job)")
     cfg = parser.parse_args(argv)
     cfg.device = torch.device(cfg.device)
+    cfg.started = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    methods = [m.strip() for m in cfg.methods.split(",") if m.strip()]
-    options = [o.strip() for o in cfg.options.split(",") if o.strip()]
-    unknown = [m for m in methods if m not in METHODS] + [o for o in options if o not in ALL_OPTIONS]
-    if unknown or cfg.warmup < 1 or cfg.steps < 1:
-        parser.error(f"unknown methods/options {unknown} (methods: {sorted(METHODS)}, options: {ALL_OPTIONS}); "
-                     "--warmup and --steps must be >= 1")
-    for needed in ("trades", "cure"):
-        if needed not in methods:
-            methods.append(needed)
-    reuse_model = cfg.reuse_model or ("vit_tiny_patch16_224" if cfg.device.type == "cuda" else "test_vit")
+    methods = [m for m in METHOD_ORDER if m in cfg.methods.split(",")]
+    configs = [c.strip() for c in cfg.configs.split(",") if c.strip()]
+    trainer_configs = [c.strip() for c in cfg.trainer_configs.split(",") if c.strip()]
+    unknown = [m for m in cfg.methods.split(",") if m not in METHODS] + [c for c in configs + trainer_configs if c not in CONFIGS]
+    if unknown or cfg.warmup < 1 or cfg.steps < 1 or "fp32" not in configs:
+        parser.error(f"unknown methods/configs {unknown}; --warmup/--steps >= 1; configs must include fp32")
+    if cfg.profile_dir:
+        os.makedirs(cfg.profile_dir, exist_ok=True)
+    # Every model family adds its graphs to the same code objects: let them all stay compiled (never fall back to eager).
+    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512),
+                        ("accumulated_cache_size_limit", 512)):
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(torch._dynamo.config, name, max(value, getattr(torch._dynamo.config, name)))
     steps_per_epoch = math.ceil(cfg.epoch_examples / cfg.batch_size)
-    results: Dict[str, object] = OrderedDict()
-    started = time.perf_counter()
+    models = Models(cfg)
+    profiles = Profiles(cfg)
+    results: Dict[str, Any] = OrderedDict(plain=defaultdict(dict), trainer=defaultdict(dict), peak_mib=defaultdict(dict))
+    done, skipped, failed = [], [], []
+    device_name = torch.cuda.get_device_name(cfg.device) if cfg.device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    import transformers
+    header = (f"# bench_step: model={cfg.model} ({parameter_count(build_model(cfg)) / 1e6:.2f}M parameters), input 3x"
+              f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, PGD-{cfg.attack_steps}, device {device_name}, "
+              f"torch {torch.__version__}, transformers {transformers.__version__}; {cfg.warmup} warm-up + {cfg.steps} "
+              f"timed steps per run; compile backend {cfg.compile_backend}; time budget {cfg.time_budget_s:.0f} s")
+    print(header, flush=True)
 
-    probe = build_model(cfg.model, cfg.image_size, cfg.vit_patch)
-    device_name = torch.cuda.get_device_name(cfg.device) if cfg.device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"# bench_step: model={cfg.model} ({parameter_count(probe) / 1e6:.2f}M parameters), input 3x{cfg.image_size}x"
-          f"{cfg.image_size}, batch {cfg.batch_size}, attack steps {cfg.attack_steps}, device {device_name}, "
-          f"torch {torch.__version__}; {cfg.warmup} warm-up + {cfg.steps} timed steps per configuration")
-    del probe
+    def plain_job(method, config, profile_name=None, trace=False):
+        def job():
+            profile = profiles(f"plain {config} {method}", trace) if profile_name else None
+            r = run_plain(cfg, models, method, config, profile=profile)
+            results["plain"][config][method] = r["step_s"]
+            results["peak_mib"][config][method] = r["peak_mib"]
+            if "graph_replays" in r:
+                results.setdefault("graph_use", {})[f"{config} {method}"] = (r["graph_replays"], r["graph_eager_calls"])
+            return f"plain {config:<14} {method:<6} {r['step_s'] * 1e3:9.2f} ms/step"
+        return (f"plain {config} {method}" + (" +profile" if profile_name else ""), job)
 
-    print("\n## steps per second: CURETrainer vs a plain PyTorch loop (same model, data, functions)")
-    print(f"{'method':<8} {'trainer s/step':>15} {'plain s/step':>13} {'trainer steps/s':>16} {'overhead':>9} {'s/epoch':>9}")
-    trainer_s, plain_s = {}, {}
-    for method in methods:
-        trainer_s[method] = run_trainer(cfg, method)["step_s"]
-        plain_s[method] = run_plain(cfg, method)["step_s"]
-        overhead = trainer_s[method] / plain_s[method] - 1
-        print(f"{method:<8} {trainer_s[method]:>15.4f} {plain_s[method]:>13.4f} {1 / trainer_s[method]:>16.3f} "
-              f"{overhead:>+8.1%} {trainer_s[method] * steps_per_epoch:>9.1f}")
-    results["trainer_step_s"], results["plain_step_s"] = trainer_s, plain_s
-    results["seconds_per_epoch"] = {m: trainer_s[m] * steps_per_epoch for m in methods}
+    def trainer_job(method, config, profile_name=None, count_syncs=False):
+        def job():
+            profile = profiles(f"trainer {config} {method}") if profile_name else None
+            r = run_trainer(cfg, models, method, config, profile=profile, count_syncs=count_syncs)
+            results["trainer"][config][method] = r["step_s"]
+            if r.get("syncs") is not None:
+                results.setdefault("trainer_syncs", {})[f"{config} {method}"] = r["syncs"]
+            return f"trainer {config:<12} {method:<6} {r['step_s'] * 1e3:9.2f} ms/step"
+        return (f"trainer {config} {method}" + (" +profile" if profile_name else ""), job)
 
-    print("\n## one CURE step, part by part (plain loop, device synchronised around each part)")
-    parts = run_plain(cfg, "cure", breakdown=True)["parts_s"]
-    total = sum(parts.values())
-    for name, seconds in parts.items():
-        print(f"{name:<24} {seconds * 1e3:>10.2f} ms {seconds / total:>7.1%}")
-    print(f"{'sum of parts':<24} {total * 1e3:>10.2f} ms")
-    results["cure_parts_s"] = parts
+    def checks_job(name, fn):
+        def job():
+            lines = fn()
+            results.setdefault("checks", []).extend(lines)
+            return "\n".join(lines)
+        return (name, job)
 
-    memory = None
-    if not cfg.skip_memory:
-        print("\n## peak memory of one step (plain loop, fp32)")
-        memory = {m: peak_step_memory(cfg, m) for m in ("trades", "cure")}
-        for m, v in memory.items():
-            print(f"{m:<8} {v['peak_mib']:>10.1f} MiB")
-        results["peak_memory"] = memory
+    def robustness_job():
+        def job():
+            results["robustness"] = run_robustness(cfg, models, results)
+            return "robust accuracy measured"
+        return ("robust accuracy fp32 vs fast", job)
 
-    option_rows = OrderedDict()
-    if options:
-        print("\n## speed options, CURE in CURETrainer (speed-up = baseline s/step / option s/step)")
-        print(f"{'option':<40} {'s/step':>9} {'speed-up':>9}")
-        baseline = run_trainer(cfg, "cure")["step_s"]  # measured again, next to the options
-        print(f"{f'baseline (fp32, NCHW, {cfg.base_workers} workers)':<40} {baseline:>9.4f} {1.0:>8.2f}x")
-        option_rows["baseline"] = baseline
-        other_workers = cfg.workers if cfg.base_workers == 0 else 0
-        settings = {
-            "channels_last": dict(channels_last=True),
-            "bf16": dict(bf16=True),
-            "bf16_channels_last": dict(bf16=True, channels_last=True),
-            "compile": dict(compile_model=True, bf16=cfg.device.type == "cuda",
-                            channels_last=cfg.device.type == "cuda"),
-            "workers": dict(workers=other_workers),
-        }
-        for option in options:
-            if option == "reuse":
-                continue
-            label = option if option != "workers" else f"dataloader_num_workers={other_workers}"
-            if option == "compile":
-                label = "torch_compile" + (" + bf16 + channels_last" if cfg.device.type == "cuda" else "")
-            seconds = run_trainer(cfg, "cure", **settings[option])["step_s"]
-            option_rows[label] = seconds
-            print(f"{label:<40} {seconds:>9.4f} {baseline / seconds:>8.2f}x")
-        if "reuse" in options:
-            base = run_trainer(cfg, "trades", model_name=reuse_model)["step_s"]
-            reuse = run_trainer(cfg, "trades", model_name=reuse_model, reuse_clean=True)["step_s"]
-            option_rows[f"{reuse_model} trades"] = base
-            option_rows[f"{reuse_model} trades attack_reuse_clean_logits"] = reuse
-            print(f"{reuse_model + ' trades':<40} {base:>9.4f} {1.0:>8.2f}x")
-            print(f"{'  + attack_reuse_clean_logits':<40} {reuse:>9.4f} {base / reuse:>8.2f}x")
-        results["options_step_s"] = option_rows
+    def breakdown_job(config):
+        def job():
+            parts = run_plain(cfg, models, "cure", config, breakdown=True)["parts_s"]
+            results.setdefault("cure_parts_s", {})[config] = parts
+            return f"parts of a CURE step ({config}) timed"
+        return (f"parts of a CURE step {config}", job)
 
-    print("\n## checks")
-    for line in check_mask(cfg):
-        print(line)
+    # Jobs in order of importance: a budget cut drops the tail. The CURE runs of fp32 and the preset carry their
+    # profiles (and the trainer's a count of host synchronisations per step) after their timed steps.
+    jobs: List[Tuple[str, Callable]] = []
+    has = lambda c: c in configs  # noqa: E731
+    cure = "cure" in methods
+    others = [m for m in methods if m != "cure"]
+    if cure:
+        for config in ("fp32", "fast"):
+            if has(config):
+                jobs += [trainer_job("cure", config, profile_name=True, count_syncs=True),
+                         plain_job("cure", config, profile_name=True, trace=cfg.trace_config == config)]
+        # the ladder, plain loop: which step buys what (and the CUDA-graph attack without compile)
+        jobs += [plain_job("cure", c, profile_name=True, trace=cfg.trace_config == c)
+                 for c in ("bf16", "bf16_cl", "compile", "graphs", "fp32_graphs", "bf16_cl_graphs") if has(c)]
+        if cfg.robust_steps > 0 and has("fast"):
+            jobs.append(robustness_job())
+    for method in others:
+        for config in ("fp32", "fast"):
+            if has(config):
+                if config in trainer_configs:
+                    jobs.append(trainer_job(method, config))
+                jobs.append(plain_job(method, config))
+    if cure:
+        jobs += [checks_job("CUDA-graph attack vs eager", lambda: check_graph_attack(cfg, models)),
+                 checks_job("attack synchronisations", lambda: check_attack_syncs(cfg, models)),
+                 checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
+                 checks_job("host overhead", lambda: host_overhead(cfg))]
+        jobs += [trainer_job("cure", c) for c in ("bf16", "bf16_cl", "compile", "graphs")
+                 if has(c) and c in trainer_configs]
+    for method in others:
+        jobs += [plain_job(method, c) for c in ("bf16", "bf16_cl", "compile", "graphs") if has(c)]
+    if cure:
+        jobs += [breakdown_job("fp32")] + ([breakdown_job("fast")] if has("fast") else [])
+    jobs += [checks_job("mask checks", lambda: check_mask(cfg, models))]
 
-    print("\n## ratios against the targets of issue 7")
-    for method in methods:
-        overhead = trainer_s[method] / plain_s[method] - 1
-        print(f"RATIO trainer_overhead[{method}] = {overhead:+.1%} (target <= {TARGETS['trainer_overhead']:.0%}: "
-              f"{verdict(overhead, TARGETS['trainer_overhead'])})")
-    cure_vs_trades = trainer_s["cure"] / trainer_s["trades"]
-    print(f"RATIO cure_vs_trades = {cure_vs_trades:.3f}x (trainer; plain loop {plain_s['cure'] / plain_s['trades']:.3f}x)"
-          f" (target <= {TARGETS['cure_vs_trades']:.2f}x: {verdict(cure_vs_trades, TARGETS['cure_vs_trades'])})")
-    share = (parts.get("mask", 0.0) + parts.get("revision update", 0.0)) / total
-    print(f"RATIO mask_revision_share = {share:.2%} of a CURE step (mask {parts.get('mask', 0) * 1e3:.2f} ms + revision "
-          f"{parts.get('revision update', 0) * 1e3:.2f} ms) (target <= {TARGETS['mask_revision_share']:.0%}: "
-          f"{verdict(share, TARGETS['mask_revision_share'])})")
-    if memory:
-        ratio = memory["cure"]["peak_mib"] / memory["trades"]["peak_mib"]
-        print(f"RATIO peak_memory_cure_vs_trades = {ratio:.3f}x ({memory['cure']['peak_mib']:.1f} / "
-              f"{memory['trades']['peak_mib']:.1f} MiB)")
-        results["peak_memory_cure_vs_trades"] = ratio
-    results.update(cure_vs_trades=cure_vs_trades, mask_revision_share=share)
-    print(f"\n# total benchmark time {time.perf_counter() - started:.0f} s")
+    def on_interrupt(signum, frame):
+        raise KeyboardInterrupt()
+
+    with contextlib.suppress(ValueError):  # not in the main thread (tests): no handler
+        signal.signal(signal.SIGTERM, on_interrupt)
+    interrupted = False
+    for index, (name, job) in enumerate(jobs):
+        if interrupted or time.perf_counter() - cfg.started > cfg.time_budget_s:
+            skipped.append(name)
+            continue
+        started = time.perf_counter()
+        try:
+            message = job()
+            done.append(name)
+            print(f"[{time.perf_counter() - cfg.started:6.0f} s] {message}  ({time.perf_counter() - started:.1f} s)",
+                  flush=True)
+        except BudgetExceeded:
+            skipped.append(name)
+        except KeyboardInterrupt:
+            print(f"[{time.perf_counter() - cfg.started:6.0f} s] interrupted during {name}: reporting what is done",
+                  flush=True)
+            failed.append(f"{name} (interrupted)")
+            interrupted = True
+        except Exception:
+            failed.append(name)
+            print(f"[{time.perf_counter() - cfg.started:6.0f} s] FAILED {name}:\n{traceback.format_exc()}", flush=True)
+            with contextlib.suppress(Exception):
+                release(cfg.device)
+        finally:
+            if cfg.json:
+                write_json(cfg, results, done, skipped, failed)
+    report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skipped, failed, header)
     if cfg.json:
-        with open(cfg.json, "w") as f:
-            json.dump({"config": {k: str(v) for k, v in vars(cfg).items()}, **results}, f, indent=1)
+        write_json(cfg, results, done, skipped, failed)
     return results
+
+
+def write_json(cfg, results, done, skipped, failed) -> None:
+    payload = {"config": {k: str(v) for k, v in vars(cfg).items()}, "done": done, "skipped": skipped, "failed": failed}
+    payload.update(json.loads(json.dumps(results, default=str)))
+    with open(cfg.json, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skipped, failed, header) -> None:
+    plain, trainer, peak = results["plain"], results["trainer"], results["peak_mib"]
+    print("\n" + "=" * 100 + "\n" + header)
+    print(f"\n## seconds per step and per CIFAR-10 epoch ({cfg.epoch_examples} examples = {steps_per_epoch} steps), "
+          "ratio to fp32 (plain loop; trainer in brackets), trainer overhead over the plain loop, peak memory")
+    print(f"{'method':<7}{'config':<15}{'trainer ms':>11}{'plain ms':>10}{'s/epoch':>9}{'vs fp32':>16}{'overhead':>10}"
+          f"{'peak MiB':>10}")
+    epoch = {}
+    for method in methods:
+        for config in configs:
+            t, p = trainer.get(config, {}).get(method), plain.get(config, {}).get(method)
+            if t is None and p is None:
+                continue
+            base_t, base_p = trainer.get("fp32", {}).get(method), plain.get("fp32", {}).get(method)
+            seconds = (t if t is not None else p) * steps_per_epoch
+            epoch[(method, config)] = seconds
+            ratio = f"{base_p / p:.2f}x" if p and base_p else "-"
+            ratio += f" ({base_t / t:.2f}x)" if t and base_t else ""
+            overhead = f"{t / p - 1:+.1%}" if t and p else "-"
+            mem = peak.get(config, {}).get(method)
+            print(f"{method:<7}{config:<15}{_ms(t):>11}{_ms(p):>10}{seconds:>9.1f}{ratio:>16}{overhead:>10}"
+                  f"{(f'{mem:.0f}' if mem else '-'):>10}")
+    results["seconds_per_epoch"] = {f"{m} {c}": s for (m, c), s in epoch.items()}
+    if profiles.one_line:
+        print("\n## profiles (details in profiles.txt)")
+        for name, line in profiles.one_line.items():
+            print(f"PROFILE {name:<28} {line}")
+    for name, syncs in results.get("trainer_syncs", {}).items():
+        print(f"SYNC trainer {name}: {syncs['count'] if syncs['measured'] else 'n/a off CUDA'} host synchronisations in "
+              f"one step {syncs['where'] or ''}")
+    if results.get("graph_use"):
+        print("GRAPHS (replays, eager calls) per run: " + ", ".join(f"{k}: {v}" for k, v in results["graph_use"].items()))
+    for config, parts in results.get("cure_parts_s", {}).items():
+        total = sum(parts.values())
+        print(f"\n## one CURE step part by part ({config}, plain loop, synchronised around each part): " + ", ".join(
+            f"{k} {v * 1e3:.2f} ms" for k, v in parts.items()) + f"; sum {total * 1e3:.2f} ms")
+    for line in results.get("checks", []):
+        print(line)
+    robust = results.get("robustness")
+    if robust:
+        print(f"\n## robust accuracy (fp32 PGD-20 on {robust['examples']} held-out synthetic examples, CURE "
+              f"{robust['steps']} steps from one init)")
+        for key, value in robust.items():
+            if key.startswith("pgd20") or key.startswith("clean"):
+                print(f"{key:<34} {value:.4f}")
+    print(f"\n## jobs: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed, "
+          f"{time.perf_counter() - cfg.started:.0f} s in all")
+    if skipped:
+        print("SKIPPED (time budget): " + "; ".join(skipped))
+    if failed:
+        print("FAILED (tracebacks above): " + "; ".join(failed))
+
+    print("\n## ratios and targets (issue 14)")
+    for method in methods:
+        base, base_t = plain.get("fp32", {}).get(method), trainer.get("fp32", {}).get(method)
+        plain_ratios = [f"{c} {base / plain[c][method]:.2f}x" for c in configs
+                        if c != "fp32" and base and plain.get(c, {}).get(method)]
+        trainer_ratios = [f"{c} {base_t / trainer[c][method]:.2f}x" for c in configs
+                          if c != "fp32" and base_t and trainer.get(c, {}).get(method)]
+        if plain_ratios or trainer_ratios:
+            print(f"RATIO speedup_vs_fp32[{method}] = plain: {', '.join(plain_ratios) or '-'}; trainer: "
+                  f"{', '.join(trainer_ratios) or '-'}")
+    fast_cure = trainer.get("fast", {}).get("cure")
+    if fast_cure:
+        seconds = fast_cure * steps_per_epoch
+        print(f"TARGET cure_epoch_fast = {seconds:.1f} s (trainer, speed_preset='fast') (target <= "
+              f"{TARGETS['cure_epoch_fast_s']:.0f} s on an H100: {verdict(seconds <= TARGETS['cure_epoch_fast_s'])})")
+    for config in ("bf16", "bf16_cl"):
+        p, base = plain.get(config, {}).get("cure"), plain.get("fp32", {}).get("cure")
+        if p and base:
+            print(f"TARGET bf16_speedup[{config}] = {base / p:.2f}x (plain CURE, eager) (target >= "
+                  f"{TARGETS['bf16_speedup']}x: {verdict(base / p >= TARGETS['bf16_speedup'])})")
+    p, base = plain.get("bf16_cl_graphs", {}).get("cure"), plain.get("fp32_graphs", {}).get("cure")
+    if p and base:
+        print(f"TARGET bf16_speedup[with CUDA-graph attack] = {base / p:.2f}x (plain CURE, bf16_cl_graphs vs fp32_graphs)"
+              f" (target >= {TARGETS['bf16_speedup']}x: {verdict(base / p >= TARGETS['bf16_speedup'])})")
+    for config in ("fp32", "fast"):
+        for method in methods:
+            t, p = trainer.get(config, {}).get(method), plain.get(config, {}).get(method)
+            if t and p:
+                print(f"TARGET trainer_overhead[{method} {config}] = {t / p - 1:+.1%} (target <= "
+                      f"{TARGETS['trainer_overhead']:.0%}: {verdict(t / p - 1 <= TARGETS['trainer_overhead'])})")
+    for config in ("fp32", "fast"):
+        c, t = trainer.get(config, {}).get("cure"), trainer.get(config, {}).get("trades")
+        if c and t:
+            print(f"RATIO cure_vs_trades[{config}] = {c / t:.3f}x (trainer) (target <= {TARGETS['cure_vs_trades']:.2f}x: "
+                  f"{verdict(c / t <= TARGETS['cure_vs_trades'])})")
+    for config, parts in results.get("cure_parts_s", {}).items():
+        share = (parts.get("mask", 0.0) + parts.get("revision update", 0.0)) / max(sum(parts.values()), 1e-12)
+        print(f"RATIO mask_revision_share[{config}] = {share:.2%} (target <= {TARGETS['mask_revision_share']:.0%}: "
+              f"{verdict(share <= TARGETS['mask_revision_share'])})")
+    for config in ("fp32", "fast"):
+        c, t = peak.get(config, {}).get("cure"), peak.get(config, {}).get("trades")
+        if c and t:
+            print(f"RATIO peak_memory_cure_vs_trades[{config}] = {c / t:.3f}x ({c:.0f} / {t:.0f} MiB)")
+    if robust:
+        noise = max(2 * robust["binomial_se_of_difference"],
+                    abs(robust["pgd20_fp32"] - robust.get("pgd20_fp32_seed1", robust["pgd20_fp32"])))
+        diff = robust["pgd20_fast"] - robust["pgd20_fp32"]
+        print(f"TARGET robust_accuracy[training] = fast {robust['pgd20_fast']:.4f} vs fp32 {robust['pgd20_fp32']:.4f} "
+              f"(difference {diff:+.4f}; noise {noise:.4f} = max(2 binomial SE, |fp32 seed 0 - seed 1|)) "
+              f"(target: |difference| <= noise: {verdict(abs(diff) <= noise)})")
+        diff = robust["pgd20_fixed_model_fast_attack"] - robust["pgd20_fixed_model_fp32_attack"]
+        se = 2 * robust["binomial_se_of_difference"]
+        print(f"TARGET robust_accuracy[one model, fast vs fp32 PGD-20] = {robust['pgd20_fixed_model_fast_attack']:.4f} vs "
+              f"{robust['pgd20_fixed_model_fp32_attack']:.4f} (difference {diff:+.4f}; target |difference| <= {se:.4f}: "
+              f"{verdict(abs(diff) <= se)})")
+
+
+def _ms(seconds: Optional[float]) -> str:
+    return f"{seconds * 1e3:.2f}" if seconds else "-"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,12 @@
 
 Nothing here knows about the Trainer. Every attack:
 - runs the model in eval mode (BatchNorm uses running statistics) and restores its mode,
-- turns off parameter gradients while it runs, so no gradient leaks into ``.grad``,
+- takes input gradients with ``torch.autograd.grad``, which accumulates nothing into ``.grad``,
+- turns off parameter gradients while it runs: not needed against leaks (see above), but a model compiled with
+  ``torch.compile`` otherwise computes every weight gradient in its compiled backward pass and throws them away
+  (the compiled graphs for frozen and trainable parameters are both cached, so the switch costs no recompilation),
+- makes no host synchronisation between its steps, so its K steps can be captured as one CUDA graph
+  (``cure_hf.speed.GraphedAttack`` replays ``pgd_steps`` that way),
 - returns a detached tensor inside the eps-ball around ``x`` and inside [0, 1].
 """
 from __future__ import annotations
@@ -21,7 +26,10 @@ __all__ = [
     "kl_divergence",
     "margin_loss",
     "project_linf",
+    "random_start",
+    "clean_logits_of",
     "pgd",
+    "pgd_steps",
     "fgsm_rs",
 ]
 
@@ -71,7 +79,9 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "me
     """Carlini-Wagner margin: best wrong logit minus the true logit (positive means misclassified)."""
     logits = logits.float()
     true = logits.gather(1, labels[:, None]).squeeze(1)
-    wrong = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+    # A comparison, not F.one_hot: one_hot reads the labels' range back to the host on CPU tensors.
+    is_true = labels[:, None] == torch.arange(logits.shape[1], device=logits.device)
+    wrong = logits.masked_fill(is_true, float("-inf")).amax(dim=1)
     margin = wrong - true
     return margin.sum() if reduction == "sum" else margin.mean() if reduction == "mean" else margin
 
@@ -81,7 +91,8 @@ def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
-def _random_start(x: torch.Tensor, eps: float, init: str, generator: Optional[torch.Generator]) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps: float, init: str, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The attack's starting point: ``x`` ("none"), uniform in the eps-ball ("uniform"), or x + 0.001 N(0, I) ("normal")."""
     if init == "none":
         return x.clone()
     if init == "uniform":
@@ -91,6 +102,9 @@ def _random_start(x: torch.Tensor, eps: float, init: str, generator: Optional[to
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return project_linf(x + 0.001 * noise, x, eps)
     raise ValueError(f"init={init!r} is not one of 'uniform', 'normal', 'none'")
+
+
+_random_start = random_start  # the name before it was public
 
 
 def _attack_objective(logits, labels, clean_logits, loss: str) -> torch.Tensor:
@@ -126,15 +140,42 @@ def pgd(
     with attack_mode(model):
         x = x.detach()
         if loss == "kl" and clean_logits is None:
-            with torch.no_grad():
-                clean_logits = logits_of(model(x))
+            clean_logits = clean_logits_of(model, x)
         if clean_logits is not None:
             clean_logits = clean_logits.detach()
-        x_adv = _random_start(x, eps, init, generator)
-        for _ in range(steps):
-            grad = _input_gradient(model, x_adv.requires_grad_(True), labels, clean_logits, loss)
-            x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+        x_adv = random_start(x, eps, init, generator)
+        x_adv = pgd_steps(model, x, x_adv, labels, eps=eps, step_size=step_size, steps=steps, loss=loss,
+                          clean_logits=clean_logits)
     return x_adv.detach()
+
+
+def clean_logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits on ``x`` without gradient: what the KL attack starts from."""
+    with torch.no_grad():
+        return logits_of(model(x)).detach()
+
+
+def pgd_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    loss: str = "ce",
+    clean_logits: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The K projected ascent steps of :func:`pgd` from ``x_adv``, nothing else.
+
+    The caller owns the model's mode (``attack_mode``) and the random start. ``x_adv`` is read, never written, and
+    nothing in the loop reads a value back to the host, so the loop can be captured and replayed as a CUDA graph.
+    """
+    for _ in range(steps):
+        grad = _input_gradient(model, x_adv.detach().requires_grad_(True), labels, clean_logits, loss)
+        x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
+    return x_adv
 
 
 def _input_gradient(model, x_adv, labels, clean_logits, loss: str) -> torch.Tensor:

@@ -41,6 +41,7 @@ from .methods import METHODS
 from .modelcard import card_value, write_model_card
 from .models import unwrap_normalized
 from .runtime import full_precision_forward, refuse_unsupported_parallelism
+from .speed import SpeedRuntime
 
 __all__ = ["RobustTrainer"]
 
@@ -74,6 +75,10 @@ class RobustTrainer(Trainer):
         finally:
             args.label_smoothing_factor = smoothing
         refuse_unsupported_parallelism(args, self.accelerator)
+        # The fast path's pieces (speed_preset): CUDA-graph attack, device-resident data, and pixel checks on the
+        # CPU batch in the collator, so the step itself never waits for the device.
+        self.speed = SpeedRuntime(args, args.device)
+        self.data_collator = self.speed.checking_collator(self.data_collator)
         self.method = METHODS[args.adv_method]
         self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)  # per-step parts, flushed by log()
         self._attacking_in_evaluation = False
@@ -93,6 +98,11 @@ class RobustTrainer(Trainer):
         if self.args.weight_decay_all_parameters:
             return [name for name, _ in model.named_parameters()]
         return super().get_decay_parameter_names(model)
+
+    def get_train_dataloader(self):
+        """The device-resident loader when `device_resident_data` is on (cure_hf/speed.py), else the Trainer's."""
+        loader = self.speed.train_dataloader(self)
+        return loader if loader is not None else super().get_train_dataloader()
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:

@@ -227,6 +227,18 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             Factor of the step schedule.
         layer_telemetry (`bool`, *optional*, defaults to `False`):
             CURE: log per block the fraction of entries updated and the share of gradient magnitude (`telemetry/*`).
+        speed_preset (`str`, *optional*, defaults to `"none"`):
+            `"fast"`: bf16 autocast through the whole step (attack included, losses in fp32), channels_last,
+            torch_compile, and where the device allows a CUDA-graph attack (`attack_cuda_graph`), `cudnn_benchmark`
+            and `device_resident_data`; each also stands alone. See docs/benchmarks.md ("GPU fast path").
+        attack_cuda_graph (`bool`, *optional*):
+            Capture the training attack's K steps as a CUDA graph and replay it (CUDA only; None: the preset decides).
+        device_resident_data (`bool`, *optional*):
+            The whole training set on the device, shuffled and augmented there (None: the preset decides).
+        device_augment (`str`, *optional*, defaults to `"none"`):
+            Augmentation of device-resident data: `none` or `crop_flip` (pad-4 random crop + horizontal flip).
+        cudnn_benchmark (`bool`, *optional*):
+            Set `torch.backends.cudnn.benchmark` (None: on under the preset on CUDA, else unchanged).
         sgd_momentum (`float`, *optional*):
             Momentum of `optim="sgd"` when `optim_args` does not set it; 0.9 (the released code) when unset. Refused
             with another optimizer.
@@ -315,13 +327,51 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     )
 
 
+    # GPU speed (cure_hf/speed.py, docs/benchmarks.md), validated by _validate_speed_fields.
+    speed_preset: str = field(
+        default="none",
+        metadata={"help": "'fast': bf16 autocast (attack included), channels_last, torch_compile, "
+                          "logging_nan_inf_filter=False, dataloader_drop_last=True, and where the device allows: "
+                          "attack_cuda_graph, cudnn_benchmark (CUDA) and device_resident_data. 'none': each option "
+                          "as set. Refuses fp16=True and cudagraph compile modes."},
+    )
+    attack_cuda_graph: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Capture the training attack's K steps once as a CUDA graph and replay it every step "
+                          "(CUDA only; a capture that fails runs eagerly, logged). None: on under speed_preset='fast' "
+                          "on CUDA, else off."},
+    )
+    device_resident_data: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Keep the whole training set on the device (uint8 when exact), shuffle and augment there "
+                          "a batch at a time; same order as the Trainer's sampler. Needs a map-style training set "
+                          "with a deterministic transform and dataloader_num_workers=0. None: on under "
+                          "speed_preset='fast' when the training set allows it (else the DataLoader, logged)."},
+    )
+    device_augment: str = field(
+        default="none",
+        metadata={"help": "Augmentation of device_resident_data: 'none' or 'crop_flip' (pad-4 random crop + "
+                          "horizontal flip, drawn per epoch from seed; a TensorImageDataset's own augment wins)."},
+    )
+    cudnn_benchmark: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Set torch.backends.cudnn.benchmark (autotuned convolution algorithms; static shapes). "
+                          "None: True under speed_preset='fast' on CUDA, else left as it is."},
+    )
+
     def __post_init__(self):
         self._validate_cure_fields()
         self._validate_evaluation_fields()
         self._validate_recipe_fields()
         self._validate_optimizer_fields()
         self._default_model_selection()
+        self._validate_speed_fields()  # before TrainingArguments': the preset sets bf16/torch_compile, which it checks
         super(RobustEvaluationArguments, self).__post_init__()  # TrainingArguments'
+
+    def _validate_speed_fields(self) -> None:
+        from .speed import apply_speed_preset
+
+        self.speed_preset_changed = apply_speed_preset(self)  # e.g. ["bf16=True", ...]: what the preset set
 
     def _validate_cure_fields(self) -> None:
         _check(self.adv_method in ADV_METHODS, "adv_method", self.adv_method, f"one of {ADV_METHODS}")

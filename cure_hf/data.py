@@ -109,7 +109,12 @@ def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
 
 
 def check_pixel_range(pixel_values: torch.Tensor, tolerance: float = 1e-4) -> None:
-    """Raise if pixels leave [0, 1]: that usually means a normaliser ran outside the model."""
+    """Raise if pixels leave [0, 1]: that usually means a normaliser ran outside the model.
+
+    It reads the minimum and maximum back to the host: free on a CPU tensor, a wait for the device on a GPU tensor.
+    So CURETrainer checks batches on the CPU, in its data collator (``cure_hf.speed.CheckingCollator``) or once
+    over the whole set for device-resident data, and the training step never waits for it.
+    """
     low, high = torch.aminmax(pixel_values.detach())
     low, high = float(low), float(high)
     if low < -tolerance or high > 1.0 + tolerance:

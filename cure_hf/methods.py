@@ -128,14 +128,15 @@ class AttackSettings:
 
 
 def _craft_pgd(loss: str, init: str) -> Callable:
-    def craft(model, x, labels, settings: AttackSettings, clean_logits=None):
-        return pgd(model, x, labels, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
-                   loss=loss, init=init if settings.random_start else "none", clean_logits=clean_logits)
+    def craft(model, x, labels, settings: AttackSettings, clean_logits=None, pgd_fn: Callable = pgd):
+        """``pgd_fn``: ``attacks.pgd`` or a drop-in with its signature (e.g. a CUDA-graph replay of the K steps)."""
+        return pgd_fn(model, x, labels, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
+                      loss=loss, init=init if settings.random_start else "none", clean_logits=clean_logits)
 
     return craft
 
 
-def _craft_fgsm_rs(model, x, labels, settings: AttackSettings, clean_logits=None):
+def _craft_fgsm_rs(model, x, labels, settings: AttackSettings, clean_logits=None, pgd_fn: Callable = pgd):
     return fgsm_rs(model, x, labels, eps=settings.eps)
 
 
@@ -182,7 +183,7 @@ class Method:
     attack_init: str  # random start of the attack: "uniform", "normal" or "none"
     uses_clean_pass: bool
     uses_revision: bool
-    craft: Optional[Callable]  # craft(model, x, labels, AttackSettings, clean_logits=None) -> x_adv
+    craft: Optional[Callable]  # craft(model, x, labels, AttackSettings, clean_logits=None, pgd_fn=pgd) -> x_adv
     loss: Callable[[LossInputs], Tuple[torch.Tensor, Parts]]
     citation: Optional[str] = None  # BibTeX of the method's paper (the model card cites it)
     paper_id: Optional[str] = None  # arXiv id

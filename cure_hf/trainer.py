@@ -28,12 +28,12 @@ import torch.nn as nn
 from .attacks import logits_of
 from .base_trainer import RobustTrainer
 from .config import CURETrainingArguments
-from .data import check_pixel_range
 from .methods import LossInputs, smoothed_cross_entropy
 from .models import head_parameter_names
 from .prominence import mask_gradients_, paper_score
 from .revision import REVISION_WEIGHTS_NAME, RevisionModel
 from .runtime import average_running_stats_, check_clean_logits_reusable, check_train_eval_forwards_agree
+from .speed import attack_module
 
 __all__ = ["CURETrainer"]
 
@@ -210,16 +210,18 @@ class CURETrainer(RobustTrainer):
         self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, clean_logits: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Step 1: the method's training attack, in eval mode, on the unwrapped module (DDP never sees it)."""
-        return self.method.craft(model, x, labels, self.args.attack_settings, clean_logits=clean_logits)
+        # self.speed.pgd replays a captured CUDA graph of the K steps when attack_cuda_graph is on, else is attacks.pgd
+        return self.method.craft(model, x, labels, self.args.attack_settings, clean_logits=clean_logits,
+                                 pgd_fn=self.speed.pgd)
 
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
         x, labels = inputs["pixel_values"], inputs["labels"]
-        check_pixel_range(x)
+        self.speed.check_pixels(x)  # no device sync: batches were checked on the CPU by the collator
         if self.args.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        net = self.accelerator.unwrap_model(model)
+        net = attack_module(model)  # no DDP; the compiled module when compiled (never rewires the training model)
         if self.in_natural_warmup:  # efficient variant: clean training until the switch
             return self._natural_warmup_step(model, x, labels)
         if self.args.natural_warmup_epochs and self._method_start_step is None:
