@@ -346,3 +346,20 @@ def test_resume_from_checkpoint_across_the_two_stages(tmp_path, monkeypatch, one
     assert steps_run == [("run", 3), ("run", 4)]
     assert list(results) == ["fgsm_rs"] and (out / "model.safetensors").is_file()
     assert {p: p.stat().st_mtime_ns for p in stage0.rglob("*")} == stage0_files  # stage 0 untouched
+
+
+def test_compare_methods_and_layerwise_study_read_a_config_file(tmp_path):
+    import compare_methods
+    import layerwise_study
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"methods": "clean,cure", "epochs": 2, "autoattack": True}))
+    args = compare_methods.parse_args([str(config), "--epochs", "3"])
+    assert (args.methods, args.epochs, args.autoattack) == ("clean,cure", 3.0, True)  # the flag won for epochs
+    assert args.batch_size == compare_methods.parse_args([]).batch_size  # untouched: the script's default
+    config.write_text(yaml.safe_dump({"settings": "U-1", "reinit": True, "epochs": "2"}))
+    args = layerwise_study.parse_args(["--config", str(config)])
+    assert (args.settings, args.reinit, args.epochs) == ("U-1", True, 2.0)  # "2" read by the flag's type
+    config.write_text(yaml.safe_dump({"setting": "U-1"}))
+    with pytest.raises(ValueError, match=r"unknown key 'setting' \(did you mean settings"):
+        layerwise_study.parse_args([str(config)])
