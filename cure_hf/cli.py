@@ -64,7 +64,9 @@ class EvaluationSweepArguments(RobustEvaluationArguments):
                 "e.g. 0,4/255,8/255: one evaluation per radius."})
 
     def __post_init__(self):
-        radii = [part.strip() for part in str(self.eval_epsilon or "").split(",") if part.strip()]
+        value = self.eval_epsilon
+        text = "" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        radii = [part.strip() for part in text.split(",") if part.strip()]
         # Every radius through the shared checks; the fields keep the first, as a single-radius run has it.
         self.eval_epsilons = [RobustEvaluationArguments(eval_epsilon=radius).eval_epsilon for radius in radii]
         self.eval_epsilon = radii[0] if radii else None
@@ -162,7 +164,7 @@ def _load_model(model_args: ModelArguments, num_classes: Optional[int], image_si
         return load_model(spec, image_size=image_size)
     except SafetensorError as error:
         files = ", ".join(_weights_files(spec)) or f"the safetensors weights of {spec}"
-        raise ValueError(f"{files} is truncated or corrupt ({error}); re-download it (for a Hub model: delete it "
+        raise ValueError(f"{files}: truncated or corrupt ({error}); re-download it (for a Hub model: delete it "
                          "from the Hugging Face cache and load again) or re-save it (trainer.save_model() or "
                          "cure_hf.hub.save_pretrained)") from None
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from cure_hf.cli import default_output_file, main
+from cure_hf.cli import EvaluationSweepArguments, default_output_file, main
 from cure_hf.data import collate_pixels
 from cure_hf.parser import ConfigArgumentParser
 
@@ -91,6 +91,10 @@ def test_cli_eps_sweep_plot_history_and_errors(trained_run, tmp_path, capsys):
     # not a pixel size in [0, 1], in the middle of a sweep
     assert main(["evaluate", "--model_name_or_path", str(checkpoint), "--eval_epsilon", "0,8"]) == 2
     assert "eval_epsilon=8.0" in capsys.readouterr().err
+    # A radius of 0 (e.g. `eval_epsilon: 0` in a YAML file) is a radius, not "unset"; a YAML list is a sweep.
+    assert EvaluationSweepArguments(eval_epsilon=0).eval_epsilons == [0.0]
+    assert EvaluationSweepArguments(eval_epsilon=[0, "4/255"]).eval_epsilons == [0.0, 4 / 255]
+    assert EvaluationSweepArguments().eval_epsilons == [8 / 255]
 
 
 # ----------------------------------------------------------------------------------- the command line itself
