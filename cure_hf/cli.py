@@ -82,7 +82,8 @@ class EvaluationOutputArguments:
     output_file: Optional[str] = field(default=None, metadata={
         "help": f"JSON result file (default: <model folder>/{RESULT_FILE_NAME} for a local folder, "
                 "./robust_eval/<name>.json for a timm name or Hub id)."})
-    device: Optional[str] = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)."})
+    device: Optional[str] = field(default=None, metadata={
+        "help": "cpu, cuda, cuda:1, ... (default: cuda if available)."})
     plot: Optional[str] = field(default=None, metadata={
         "help": "PNG of robust accuracy against eps (with several --eval_epsilon values)."})
 

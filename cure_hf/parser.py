@@ -131,8 +131,8 @@ class ConfigArgumentParser(HfArgumentParser):
                 close = difflib.get_close_matches(str(key), known, n=3)
                 described.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
             raise ValueError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(described)}; fix the spelling or remove {'them' if len(unknown) > 1 else 'it'} "
-                             f"(--help lists every argument)")
+                             f"{', '.join(described)}; fix the spelling or remove "
+                             f"{'them' if len(unknown) > 1 else 'it'} (--help lists every argument)")
         self.set_defaults(**values)
 
 

@@ -111,7 +111,8 @@ def plan_resume(resume_from_checkpoint, output_dir, two_stages):
             return ResumePlan(True, stage0, None)
         searched = f"{output_dir} or {stage0_dir}" if two_stages else output_dir
         raise ValueError(f"resume_from_checkpoint=True: no checkpoint-<step> folder in {searched}. Set save_strategy "
-                         "('steps' or 'epoch') so that runs write checkpoints, or start without --resume_from_checkpoint")
+                         "('steps' or 'epoch') so that runs write checkpoints, or start without "
+                         "--resume_from_checkpoint")
     path = str(resume_from_checkpoint)
     if not os.path.isdir(path):
         raise ValueError(f"resume_from_checkpoint={path!r} is not a folder: give a checkpoint-<step> folder of "
@@ -176,8 +177,9 @@ def main(argv=None):
     elif two_stages:
         logger.info("resuming the method from %s: stage 0 is finished, skipped", plan.method_checkpoint)
 
-    trainer, results[training_args.adv_method] = train_stage(model, training_args, data, training_args.adv_method, data_args.dataset_name,
-                                                             resume_from_checkpoint=plan.method_checkpoint)
+    trainer, results[training_args.adv_method] = train_stage(
+        model, training_args, data, training_args.adv_method, data_args.dataset_name,
+        resume_from_checkpoint=plan.method_checkpoint)
     trainer.save_model()
 
     if trainer.is_world_process_zero():
