@@ -1,12 +1,19 @@
 """The ``cure-hf`` command line.
 
-    cure-hf evaluate --model <timm name | hf-hub:<repo> | local dir> --dataset digits \\
-        --attacks clean,pgd20,cw,autoattack --n-examples 1000 --eps 8/255 [--output results.json]
-    cure-hf evaluate ... --eps 0,2/255,4/255,8/255 --plot eps.png      # robust accuracy against eps
-    cure-hf plot-history <training output_dir> --output history.png     # clean / robust accuracy over training
+    cure-hf evaluate --model_name_or_path <folder | timm name | hf-hub:<repo>> --dataset_name digits \\
+        --eval_attacks clean,pgd20,cw,autoattack --eval_max_examples 1000 --eval_epsilon 8/255
+    cure-hf evaluate ... --eval_epsilon 0,2/255,4/255,8/255 --plot eps.png   # robust accuracy against eps
+    cure-hf evaluate EVAL.yaml --eval_restarts 5                             # a config file, then overrides
+    cure-hf plot-history <training output_dir> --output history.png         # clean / robust accuracy over training
+    cure-hf --version
 
-``evaluate`` prints a table and writes JSON (metrics, AutoAttack per attack, warnings, settings). A timm
-name builds an untrained model (no network) with the dataset's number of classes; a folder or Hub id
+``evaluate`` speaks the names of the rest of cure_hf: the evaluation flags are
+:class:`~cure_hf.config.RobustEvaluationArguments` (as in ``CURETrainingArguments``), the model and dataset
+flags are the recipes' (:mod:`cure_hf.parser`). Only ``--eval_epsilon`` takes more here: a comma-separated
+list runs one evaluation per radius. It prints a table and writes JSON (metrics, AutoAttack per attack,
+warnings, settings) to ``--output_file``, by default next to the model: ``<folder>/robust_eval.json`` for a
+local folder, ``./robust_eval/<name>.json`` for a timm name or Hub id (``/`` and ``:`` become ``--``).
+A timm name builds an untrained model (no network) with the dataset's number of classes; a folder or Hub id
 loads its weights (safetensors only).
 """
 from __future__ import annotations
@@ -16,49 +23,91 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ["main", "build_parser", "run_evaluate", "format_table"]
+from . import __version__
+from .config import RobustEvaluationArguments
+from .parser import ConfigArgumentParser, DatasetArguments, ModelArguments
+
+__all__ = ["main", "build_parser", "build_evaluate_parser", "run_evaluate", "format_table", "default_output_file",
+           "EvaluationSweepArguments", "EvaluationOutputArguments"]
+
+RESULT_FILE_NAME = "robust_eval.json"
+EVALUATE_HELP = "Clean / PGD / CW / AutoAttack accuracy of a model on a dataset."
+
+# The flags of the first `cure-hf evaluate`, and the names that replaced them.
+RENAMED_FLAGS = {
+    "--model": "--model_name_or_path",
+    "--dataset": "--dataset_name",
+    "--data-dir": "--test_dir (and --train_dir)",
+    "--split": "--test_split",
+    "--attacks": "--eval_attacks",
+    "--eps": "--eval_epsilon",
+    "--step-size": "--eval_step_size",
+    "--steps": "--eval_pgd_steps",
+    "--restarts": "--eval_restarts",
+    "--n-examples": "--eval_max_examples",
+    "--batch-size": "--eval_attack_batch_size",
+    "--norm": "--eval_norm",
+    "--seed": "--eval_seed",
+    "--output": "--output_file",
+}
 
 
-def _pixel_values(text: str, name: str) -> List[float]:
-    from .config import parse_pixel_value
+@dataclass
+class EvaluationSweepArguments(RobustEvaluationArguments):
+    """:class:`RobustEvaluationArguments`, except that ``eval_epsilon`` may list several radii (an eps sweep)."""
 
-    values = [parse_pixel_value(part, name) for part in text.split(",") if part.strip()]
-    if not values or any(not 0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"{name}={text!r}: give sizes in pixel units of [0, 1], e.g. 8/255 or 0,4/255,8/255")
-    return values
+    eval_epsilon: Optional[str] = field(default=None, metadata={
+        "help": "Radius in pixel units of [0, 1] (default 8/255), or a comma-separated list for a sweep, "
+                "e.g. 0,4/255,8/255: one evaluation per radius."})
+
+    def __post_init__(self):
+        value = self.eval_epsilon
+        text = "" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        radii = [part.strip() for part in text.split(",") if part.strip()]
+        # Every radius through the shared checks; the fields keep the first, as a single-radius run has it.
+        self.eval_epsilons = [RobustEvaluationArguments(eval_epsilon=radius).eval_epsilon for radius in radii]
+        self.eval_epsilon = radii[0] if radii else None
+        super().__post_init__()
+        if not self.eval_epsilons:
+            self.eval_epsilons = [self.resolved_eval_epsilon]
+
+
+@dataclass
+class EvaluationOutputArguments:
+    """What ``cure-hf evaluate`` writes, and where it runs."""
+
+    output_file: Optional[str] = field(default=None, metadata={
+        "help": f"JSON result file (default: <model folder>/{RESULT_FILE_NAME} for a local folder, "
+                "./robust_eval/<name>.json for a timm name or Hub id)."})
+    device: Optional[str] = field(default=None, metadata={
+        "help": "cpu, cuda, cuda:1, ... (default: cuda if available)."})
+    plot: Optional[str] = field(default=None, metadata={
+        "help": "PNG of robust accuracy against eps (with several --eval_epsilon values)."})
+
+
+class _RenamedFlag(argparse.Action):
+    """An old flag of ``cure-hf evaluate``: an error naming its new name, never a silent reinterpretation."""
+
+    def __init__(self, option_strings, dest, new_flag, **kwargs):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
+                         help=argparse.SUPPRESS)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new_flag}: cure-hf evaluate uses the argument names of "
+                     "CURETrainingArguments and the recipes (cure-hf evaluate --help lists them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``cure-hf`` command: ``--version`` and the commands (``evaluate`` has its own parser)."""
     parser = argparse.ArgumentParser(prog="cure-hf", description="Robust image classifiers: evaluation tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-
-    ev = commands.add_parser("evaluate", help="Clean / PGD / CW / AutoAttack accuracy of a model on a dataset.")
-    ev.add_argument("--model", required=True,
-                    help="timm name (untrained), 'hf-hub:<repo>', 'local-dir:<folder>' or a folder saved by cure_hf")
-    ev.add_argument("--dataset", default="digits",
-                    help="'digits' (embedded, no network), 'imagefolder' (with --data-dir) or a datasets name")
-    ev.add_argument("--data-dir", default=None, help="Folder of class sub-folders, with --dataset imagefolder.")
-    ev.add_argument("--split", default="test", help="Split to evaluate (default: test).")
-    ev.add_argument("--attacks", default="clean,pgd20,cw,autoattack",
-                    help="Comma-separated: clean, pgd<K> (pgd20), cw, cw<K>, autoattack (default: all four)")
-    ev.add_argument("--n-examples", type=int, default=None, help="Evaluate the first N examples (default: all).")
-    ev.add_argument("--eps", default="8/255", help="Attack radius, or a comma-separated list (then one run per eps).")
-    ev.add_argument("--step-size", default=None, help="PGD/CW step (default: eps / 4).")
-    ev.add_argument("--steps", type=int, default=20, help="Steps of 'pgd' and 'cw' without a number (default 20).")
-    ev.add_argument("--restarts", type=int, default=1, help="Random restarts of PGD/CW (default 1).")
-    ev.add_argument("--norm", default="Linf", choices=["Linf", "L2"], help="Threat model (L2: clean and autoattack).")
-    ev.add_argument("--autoattack-version", default="standard", choices=["standard", "plus", "rand", "custom"])
-    ev.add_argument("--autoattack-attacks", default=None,
-                    help="With --autoattack-version custom: e.g. apgd-ce,apgd-t")
-    ev.add_argument("--batch-size", type=int, default=128, help="Examples per attack batch (default 128).")
-    ev.add_argument("--image-size", type=int, default=None, help="Input size (default: the model's, else 32).")
-    ev.add_argument("--patch-size", type=int, default=None, help="ViT patch size for an untrained timm name.")
-    ev.add_argument("--seed", type=int, default=0, help="Seed of the attacks' random starts (default 0).")
-    ev.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    ev.add_argument("--output", default="robust_eval.json", help="JSON result file (default: robust_eval.json).")
-    ev.add_argument("--plot", default=None, help="PNG of robust accuracy against eps (with several --eps values).")
+    # Listed here for `cure-hf --help`; main() parses its arguments with build_evaluate_parser().
+    commands.add_parser("evaluate", help=EVALUATE_HELP, add_help=False)
 
     ph = commands.add_parser("plot-history", help="PNG of clean and robust accuracy over training.")
     ph.add_argument("run", help="A training output_dir (or its trainer_state.json).")
@@ -67,100 +116,150 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_evaluate_parser() -> ConfigArgumentParser:
+    """``cure-hf evaluate``: the model, dataset, evaluation and output dataclasses, or a config file of them."""
+    parser = ConfigArgumentParser(
+        (ModelArguments, DatasetArguments, EvaluationSweepArguments, EvaluationOutputArguments),
+        prog="cure-hf evaluate",
+        description=f"{EVALUATE_HELP} A YAML/JSON file given first (or with --config) sets any of these arguments; "
+                    "flags after it override it.",
+    )
+    # A standalone evaluation reports the number of record by default; the trainer's default stays cheap.
+    parser.set_defaults(eval_attacks="clean,pgd20,cw,autoattack", eval_attack_batch_size=128)
+    for old, new in RENAMED_FLAGS.items():
+        parser.add_argument(old, action=_RenamedFlag, new_flag=new)
+    return parser
+
+
 def _is_timm_name(spec: str) -> bool:
     return not (spec.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(spec) or "/" in spec)
 
 
-def _load_model(spec: str, num_classes: int, image_size: Optional[int], patch_size: Optional[int]):
+def default_output_file(model_name_or_path: str) -> str:
+    """Next to a local model (``<folder>/robust_eval.json``); ``robust_eval/<name>.json`` for a timm name or Hub id."""
+    folder = model_name_or_path.removeprefix("local-dir:")
+    if os.path.isdir(folder):
+        return os.path.join(folder, RESULT_FILE_NAME)
+    name = model_name_or_path.removeprefix("hf-hub:").replace("/", "--").replace(":", "--")
+    return os.path.join("robust_eval", f"{name}.json")
+
+
+def _weights_files(spec: str) -> List[str]:
+    folder = spec.removeprefix("local-dir:")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".safetensors"))
+
+
+def _load_model(model_args: ModelArguments, num_classes: Optional[int], image_size: Optional[int]):
     """The model to attack, through cure_hf's loader (timm names, Hub ids, local folders; safetensors only)."""
-    from .hub import load_model
+    from safetensors import SafetensorError
 
-    if _is_timm_name(spec):
-        return load_model(spec, num_classes, image_size=image_size or 32, patch_size=patch_size)
-    return load_model(spec, image_size=image_size)
+    from .models import load_model
+
+    spec = model_args.model_name_or_path
+    try:
+        if _is_timm_name(spec):
+            return load_model(spec, num_classes, pretrained=model_args.pretrained, image_size=image_size or 32,
+                              patch_size=model_args.patch_size)
+        return load_model(spec, image_size=image_size)
+    except SafetensorError as error:
+        files = ", ".join(_weights_files(spec)) or f"the safetensors weights of {spec}"
+        raise ValueError(f"{files}: truncated or corrupt ({error}); re-download it (for a Hub model: delete it "
+                         "from the Hugging Face cache and load again) or re-save it (trainer.save_model() or "
+                         "cure_hf.hub.save_pretrained)") from None
 
 
-def _load_split(args, image_size: int):
+def _load_split(data_args: DatasetArguments, image_size: int, max_examples: Optional[int]):
+    """The split to evaluate (``test_split``) and the number of classes."""
     from .data import load_image_dataset
 
-    name = args.dataset
-    kwargs: Dict[str, Any] = {"image_size": image_size}
-    if name == "imagefolder":
-        kwargs.update(train_dir=args.data_dir, test_dir=args.data_dir)
-    if args.split not in ("train", "test"):
-        kwargs["test_split"] = args.split
+    name, split = data_args.dataset_name, data_args.test_split
+    kwargs: Dict[str, Any] = dict(image_size=image_size, config_name=data_args.dataset_config_name,
+                                  image_column=data_args.image_column, label_column=data_args.label_column)
+    if name in ("digits", "imagefolder"):  # fixed split names: the embedded train/test, or the two folders
+        if split not in ("train", "test"):
+            raise ValueError(f"test_split={split!r} is invalid for dataset_name={name!r}: allowed 'train' or 'test'")
+        if name == "imagefolder":
+            if not (data_args.train_dir or data_args.test_dir):
+                raise ValueError("dataset_name='imagefolder' needs --test_dir (a folder of class sub-folders)")
+            kwargs.update(train_dir=data_args.train_dir or data_args.test_dir,
+                          test_dir=data_args.test_dir or data_args.train_dir)
+    else:  # only the evaluated split needs to exist
+        kwargs.update(train_split=split, test_split=split)
+        split = "test"
     splits, num_classes = load_image_dataset(name, **kwargs)
-    split = splits["train" if args.split == "train" else "test"]
-    if args.n_examples is not None:
-        if args.n_examples < 1:
-            raise SystemExit(f"--n-examples={args.n_examples}: give a positive number of examples, or leave it out for all")
-        split = split.select(range(min(args.n_examples, len(split))))
-    return split, num_classes
+    dataset = splits[split]
+    if max_examples is not None:
+        dataset = dataset.select(range(min(max_examples, len(dataset))))
+    return dataset, num_classes
 
 
-def run_evaluate(args) -> Dict[str, Any]:
-    """``cure-hf evaluate``: returns the result written to ``--output``."""
+def run_evaluate(
+    evaluation: EvaluationSweepArguments, model_args: ModelArguments, data_args: DatasetArguments,
+    output: EvaluationOutputArguments,
+) -> Dict[str, Any]:
+    """``cure-hf evaluate``: returns the result written to ``output.output_file`` (or its default)."""
     import torch
 
+    from .attacks import logits_of
     from .data import collate_pixels
-    from .evaluation import AutoAttackConfig, evaluate_robustness, log_evaluation_warnings, parse_attacks
+    from .evaluation import evaluate_robustness, log_evaluation_warnings
 
-    eps_values = _pixel_values(args.eps, "--eps")
-    step_size = _pixel_values(args.step_size, "--step-size")[0] if args.step_size else None
-    parse_attacks(args.attacks, default_steps=args.steps)  # fail on a typo before loading anything
-    autoattack = AutoAttackConfig(version=args.autoattack_version, attacks=args.autoattack_attacks,
-                                  norm=args.norm, seed=args.seed)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(output.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = model_args.model_name_or_path
 
     # The model decides the input size; a timm name needs the dataset's number of classes first.
-    probe_size = args.image_size or 32
+    probe_size = model_args.image_size or 32
     model = None
-    if not _is_timm_name(args.model):
-        model = _load_model(args.model, None, args.image_size, args.patch_size)
+    if not _is_timm_name(spec):
+        model = _load_model(model_args, None, model_args.image_size)
         size = getattr(model, "input_size", None)
-        probe_size = args.image_size or (int(size[-1]) if size else 32)
-    dataset, num_classes = _load_split(args, probe_size)
+        probe_size = model_args.image_size or (int(size[-1]) if size else 32)
+    dataset, num_classes = _load_split(data_args, probe_size, evaluation.eval_max_examples)
     if model is None:
-        model = _load_model(args.model, num_classes, probe_size, args.patch_size)
+        model = _load_model(model_args, num_classes, probe_size)
     model.to(device).eval()
     with torch.no_grad():
         sample = collate_pixels([dataset[0]])["pixel_values"].to(device)
-        from .attacks import logits_of
-
         out_classes = logits_of(model(sample)).shape[-1]
     if out_classes != num_classes:
-        raise SystemExit(f"--model {args.model} has {out_classes} outputs but --dataset {args.dataset} has "
-                         f"{num_classes} classes; evaluate it on a dataset with the classes it was trained on")
+        raise ValueError(f"--model_name_or_path {spec} has {out_classes} outputs but --dataset_name "
+                         f"{data_args.dataset_name} has {num_classes} classes; evaluate it on a dataset with the "
+                         "classes it was trained on")
 
     runs = []
-    for eps in eps_values:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate_pixels)
+    for eps in evaluation.eval_epsilons:
+        generator = torch.Generator(device=device).manual_seed(evaluation.eval_seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=evaluation.eval_attack_batch_size,
+                                             collate_fn=collate_pixels)
         start = time.perf_counter()
         result = evaluate_robustness(
-            model, loader, args.attacks, eps=eps, step_size=step_size, steps=args.steps, restarts=args.restarts,
-            generator=generator, device=device, autoattack=autoattack, progress=sys.stderr.isatty(),
+            model, loader, evaluation.eval_attack_list, eps=eps, step_size=evaluation.eval_step_size,
+            steps=evaluation.eval_pgd_steps, restarts=evaluation.eval_restarts, generator=generator, device=device,
+            autoattack=evaluation.autoattack_config(), progress=sys.stderr.isatty(),
         )
         log_evaluation_warnings(result, f"eps={eps:.5f}")
         runs.append({"eps": eps, "seconds": round(time.perf_counter() - start, 2), **result.to_dict()})
 
-    output = {"model": args.model, "dataset": args.dataset, "split": args.split, "device": str(device),
-              "runs": runs, "warnings": sorted({w for run in runs for w in run["warnings"]})}
+    result = {"model": spec, "dataset": data_args.dataset_name, "dataset_config_name": data_args.dataset_config_name,
+              "split": data_args.test_split, "device": str(device), "runs": runs,
+              "warnings": sorted({w for run in runs for w in run["warnings"]})}
     print(format_table(runs))
-    for warning in output["warnings"]:
+    for warning in result["warnings"]:
         print(f"WARNING: {warning}")
-    if args.output:
-        directory = os.path.dirname(os.path.abspath(args.output))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(output, f, indent=2)
-        print(f"wrote {args.output}")
-    if args.plot:
+    path = output.output_file or default_output_file(spec)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+    if output.plot:
         from .plots import plot_accuracy_vs_eps
 
-        plot_accuracy_vs_eps({run["eps"]: run["metrics"] for run in runs}, args.plot, title=f"{args.model} on {args.dataset}")
-        print(f"wrote {args.plot}")
-    return output
+        plot_accuracy_vs_eps({run["eps"]: run["metrics"] for run in runs}, output.plot,
+                             title=f"{spec} on {data_args.dataset_name}")
+        print(f"wrote {output.plot}")
+    return result
 
 
 def format_table(runs: Sequence[Dict[str, Any]]) -> str:
@@ -198,18 +297,23 @@ def run_plot_history(args) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs a command; returns the exit status (2 for a usage error, printed as one line)."""
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cure_hf").setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
     try:
-        if args.command == "evaluate":
-            run_evaluate(args)
-        elif args.command == "plot-history":
-            run_plot_history(args)
+        if command == "evaluate":  # parsed by its own parser, which also reads a config file
+            model_args, data_args, evaluation, output = build_evaluate_parser().parse_args_and_config(argv[1:])
+            run_evaluate(evaluation, model_args, data_args, output)
+        else:
+            run_plot_history(build_parser().parse_args(argv))
+    except SystemExit as exit_:  # --help, --version, argparse's usage errors (already printed)
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
     except (ValueError, FileNotFoundError) as error:
-        print(f"cure-hf {args.command}: error: {error}", file=sys.stderr)
+        print(f"cure-hf {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

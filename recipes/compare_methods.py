@@ -11,6 +11,7 @@ optimizer of the same settings (``--from_scratch`` trains each method from the s
 instead). Every model is evaluated on the same test examples: clean accuracy, PGD-20 (CE, uniform start,
 eval mode) and, with ``--autoattack``, AutoAttack (standard) on the first ``--autoattack_examples``.
 Writes ``results.md`` (Markdown table), ``results.json`` and ``tradeoff.png`` to ``--output_dir``.
+A YAML/JSON file of these flags given first (or as ``--config FILE``) works too; flags after it override it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import load_image_dataset
 from cure_hf.models import create_model
+from cure_hf.parser import ConfigArgumentParser
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +47,8 @@ METHODS: Dict[str, tuple] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--dataset_name", default="digits", help="'digits' (embedded), a Hub id or 'imagefolder'")
     parser.add_argument("--train_dir", default=None, help="imagefolder: training images")
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--from_scratch", action="store_true", help="no shared stage 0: each method from the same init")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/compare_methods")
-    args = parser.parse_args(argv)
+    args = parser.parse_args_and_config(argv)[0]
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; allowed {list(METHODS)}")

@@ -10,6 +10,7 @@ A naturally trained network (stage 0, trained here, or ``--natural_model <folder
 trained once per setting: ``U-23`` updates the second and third residual stages (and the classifier head,
 unless ``--freeze_head``) and freezes the rest bit for bit (weights and BatchNorm statistics); with
 ``--reinit`` the updated blocks are re-initialised first. Writes ``layerwise.md``, ``layerwise.json``.
+A YAML/JSON file of these flags given first (or as ``--config FILE``) works too; flags after it override it.
 """
 from __future__ import annotations
 
@@ -28,13 +29,14 @@ from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import load_image_dataset
 from cure_hf.layerwise import freeze_for_setting, model_blocks, reinitialize_blocks
 from cure_hf.models import create_model
+from cure_hf.parser import ConfigArgumentParser
 
 logger = logging.getLogger(__name__)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__.split("\n\n")[0],
+                                  formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--settings", default="U-all,U-1,U-2,U-3,U-4,U-23,U-234",
                         help="comma-separated settings: U-<stage numbers> or U-all")
     parser.add_argument("--method", default="pgd", help="adversarial method of every setting (pgd, trades, cure, ...)")
@@ -55,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_eval_examples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/layerwise_study")
-    return parser.parse_args(argv)
+    return parser.parse_args_and_config(argv)[0]
 
 
 def train_and_evaluate(model, args, name: str, data, **overrides) -> dict:

@@ -7,10 +7,21 @@ clean and robust accuracy.
     accelerate launch recipes/train_vit.py --model_name_or_path hf-hub:timm/vit_small_patch16_224.augreg_in21k \
         --pretrained --dataset_name uoft-cs/cifar10 --image_size 224 --patch_size 16 --output_dir outputs/vit_cifar
 
-Any flag of CURETrainingArguments / TrainingArguments works (``--adv_method trades --epsilon 4/255``),
-or one YAML/JSON file as the only argument. With ``--natural_epochs N`` the recipe first trains
-naturally (stage 0, spec section 5), then runs the adversarial method from those weights with a fresh
-optimizer; the revision model starts as a copy of the stage-0 weights.
+Any flag of CURETrainingArguments / TrainingArguments works (``--adv_method trades --epsilon 4/255``).
+A YAML/JSON file given first (or as ``--config FILE``) sets values; flags after it override them
+(``train_vit.py CONFIG.yaml --seed 1``). With ``--natural_epochs N`` the recipe first trains naturally
+(stage 0, spec section 5, in ``<output_dir>/stage0_natural``), then runs the adversarial method in
+``<output_dir>`` from those weights with a fresh optimizer; the revision model starts as a copy of the
+stage-0 weights.
+
+Resuming (``--resume_from_checkpoint``; the runs need ``save_strategy`` "steps" or "epoch" to write checkpoints):
+
+- ``True`` (or ``true``): the latest checkpoint of the latest stage that has one. A checkpoint in
+  ``<output_dir>`` means stage 0 is finished: it is skipped and the method resumes. Otherwise the latest
+  checkpoint in ``<output_dir>/stage0_natural`` resumes stage 0, and the method then runs from its weights.
+- a path: ``<output_dir>/checkpoint-N`` skips stage 0 and resumes the method;
+  ``<output_dir>/stage0_natural/checkpoint-N`` resumes stage 0, then runs the method. With a stage 0, a
+  checkpoint anywhere else is refused (the recipe cannot tell which stage it belongs to).
 """
 import json
 import logging
@@ -18,47 +29,18 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import transformers
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
 
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import load_image_dataset
 from cure_hf.models import create_model
+from cure_hf.parser import ConfigArgumentParser, DataTrainingArguments, ModelArguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str = field(
-        default="test_vit",
-        metadata={"help": "timm name, 'hf-hub:<id>', 'local-dir:<dir>' or a folder saved by cure_hf."},
-    )
-    pretrained: bool = field(default=False, metadata={
-        "help": "Load pretrained weights of a timm name (needs the Hub); a folder (e.g. a stage-0 output_dir), "
-                "'local-dir:' or 'hf-hub:' source always loads its weights."})
-    image_size: int = field(default=32, metadata={"help": "Input resolution; ViTs are adapted to it."})
-    patch_size: Optional[int] = field(default=8, metadata={"help": "ViT patch size (None keeps the model's)."})
-
-
-@dataclass
-class DataTrainingArguments:
-    dataset_name: str = field(
-        default="digits",
-        metadata={"help": "'digits' (embedded, no network), a Hub dataset id, or 'imagefolder' with --train_dir."},
-    )
-    dataset_config_name: Optional[str] = field(default=None, metadata={"help": "Hub dataset configuration."})
-    train_dir: Optional[str] = field(default=None, metadata={"help": "imagefolder: training images."})
-    test_dir: Optional[str] = field(default=None, metadata={"help": "imagefolder: test images."})
-    train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    image_column: Optional[str] = field(default=None, metadata={"help": "Image column (auto: image/img)."})
-    label_column: Optional[str] = field(default=None, metadata={"help": "Label column (auto: label/labels)."})
-    augment: str = field(default="none", metadata={"help": "'none' or 'crop_flip' (4-pixel pad crop + flip)."})
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})
 
 
 @dataclass
@@ -72,6 +54,9 @@ class NaturalStageArguments:
 
 # The default run: embedded digits, a tiny ViT, natural stage then CURE; minutes on 2 CPU cores.
 RECIPE_DEFAULTS = dict(
+    model_name_or_path="test_vit",
+    image_size=32,
+    patch_size=8,
     output_dir="outputs/train_vit",
     adv_method="cure",
     natural_epochs=30,
@@ -90,23 +75,59 @@ RECIPE_DEFAULTS = dict(
 
 
 def parse_arguments(argv):
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, NaturalStageArguments, CURETrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml", ".json")):
-        values = dict(RECIPE_DEFAULTS)
-        values.update(_read_config(os.path.abspath(argv[0])))
-        return parser.parse_dict(values)
+    """The recipe's dataclasses from ``argv``: a config file (first, or ``--config``), then flags that override it."""
+    parser = ConfigArgumentParser((ModelArguments, DataTrainingArguments, NaturalStageArguments, CURETrainingArguments))
     parser.set_defaults(**RECIPE_DEFAULTS)
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_and_config(argv)
 
 
-def _read_config(path):
-    import yaml
-
-    with open(path, encoding="utf-8") as f:
-        return yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+STAGE0_DIR = "stage0_natural"
 
 
-def train_stage(model, args, data, name, dataset_name):
+class ResumePlan(NamedTuple):
+    run_stage0: bool
+    stage0_checkpoint: Optional[str]  # where stage 0 resumes (None: from the start)
+    method_checkpoint: Optional[str]  # where the method resumes (None: from the start)
+
+
+def _last_checkpoint(folder):
+    return get_last_checkpoint(folder) if os.path.isdir(folder) else None
+
+
+def plan_resume(resume_from_checkpoint, output_dir, two_stages):
+    """Which stages run and where each resumes, from ``--resume_from_checkpoint`` (see the module docstring).
+
+    Decided before anything trains, so that a wrong path fails at once rather than after stage 0.
+    """
+    if resume_from_checkpoint is None or str(resume_from_checkpoint).lower() in ("false", ""):
+        return ResumePlan(two_stages, None, None)
+    stage0_dir = os.path.join(output_dir, STAGE0_DIR)
+    if str(resume_from_checkpoint).lower() == "true":
+        method = _last_checkpoint(output_dir)
+        if method is not None:
+            return ResumePlan(False, None, method)
+        stage0 = _last_checkpoint(stage0_dir) if two_stages else None
+        if stage0 is not None:
+            return ResumePlan(True, stage0, None)
+        searched = f"{output_dir} or {stage0_dir}" if two_stages else output_dir
+        raise ValueError(f"resume_from_checkpoint=True: no checkpoint-<step> folder in {searched}. Set save_strategy "
+                         "('steps' or 'epoch') so that runs write checkpoints, or start without "
+                         "--resume_from_checkpoint")
+    path = str(resume_from_checkpoint)
+    if not os.path.isdir(path):
+        raise ValueError(f"resume_from_checkpoint={path!r} is not a folder: give a checkpoint-<step> folder of "
+                         f"{output_dir} (or of {stage0_dir}), or True for the latest one")
+    parent = os.path.realpath(os.path.dirname(os.path.normpath(path)))
+    if not two_stages or parent == os.path.realpath(output_dir):
+        return ResumePlan(False, None, path)
+    if parent == os.path.realpath(stage0_dir):
+        return ResumePlan(True, path, None)
+    raise ValueError(f"resume_from_checkpoint={path!r} is neither in {output_dir} (the method) nor in {stage0_dir} "
+                     "(stage 0), so the recipe cannot tell which stage it resumes. Give a checkpoint of one of those "
+                     "folders, or --natural_epochs 0 to resume the method alone from it")
+
+
+def train_stage(model, args, data, name, dataset_name, resume_from_checkpoint=None):
     trainer = CURETrainer(model, args, train_dataset=data["train"], eval_dataset=data["test"])
     embedded = dataset_name == "digits"
     trainer.card_overrides = {
@@ -114,7 +135,7 @@ def train_stage(model, args, data, name, dataset_name):
         "dataset_id": None if embedded or dataset_name == "imagefolder" else dataset_name,
     }
     start = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     seconds = time.time() - start
     metrics = trainer.evaluate()
     metrics["train_seconds"] = seconds
@@ -127,6 +148,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    two_stages = stage_args.natural_epochs > 0 and training_args.adv_method != "clean"
+    plan = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir, two_stages)
 
     data, num_classes = load_image_dataset(
         data_args.dataset_name, image_size=model_args.image_size, augment=data_args.augment,
@@ -143,15 +166,20 @@ def main(argv=None):
     )
 
     results = {}
-    if stage_args.natural_epochs > 0 and training_args.adv_method != "clean":
+    if plan.run_stage0:
         natural_args = replace(
             training_args, adv_method="clean", num_train_epochs=stage_args.natural_epochs,
             optim=stage_args.natural_optim, learning_rate=stage_args.natural_learning_rate, max_steps=-1,
-            output_dir=os.path.join(training_args.output_dir, "stage0_natural"), push_to_hub=False,
+            output_dir=os.path.join(training_args.output_dir, STAGE0_DIR), push_to_hub=False,
         )
-        _, results["natural"] = train_stage(model, natural_args, data, "stage0_natural", data_args.dataset_name)
+        _, results["natural"] = train_stage(model, natural_args, data, STAGE0_DIR, data_args.dataset_name,
+                                            resume_from_checkpoint=plan.stage0_checkpoint)
+    elif two_stages:
+        logger.info("resuming the method from %s: stage 0 is finished, skipped", plan.method_checkpoint)
 
-    trainer, results[training_args.adv_method] = train_stage(model, training_args, data, training_args.adv_method, data_args.dataset_name)
+    trainer, results[training_args.adv_method] = train_stage(
+        model, training_args, data, training_args.adv_method, data_args.dataset_name,
+        resume_from_checkpoint=plan.method_checkpoint)
     trainer.save_model()
 
     if trainer.is_world_process_zero():

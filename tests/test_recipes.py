@@ -227,3 +227,139 @@ def test_digits_vit_yaml_is_the_default_run_written_out():
             if hasattr(yaml_args, key):
                 assert getattr(yaml_args, key) == getattr(default_args, key), key
     assert from_yaml[-1].adv_method == "cure" and from_yaml[-1].epsilon == pytest.approx(8 / 255)
+
+
+# --------------------------------------------------------------------------- command line: config file + flags
+def test_train_vit_config_file_then_flags(tmp_path):
+    """`train_vit.py CONFIG.yaml --seed 1`: flags win over the file, the file over RECIPE_DEFAULTS and the dataclasses."""
+    half = train_vit.RECIPE_DEFAULTS["learning_rate"] / 2  # whatever the recipe's default is, the file's differs
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"seed": 5, "learning_rate": half, "attack_steps": 3, "output_dir": "x",
+                                      "dataset_config_name": "cropped_digits"}))
+    for argv in ([str(config), "--seed", "1", "--attack_steps", "2"],
+                 ["--seed", "1", "--config", str(config), "--attack_steps", "2"]):
+        model_args, data_args, _, training_args = train_vit.parse_arguments(argv)
+        assert training_args.seed == 1 and training_args.attack_steps == 2  # the flags
+        assert training_args.learning_rate == half and training_args.output_dir == "x"  # the file
+        assert data_args.dataset_config_name == "cropped_digits"
+        assert training_args.adv_method == train_vit.RECIPE_DEFAULTS["adv_method"]  # the recipe's default
+        assert model_args.model_name_or_path == train_vit.RECIPE_DEFAULTS["model_name_or_path"]
+        assert training_args.trades_beta == CURETrainingArguments.trades_beta  # the dataclass default
+    training_args = train_vit.parse_arguments([str(config)])[-1]
+    assert training_args.seed == 5 and training_args.attack_steps == 3
+
+
+def test_train_vit_refuses_an_unknown_config_key(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("lerning_rate: 0.1\nseed: 0\n")
+    with pytest.raises(ValueError, match=r"typo\.yaml: unknown key 'lerning_rate' \(did you mean learning_rate"):
+        train_vit.parse_arguments([str(config), "--seed", "1"])
+
+
+# ------------------------------------------------------------------------------------- resume across stages
+def test_plan_resume_picks_the_stage_of_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    stage0 = out / "stage0_natural"
+    for folder in (stage0 / "checkpoint-2", stage0 / "checkpoint-10", tmp_path / "elsewhere" / "checkpoint-1"):
+        os.makedirs(folder)
+    plan = train_vit.plan_resume
+    assert plan(None, str(out), True) == (True, None, None)
+    assert plan("True", str(out), True) == (True, str(stage0 / "checkpoint-10"), None)  # numeric, not text, order
+    assert plan(str(stage0 / "checkpoint-2"), str(out), True) == (True, str(stage0 / "checkpoint-2"), None)
+    os.makedirs(out / "checkpoint-3")
+    for latest in ("true", True):
+        assert plan(latest, str(out), True) == (False, None, str(out / "checkpoint-3"))  # stage 0 is finished
+    assert plan(str(out / "checkpoint-3") + "/", str(out), True) == (False, None, str(out / "checkpoint-3") + "/")
+    assert plan(str(stage0 / "checkpoint-2"), str(out), True)[0]  # an earlier stage-0 checkpoint still runs it
+    with pytest.raises(ValueError, match="neither in .*run .*nor in .*stage0_natural"):
+        plan(str(tmp_path / "elsewhere" / "checkpoint-1"), str(out), True)
+    assert plan(str(tmp_path / "elsewhere" / "checkpoint-1"), str(out), False) == \
+        (False, None, str(tmp_path / "elsewhere" / "checkpoint-1"))  # one stage: any checkpoint is the method's
+    with pytest.raises(ValueError, match="is not a folder"):
+        plan(str(out / "checkpoint-99"), str(out), True)
+    with pytest.raises(ValueError, match="no checkpoint-<step> folder .*save_strategy"):
+        plan("True", str(tmp_path / "empty"), True)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _recording_trainer(steps_run, crash_dir=None, crash_step=None):
+    """CURETrainer that records (stage folder, step) of every optimizer step it runs, and dies right after writing
+    checkpoint ``crash_step`` in ``crash_dir`` (a killed job)."""
+
+    class RecordAndCrash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append((os.path.basename(args.output_dir), state.global_step))
+
+        def on_save(self, args, state, control, **kwargs):
+            if os.path.normpath(args.output_dir) == os.path.normpath(str(crash_dir)) and state.global_step == crash_step:
+                raise _Crash(f"killed after checkpoint-{crash_step} of {crash_dir}")
+
+    class RecordingTrainer(CURETrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(RecordAndCrash())
+
+    return RecordingTrainer
+
+
+def test_resume_from_checkpoint_across_the_two_stages(tmp_path, monkeypatch, one_thread):
+    """Killed in stage 0, resumed (stage 0 from its checkpoint, then the method); killed in the method, resumed
+    (stage 0 skipped): every optimizer step runs exactly once, in order."""
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(dict(
+        model_name_or_path="test_resnet", dataset_name="digits", max_train_samples=32, max_eval_samples=16,
+        per_device_train_batch_size=16, natural_epochs=2, adv_method="fgsm_rs", max_steps=4, save_strategy="steps",
+        save_steps=2, logging_steps=1, eval_attacks="clean,pgd2", eval_pgd_steps=2, output_dir=str(out),
+        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, report_to="none")))
+    calls, steps_run = [], []
+    original = train_vit.train_stage
+
+    def spying_train_stage(model, args, data, name, dataset_name, resume_from_checkpoint=None):
+        calls.append((name, resume_from_checkpoint))
+        return original(model, args, data, name, dataset_name, resume_from_checkpoint=resume_from_checkpoint)
+
+    monkeypatch.setattr(train_vit, "train_stage", spying_train_stage)
+    stage0 = out / "stage0_natural"
+    monkeypatch.setattr(train_vit, "CURETrainer", _recording_trainer(steps_run, stage0, 2))
+    with pytest.raises(_Crash):
+        train_vit.main([str(config)])
+    assert steps_run == [("stage0_natural", 1), ("stage0_natural", 2)]
+    assert sorted(os.listdir(stage0)) == ["checkpoint-2"] and not (out / "checkpoint-2").exists()
+
+    calls.clear(), steps_run.clear()
+    monkeypatch.setattr(train_vit, "CURETrainer", _recording_trainer(steps_run, out, 2))
+    with pytest.raises(_Crash):
+        train_vit.main([str(config), "--resume_from_checkpoint", "True"])
+    # stage 0 from its checkpoint (steps 1 and 2 not rerun), then the method from its start
+    assert calls == [("stage0_natural", str(stage0 / "checkpoint-2")), ("fgsm_rs", None)]
+    assert steps_run == [("stage0_natural", 3), ("stage0_natural", 4), ("run", 1), ("run", 2)]
+    stage0_files = {p: p.stat().st_mtime_ns for p in stage0.rglob("*")}
+
+    calls.clear(), steps_run.clear()
+    monkeypatch.setattr(train_vit, "CURETrainer", _recording_trainer(steps_run))
+    results = train_vit.main([str(config), "--resume_from_checkpoint", "True"])
+    assert calls == [("fgsm_rs", str(out / "checkpoint-2"))]  # stage 0 finished: skipped
+    assert steps_run == [("run", 3), ("run", 4)]
+    assert list(results) == ["fgsm_rs"] and (out / "model.safetensors").is_file()
+    assert {p: p.stat().st_mtime_ns for p in stage0.rglob("*")} == stage0_files  # stage 0 untouched
+
+
+def test_compare_methods_and_layerwise_study_read_a_config_file(tmp_path):
+    import compare_methods
+    import layerwise_study
+
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"methods": "clean,cure", "epochs": 2, "autoattack": True}))
+    args = compare_methods.parse_args([str(config), "--epochs", "3"])
+    assert (args.methods, args.epochs, args.autoattack) == ("clean,cure", 3.0, True)  # the flag won for epochs
+    assert args.batch_size == compare_methods.parse_args([]).batch_size  # untouched: the script's default
+    config.write_text(yaml.safe_dump({"settings": "U-1", "reinit": True, "epochs": "2"}))
+    args = layerwise_study.parse_args(["--config", str(config)])
+    assert (args.settings, args.reinit, args.epochs) == ("U-1", True, 2.0)  # "2" read by the flag's type
+    config.write_text(yaml.safe_dump({"setting": "U-1"}))
+    with pytest.raises(ValueError, match=r"unknown key 'setting' \(did you mean settings"):
+        layerwise_study.parse_args([str(config)])
