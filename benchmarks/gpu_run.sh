@@ -27,9 +27,9 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
           --profile-steps 1)
     TEST_DEVICE=cpu BUDGET=${BUDGET:-900} KILL_AT=${KILL_AT:-1000}
 else
-    ARGS=(--device cuda --model cifar_resnet18 --batch-size 128 --attack-steps 10 --warmup 3 --steps 10
-          --base-workers 4 --robust-steps 60 --robust-eval 1024 --profile-steps 2 --trace-config bf16
-          )
+    ARGS=(--device cuda --model cifar_resnet18 --batch-size 128 --attack-steps 10 --warmup 3 --steps 25
+          --base-workers 4 --robust-model test_resnet --robust-steps 120 --robust-eval 1024 --profile-steps 2
+          --trace-config bf16)
     TEST_DEVICE=cuda
 fi
 BUDGET=${BUDGET:-330}    # no benchmark job starts after this many seconds (all in)

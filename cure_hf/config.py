@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import List, Optional, Union
 
+import torch
 from transformers import TrainingArguments
 
 __all__ = ["CURETrainingArguments", "RobustEvaluationArguments", "parse_pixel_value", "ADV_METHODS", "EVAL_ATTACKS"]
@@ -166,7 +167,9 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     momentum 0.9 (`sgd_momentum`), `learning_rate=0.1`, `weight_decay=5e-4` on *all* parameters
     (`weight_decay_all_parameters`; the Trainer exempts biases and norm weights), `max_grad_norm=0` (no clipping),
     `remove_unused_columns=False` (timm models take `x`, not `pixel_values`), `ddp_broadcast_buffers=False` (several
-    forward passes before one backward) and `metric_for_best_model="robust_accuracy"` whenever evaluation runs.
+    forward passes before one backward), `metric_for_best_model="robust_accuracy"` whenever evaluation runs, and two
+    that keep the step free of host synchronisations: `logging_nan_inf_filter=False` (the filter hides a divergence
+    and reads every loss back) and `accelerator_config.non_blocking=True` (unless your `accelerator_config` sets it).
     The learning-rate schedule is the Trainer's (`lr_scheduler_type`, linear by default); `lr_step_epochs` switches
     to the paper's step schedule.
 
@@ -322,6 +325,11 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay."})
     max_grad_norm: float = field(default=0.0, metadata={"help": "Gradient clipping (0 = none, as the paper)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values/labels columns."})
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "The Trainer's filter that replaces a NaN/inf loss by the running mean in the logs: off, "
+                          "since it hides a divergence and reads the loss back to the host every step."},
+    )
     ddp_broadcast_buffers: Optional[bool] = field(
         default=False, metadata={"help": "DDP buffer broadcast; off because of several forwards per backward."}
     )
@@ -372,6 +380,12 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         from .speed import apply_speed_preset
 
         self.speed_preset_changed = apply_speed_preset(self)  # e.g. ["bf16=True", ...]: what the preset set
+        # Batches go to the device without waiting for it (accelerate's default copy blocks every step); the
+        # Trainer pins the loader's memory by default, so the copy really is asynchronous.
+        config = self.accelerator_config
+        on_gpu = torch.cuda.is_available() and not self.use_cpu  # pinned memory, hence async copies, need a GPU
+        if on_gpu and (config is None or (isinstance(config, dict) and "non_blocking" not in config)):
+            self.accelerator_config = {**(config or {}), "non_blocking": True}
 
     def _validate_cure_fields(self) -> None:
         _check(self.adv_method in ADV_METHODS, "adv_method", self.adv_method, f"one of {ADV_METHODS}")
