@@ -200,7 +200,7 @@ def dataset_card_fields(dataset) -> Dict[str, Any]:
     fields: Dict[str, Any] = {}
     if name:
         fields["dataset"] = name
-        if "/" in str(name) and builder not in (None, "imagefolder"):
+        if "/" in str(name) and builder != "imagefolder":
             fields["dataset_id"] = name
     return fields
 
