@@ -102,7 +102,7 @@ def run_evaluate(args) -> Dict[str, Any]:
     """``cure-hf evaluate``: returns the result written to ``--output``."""
     import torch
 
-    from .data import collate_pixels
+    from .data import collate_pixels, set_preprocessing
     from .evaluation import AutoAttackConfig, evaluate_robustness, log_evaluation_warnings, parse_attacks
 
     eps_values = _pixel_values(args.eps, "--eps")
@@ -122,6 +122,7 @@ def run_evaluate(args) -> Dict[str, Any]:
     dataset, num_classes = _load_split(args, probe_size)
     if model is None:
         model = _load_model(args.model, num_classes, probe_size, args.patch_size)
+    set_preprocessing(dataset, model)  # the pixels the model was evaluated on in training (its saved preprocessing)
     model.to(device).eval()
     with torch.no_grad():
         sample = collate_pixels([dataset[0]])["pixel_values"].to(device)

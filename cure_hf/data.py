@@ -297,8 +297,11 @@ def load_image_dataset(
     from datasets import ClassLabel, DatasetDict, load_dataset
 
     if name == "digits":
+        if train_split != "train" or test_split not in (None, "test"):
+            raise ValueError(f"train_split={train_split!r}, test_split={test_split!r}: the embedded digits have only "
+                             "the splits 'train' and 'test'; leave both unset")
         raw = load_digits_dataset(image_size=image_size or _square_side(preprocessing) or 32)
-        train_split, test_split = "train", "test"
+        test_split = "test"
     elif name == "imagefolder":
         if not train_dir:
             raise ValueError("dataset_name='imagefolder' needs --train_dir (and usually --test_dir)")
@@ -358,7 +361,7 @@ def _record_name(splits, dataset_name: str) -> None:
 
 def _square_side(preprocessing) -> Optional[int]:
     """The side of a square input size, to draw the embedded digits at; None for anything else."""
-    if preprocessing is None or isinstance(preprocessing, (int, tuple, list)):
+    if preprocessing is None:
         return None
     resolved = _resolve_preprocessing(preprocessing)
     if isinstance(resolved, dict):

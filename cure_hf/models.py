@@ -262,9 +262,8 @@ def model_data_config(model: nn.Module) -> Dict[str, Any]:
             channels = int(timm_model.pretrained_cfg.get("input_size", (3,))[0])
             args.update(input_size=(channels, *normalized.input_size), crop_pct=1.0)
         args.update(normalized.data_config)
-        args.update(mean=tuple(normalized.mean.flatten().tolist()), std=tuple(normalized.std.flatten().tolist()))
-    else:
-        args.update(mean=(0.0,) * 3, std=(1.0,) * 3)
+    mean, std = _in_model_normalisation(normalized)
+    args.update(mean=tuple(mean), std=tuple(std))
     return timm.data.resolve_data_config(args=args, model=timm_model)
 
 
@@ -292,9 +291,13 @@ def model_preprocessing(model: nn.Module):
 
 
 def _in_model_normalisation(normalized: Optional[PixelNormalized]) -> Tuple[List[float], List[float]]:
+    """The wrapper's mean/std as the shortest decimals that give back its float32 buffers (0.2, not 0.2000000029)."""
     if normalized is None:
         return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
-    return normalized.mean.flatten().tolist(), normalized.std.flatten().tolist()
+    import numpy as np
+
+    return ([float(str(np.float32(v))) for v in normalized.mean.flatten().tolist()],
+            [float(str(np.float32(v))) for v in normalized.std.flatten().tolist()])
 
 
 def conform_image_processor(processor, mean: Sequence[float], std: Sequence[float],

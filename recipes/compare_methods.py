@@ -26,7 +26,7 @@ from typing import Dict, List
 import torch
 
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.data import load_image_dataset
+from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.models import create_model
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ def main(argv=None) -> List[dict]:
         max_eval_samples=args.max_eval_examples, seed=args.seed)
     torch.manual_seed(args.seed)
     initial = create_model(args.model, num_classes, image_size=args.image_size)
+    set_preprocessing(data, initial)
     methods = args.methods.split(",")
     wall = time.time()
     rows = []

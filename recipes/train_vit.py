@@ -24,7 +24,7 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.data import load_image_dataset
+from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.models import create_model
 
 logger = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ def main(argv=None):
         model_args.model_name_or_path, num_classes, pretrained=model_args.pretrained or None,
         image_size=model_args.image_size, patch_size=model_args.patch_size,
     )
+    set_preprocessing(data, model)  # pixels as the model's own preprocessing (and its saved folder) make them
 
     results = {}
     if stage_args.natural_epochs > 0 and training_args.adv_method != "clean":

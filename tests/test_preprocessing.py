@@ -198,3 +198,5 @@ def test_unknown_split_is_refused_and_a_missing_test_split_is_carved_with_a_log_
     assert data["train"].info.dataset_name == "me/shapes"  # the Hub id, for the model card's datasets:
     with pytest.raises(ValueError, match="test_dir"):
         load_image_dataset("imagefolder", train_dir="/nonexistent", test_split="validation")
+    with pytest.raises(ValueError, match="test_split='validation'.*only the splits 'train' and 'test'"):
+        load_image_dataset("digits", test_split="validation")
