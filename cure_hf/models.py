@@ -146,6 +146,7 @@ def load_model(
     """
     if library not in (None, "timm", "transformers"):
         raise ValueError(f"library={library!r}: use None (decide from the checkpoint), 'timm' or 'transformers'")
+    _height_width(image_size, "image_size")  # refuse a bad size before building anything
     from . import cifar_models  # noqa: F401
 
     kind, location, config = _resolve_source(spec)

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from huggingface_hub import ModelCard
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -36,12 +37,12 @@ def _image_dataset(n, width=64, height=40, seed=0):
                              features=features)
 
 
-def _trained(model, tmp_path, train, test, **overrides):
+def _trained(model, tmp_path, train, test, processing_class=None):
     args = dict(output_dir=str(tmp_path / "run"), adv_method="trades", max_steps=1, per_device_train_batch_size=4,
                 attack_steps=1, learning_rate=0.05, save_strategy="no", report_to="none", use_cpu=True,
                 disable_tqdm=True, eval_strategy="no")
-    args.update(overrides)
-    trainer = CURETrainer(model, CURETrainingArguments(**args), train_dataset=train, eval_dataset=test)
+    trainer = CURETrainer(model, CURETrainingArguments(**args), train_dataset=train, eval_dataset=test,
+                          processing_class=processing_class)
     trainer.train()
     return trainer
 
@@ -107,8 +108,7 @@ def test_transformers_model_keeps_its_processor_and_label_names_through_trainer_
     train, test = _image_dataset(8), _image_dataset(4, seed=1)
     train.set_transform(image_transform(model, train=True))
     test.set_transform(image_transform(model, train=False))
-    trainer = _trained(model, tmp_path, train, test)
-    trainer.processing_class = users_processor
+    trainer = _trained(model, tmp_path, train, test, processing_class=users_processor)
     folder = tmp_path / "run" / "final"
     with caplog.at_level(logging.WARNING, logger="cure_hf"):
         trainer.save_model(str(folder))
@@ -121,6 +121,9 @@ def test_transformers_model_keeps_its_processor_and_label_names_through_trainer_
     assert saved["size"] == {"height": 48, "width": 32}
     config = json.loads((folder / "config.json").read_text())
     assert config["id2label"] == {"0": "cat", "1": "dog", "2": "bird"} and config["label2id"]["bird"] == 2
+    card = ModelCard.load(folder / "README.md")  # a transformers-native folder: no timm loading code
+    assert card.data.library_name == "transformers" and "timm.create_model" not in card.text
+    assert card.data.robustness["architecture"] == "ViTForImageClassification"
 
     pixels, images = _eval_inputs(test)
     with torch.no_grad():
