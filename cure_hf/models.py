@@ -10,9 +10,7 @@ folder all use it. ``find_head_modules`` names the classifier head that CURE nev
 """
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -25,8 +23,6 @@ __all__ = [
     "unwrap_normalized", "model_data_config", "model_preprocessing", "conform_image_processor",
     "NON_SAFETENSORS_WEIGHTS",
 ]
-
-logger = logging.getLogger(__name__)
 
 ImageSize = Union[int, Sequence[int]]
 
