@@ -29,14 +29,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .attacks import cross_entropy_loss, logits_of
 from .config import CURETrainingArguments
-from .data import collate_pixels
+from .data import collate_pixels, dataset_card_fields, dataset_preprocessing
 from .evaluation import (
     evaluate_robustness,
     log_evaluation_warnings,
     log_robust_overfitting,
     robust_overfitting_summary,
 )
-from .hub import export_files, load_weights_into, push_folder, save_pretrained
+from .hub import card_fields, export_files, export_preprocessing, load_weights_into, push_folder, save_pretrained
 from .methods import METHODS
 from .modelcard import card_value, write_model_card
 from .models import unwrap_normalized
@@ -269,7 +269,7 @@ class RobustTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         save_pretrained(self.accelerator.unwrap_model(self.model), output_dir, card=self.model_card_info(),
                         image_size=self._export_image_size(), label_names=self._label_names(),
-                        processing_class=self.processing_class)
+                        processing_class=self.processing_class, preprocessing=self._data_preprocessing())
         # The arguments as JSON rather than the Trainer's pickled training_args.bin: nothing needs torch.load.
         with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
@@ -311,6 +311,10 @@ class RobustTrainer(Trainer):
                 continue
         return None
 
+    def _data_preprocessing(self):
+        """What the data transforms did (cure_hf's transforms record it), for the saved folder to repeat."""
+        return dataset_preprocessing(self.eval_dataset, self.train_dataset)
+
     def _label_names(self) -> Optional[List[str]]:
         features = getattr(self.train_dataset, "features", None) or {}
         for key in ("labels", "label"):
@@ -341,8 +345,10 @@ class RobustTrainer(Trainer):
                             "revision_decay", "prominence", "conservation"]
         elif args.adv_method in ("trades", "mart"):
             hyper_names += ["trades_beta"]
-        _, normalized = unwrap_normalized(self.accelerator.unwrap_model(self.model))
+        model = self.accelerator.unwrap_model(self.model)
+        exported = export_preprocessing(model, self._data_preprocessing(), self._export_image_size())
         info = {
+            **card_fields(model, exported),
             "model_name": (self.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
             "repo_id": self.hub_model_id,
             "method": args.adv_method,
@@ -355,7 +361,6 @@ class RobustTrainer(Trainer):
             f"pgd{steps}_accuracy": eval_metrics.get(f"{prefix}pgd{steps}_accuracy"),
             "autoattack_accuracy": eval_metrics.get(f"{prefix}autoattack_accuracy"),
             "additional_data": False,
-            "base_model": getattr(normalized, "source", None),
             "tags": [f"method-{args.adv_method}"] + list(self._tag_names),
         }
         info.update(self._dataset_card_fields())
@@ -364,18 +369,8 @@ class RobustTrainer(Trainer):
         return info
 
     def _dataset_card_fields(self) -> Dict[str, Any]:
-        """The training set's name and Hub id, from its `datasets` metadata when it has any."""
-        dataset_info = getattr(self.train_dataset, "info", None)
-        name = getattr(dataset_info, "dataset_name", None)
-        builder = getattr(dataset_info, "builder_name", None)
-        fields: Dict[str, Any] = {}
-        if name:
-            fields["dataset"] = name
-        hub_id = getattr(self.train_dataset, "_cure_hf_hub_id", None) or (
-            name if name and "/" in str(name) and builder not in (None, "imagefolder") else None)
-        if hub_id:
-            fields["dataset_id"] = hub_id
-        return fields
+        """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`)."""
+        return dataset_card_fields(self.train_dataset)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
                           tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
@@ -387,7 +382,6 @@ class RobustTrainer(Trainer):
         info = self.model_card_info(**overrides)
         if tags:
             info["tags"] = list(info["tags"]) + ([tags] if isinstance(tags, str) else list(tags))
-        info.setdefault("image_size", self._export_image_size())
         write_model_card(self.args.output_dir, info)
 
     # -------------------------------------------------------------------------------------- pushing

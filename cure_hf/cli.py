@@ -203,7 +203,7 @@ def run_evaluate(
     import torch
 
     from .attacks import logits_of
-    from .data import collate_pixels
+    from .data import collate_pixels, set_preprocessing
     from .evaluation import evaluate_robustness, log_evaluation_warnings
 
     device = torch.device(output.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -219,6 +219,7 @@ def run_evaluate(
     dataset, num_classes = _load_split(data_args, probe_size, evaluation.eval_max_examples)
     if model is None:
         model = _load_model(model_args, num_classes, probe_size)
+    set_preprocessing(dataset, model)  # the pixels the model was evaluated on in training (its saved preprocessing)
     model.to(device).eval()
     with torch.no_grad():
         sample = collate_pixels([dataset[0]])["pixel_values"].to(device)

@@ -2,23 +2,36 @@
 
 The default needs no network: scikit-learn ships the UCI digits (1797 real 8x8 grey images); they are
 upsampled to 32x32x3 and split once, with a fixed seed, into train (1437) and test (360).
+
+One preprocessing truth: the transforms come from the model (``image_transform(model, ...)``,
+``set_preprocessing(data, model)``): timm's data config through timm's own ``create_transform``, or a transformers
+model's image processor, without the normalisation, which lives inside the model. The saved folder records the
+same preprocessing, so timm, transformers and cure_hf reproduce the evaluation pixels of training.
 """
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-__all__ = ["load_digits_dataset", "load_image_dataset", "image_transform", "collate_pixels", "check_pixel_range",
-           "split_validation"]
+__all__ = ["load_digits_dataset", "load_image_dataset", "image_transform", "set_preprocessing",
+           "dataset_preprocessing", "dataset_card_fields", "collate_pixels", "check_pixel_range", "split_validation",
+           "DIGITS_DATASET_NAME"]
+
+logger = logging.getLogger(__name__)
+
+# The card's name of the embedded default: it has no Hub id, so the card gets no `datasets:` entry for it.
+DIGITS_DATASET_NAME = "scikit-learn digits (UCI, embedded in cure_hf)"
 
 
 def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.2, seed: int = 0):
-    """The embedded default: a ``DatasetDict`` with "train"/"test", columns "image" (PIL RGB) and "label"."""
+    """The embedded default: a ``DatasetDict`` with "train"/"test", columns "image" (PIL RGB) and "label";
+    ``info.dataset_name`` is :data:`DIGITS_DATASET_NAME`."""
     import torch.nn.functional as F
-    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from datasets import ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, Image
     from PIL import Image as PILImage
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -35,14 +48,18 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.2, seed: 
 
     def subset(idx):
         return Dataset.from_dict(
-            {"image": [PILImage.fromarray(pixels[i]) for i in idx], "label": labels[idx].tolist()}, features=features
+            {"image": [PILImage.fromarray(pixels[i]) for i in idx], "label": labels[idx].tolist()},
+            info=DatasetInfo(dataset_name=DIGITS_DATASET_NAME, features=features),
         )
 
     return DatasetDict(train=subset(train_idx), test=subset(test_idx))
 
 
+Preprocessing = Union[int, Sequence[int], Dict[str, Any], Any]
+
+
 def image_transform(
-    image_size: int,
+    preprocessing: Preprocessing,
     *,
     train: bool,
     augment: str = "none",
@@ -51,26 +68,141 @@ def image_transform(
 ) -> Callable[[Dict[str, List]], Dict[str, List]]:
     """A ``datasets.set_transform`` function: images -> "pixel_values" (3xHxW floats in [0, 1]), "labels".
 
-    ``augment``: "none", or "crop_flip" (random crop with 4-pixel padding and horizontal flip, the paper's).
-    No normalisation here: it lives inside the model.
+    ``preprocessing`` says how pixels are made, best straight from the model:
+
+    - a model (timm, :class:`~cure_hf.models.PixelNormalized`, transformers): its own preprocessing
+      (:func:`cure_hf.models.model_preprocessing`), the one its saved folder records;
+    - a timm data config (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``): ``timm.data.create_transform``;
+    - a transformers image processor: the processor itself, with ``do_normalize=False``;
+    - an int or ``(height, width)``: a bilinear resize of the whole image to that size (what earlier versions did).
+
+    ``augment``: "none", or "crop_flip" (random crop with 4-pixel padding and horizontal flip, the paper's),
+    on top of the evaluation pixels. No normalisation here: it lives inside the model. The returned function keeps
+    its settings as attributes (``preprocessing``, ``train``, ``augment``, ``image_column``, ``label_column``).
     """
     from torchvision import transforms as T
 
     if augment not in ("none", "crop_flip"):
         raise ValueError(f"augment={augment!r} is not one of 'none', 'crop_flip'")
-    steps = [T.Resize((image_size, image_size))]
+    preprocessing = _resolve_preprocessing(preprocessing)
+    timm_format = isinstance(preprocessing, dict)
+    pixels = _timm_pixels(preprocessing) if timm_format else _processor_pixels(preprocessing)
+    augmentation = None
     if train and augment == "crop_flip":
-        steps += [T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip()]
-    steps += [T.ToTensor()]
-    pipeline = T.Compose(steps)
+        size = tuple(preprocessing["input_size"][-2:]) if timm_format else _processor_output_size(preprocessing)
+        augmentation = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()])
 
     def transform(batch: Dict[str, List]) -> Dict[str, List]:
-        return {
-            "pixel_values": [pipeline(img.convert("RGB")) for img in batch[image_column]],
-            "labels": list(batch[label_column]),
-        }
+        images = pixels([img.convert("RGB") for img in batch[image_column]])
+        if augmentation is not None:
+            images = [augmentation(x) for x in images]
+        return {"pixel_values": images, "labels": list(batch[label_column])}
 
+    transform.preprocessing = preprocessing
+    transform.train, transform.augment = train, augment
+    transform.image_column, transform.label_column = image_column, label_column
     return transform
+
+
+def _resolve_preprocessing(preprocessing: Preprocessing):
+    """A timm data config (dict, every key resolved) or a transformers image processor."""
+    import timm.data
+
+    if isinstance(preprocessing, torch.nn.Module):
+        from .models import model_preprocessing
+
+        return model_preprocessing(preprocessing)
+    if isinstance(preprocessing, (int, tuple, list)):
+        from .models import _height_width
+
+        height, width = _height_width(preprocessing, "image_size")
+        # a plain resize of the whole image: no crop, whatever the aspect ratio
+        preprocessing = {"input_size": (3, height, width), "interpolation": "bilinear", "crop_pct": 1.0,
+                         "crop_mode": "squash"}
+    if isinstance(preprocessing, dict):
+        return timm.data.resolve_data_config(args=dict(preprocessing))
+    if callable(getattr(preprocessing, "preprocess", None)) and hasattr(preprocessing, "to_dict"):
+        return preprocessing
+    raise TypeError(f"preprocessing={preprocessing!r}: pass a model, a timm data config (dict), a transformers image "
+                    "processor, or an image size (int or (height, width))")
+
+
+def _timm_pixels(data_config: Dict[str, Any]) -> Callable[[List], List[torch.Tensor]]:
+    """timm's evaluation transform, stopping before its normalisation: uint8 -> float in [0, 1], as ToTensor does."""
+    import timm.data
+
+    pipeline = timm.data.create_transform(**data_config, is_training=False, normalize=False)
+    return lambda images: [pipeline(img).float().div(255) for img in images]
+
+
+def _processor_pixels(processor) -> Callable[[List], List[torch.Tensor]]:
+    def pixels(images):
+        return list(processor(images, do_normalize=False, return_tensors="pt")["pixel_values"])
+
+    return pixels
+
+
+def _processor_output_size(processor) -> tuple:
+    settings = processor.to_dict()
+    size = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
+    if not size or "height" not in size:
+        raise ValueError(f"augment='crop_flip' needs an image processor with a fixed output size (height and width); "
+                         f"{type(processor).__name__} has size={size}")
+    return int(size["height"]), int(size["width"])
+
+
+def set_preprocessing(data, preprocessing: Preprocessing):
+    """Rebuild the transform of every split of ``data`` (a ``Dataset`` or ``DatasetDict`` from
+    :func:`load_image_dataset` / :func:`image_transform`) from ``preprocessing`` (usually the model), keeping each
+    split's augmentation and columns. Returns ``data``.
+
+    Data is loaded before the model (its classes decide the head); this makes its pixels the model's afterwards.
+    """
+    splits = data.values() if hasattr(data, "values") else [data]
+    for split in splits:
+        current = _cure_hf_transform(split)
+        if current is None:
+            raise ValueError("set_preprocessing: a split has no cure_hf transform, so its columns and augmentation are "
+                             "unknown; set one with dataset.set_transform(cure_hf.data.image_transform(model, "
+                             "train=...))")
+        split.set_transform(image_transform(preprocessing, train=current.train, augment=current.augment,
+                                            image_column=current.image_column, label_column=current.label_column))
+    return data
+
+
+def _cure_hf_transform(dataset) -> Optional[Callable]:
+    fmt = getattr(dataset, "format", None) or {}
+    transform = fmt.get("format_kwargs", {}).get("transform") if fmt.get("type") == "custom" else None
+    return transform if hasattr(transform, "preprocessing") else None
+
+
+def dataset_preprocessing(*datasets):
+    """The preprocessing (timm data config or image processor) of the first dataset whose transform is cure_hf's;
+    dicts of datasets are searched too. None when none is: the pixels came from a transform cure_hf cannot read."""
+    for dataset in datasets:
+        candidates = dataset.values() if isinstance(dataset, dict) else [dataset]
+        for candidate in candidates:
+            transform = _cure_hf_transform(candidate)
+            if transform is not None:
+                return transform.preprocessing
+    return None
+
+
+def dataset_card_fields(dataset) -> Dict[str, Any]:
+    """The model card's ``dataset`` (a name) and ``dataset_id`` (a Hub id, only for Hub datasets) of a training set.
+
+    Read from ``dataset.info``: :func:`load_image_dataset` records a Hub dataset's id in ``info.dataset_name``; the
+    embedded digits, image folders and local paths carry a name without a "/" and get no Hub id.
+    """
+    dataset_info = getattr(dataset, "info", None)
+    name = getattr(dataset_info, "dataset_name", None)
+    builder = getattr(dataset_info, "builder_name", None)
+    fields: Dict[str, Any] = {}
+    if name:
+        fields["dataset"] = name
+        if "/" in str(name) and builder != "imagefolder":
+            fields["dataset_id"] = name
+    return fields
 
 
 def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -139,13 +271,14 @@ def _pick_column(names, wanted: Optional[str], candidates, what: str) -> str:
 def load_image_dataset(
     name: str = "digits",
     *,
-    image_size: int = 32,
+    preprocessing: Preprocessing = None,
+    image_size: Optional[int] = None,
     augment: str = "none",
     config_name: Optional[str] = None,
     train_dir: Optional[str] = None,
     test_dir: Optional[str] = None,
     train_split: str = "train",
-    test_split: str = "test",
+    test_split: Optional[str] = None,
     image_column: Optional[str] = None,
     label_column: Optional[str] = None,
     max_train_samples: Optional[int] = None,
@@ -155,27 +288,53 @@ def load_image_dataset(
     """Train/test datasets yielding {"pixel_values" in [0, 1], "labels"}, and the number of classes.
 
     ``name``: "digits" (embedded, no network), "imagefolder" (with ``train_dir``/``test_dir``), or any
-    ``datasets.load_dataset`` name such as "uoft-cs/cifar10".
+    ``datasets.load_dataset`` name such as "uoft-cs/cifar10" (its id is recorded in ``info.dataset_name`` for the
+    model card's ``datasets:``).
+
+    ``preprocessing``: the model (or its data config / image processor, see :func:`image_transform`); when the model
+    is built after the data (it needs ``num_classes``), call :func:`set_preprocessing` with it. ``image_size``
+    (default 32): without ``preprocessing``, a plain resize to that size; it is also the size the embedded digits
+    are drawn at.
+
+    ``test_split``: the split to evaluate on; a named split that does not exist is refused. Unset (None), it is
+    "test"; a dataset without a "test" split then gives up a seeded 10% of the training split (said in the log).
     """
     from datasets import ClassLabel, DatasetDict, load_dataset
 
     if name == "digits":
-        raw = load_digits_dataset(image_size=image_size)
-        train_split, test_split = "train", "test"
+        if train_split != "train" or test_split not in (None, "test"):
+            raise ValueError(f"train_split={train_split!r}, test_split={test_split!r}: the embedded digits have only "
+                             "the splits 'train' and 'test'; leave both unset")
+        raw = load_digits_dataset(image_size=image_size or _square_side(preprocessing) or 32)
+        test_split = "test"
     elif name == "imagefolder":
         if not train_dir:
             raise ValueError("dataset_name='imagefolder' needs --train_dir (and usually --test_dir)")
+        if test_split not in (None, "test"):
+            raise ValueError(f"test_split={test_split!r}: an image folder's test split is the folder given as "
+                             "test_dir; pass --test_dir and leave test_split unset")
         files = {"train": os.path.join(train_dir, "**")}
         if test_dir:
             files["test"] = os.path.join(test_dir, "**")
         raw = load_dataset("imagefolder", data_files=files)
         train_split, test_split = "train", "test" if test_dir else None
+        _record_name(raw, f"imagefolder {os.path.basename(os.path.normpath(train_dir))}")
     else:
         raw = load_dataset(name, config_name)
+        # a Hub id names the card's dataset; a local path is only a name, without a "/" the card would read as an id
+        _record_name(raw, os.path.basename(os.path.normpath(name)) if os.path.exists(name) else name)
+        if test_split is None and "test" in raw:
+            test_split = "test"
     if train_split not in raw:
-        raise ValueError(f"split {train_split!r} not in the dataset; splits are {list(raw)}; pass --train_split")
-    if test_split is None or test_split not in raw:
-        # No test split: carve a fixed 10% out of the training split.
+        raise ValueError(f"train_split={train_split!r} is not a split of {name!r}; its splits are {list(raw)}; "
+                         "pass --train_split with one of them")
+    if test_split is not None and test_split not in raw:
+        raise ValueError(f"test_split={test_split!r} is not a split of {name!r}; its splits are {list(raw)}; pass "
+                         "--test_split with one of them, or leave it unset to evaluate on a seeded 10% of the "
+                         "training split when the dataset has no test split")
+    if test_split is None:
+        logger.info("%s has no test split (splits: %s): evaluating on a seeded 10%% of %r (seed %d), trained on the "
+                    "other 90%%", name, list(raw), train_split, seed)
         parts = raw[train_split].train_test_split(test_size=0.1, seed=seed)
         raw = DatasetDict(train=parts["train"], test=parts["test"])
         train_split, test_split = "train", "test"
@@ -189,10 +348,35 @@ def load_image_dataset(
         train = train.select(range(min(max_train_samples, len(train))))
     if max_eval_samples is not None:
         test = test.select(range(min(max_eval_samples, len(test))))
+    if preprocessing is None:
+        preprocessing = image_size or 32
+    elif image_size is not None and name != "digits":
+        raise ValueError(f"image_size={image_size} and preprocessing=... both set the input size; the model's "
+                         "preprocessing decides it: leave image_size unset")
     common = dict(augment=augment, image_column=image_column, label_column=label_column)
-    train.set_transform(image_transform(image_size, train=True, **common))
-    test.set_transform(image_transform(image_size, train=False, **common))
+    train.set_transform(image_transform(preprocessing, train=True, **common))
+    test.set_transform(image_transform(preprocessing, train=False, **common))
     return DatasetDict(train=train, test=test), num_classes
+
+
+def _record_name(splits, dataset_name: str) -> None:
+    for split in splits.values():
+        split.info.dataset_name = dataset_name
+
+
+def _square_side(preprocessing) -> Optional[int]:
+    """The side of a square input size, to draw the embedded digits at; None for anything else."""
+    if preprocessing is None:
+        return None
+    resolved = _resolve_preprocessing(preprocessing)
+    if isinstance(resolved, dict):
+        height, width = resolved["input_size"][-2:]
+    else:
+        try:
+            height, width = _processor_output_size(resolved)
+        except ValueError:
+            return None
+    return int(height) if height == width else None
 
 
 # --- robust evaluation (issue 3): a validation split for model selection, carved from the training set
@@ -200,7 +384,7 @@ def split_validation(dataset, fraction: float, seed: int = 0, eval_transform: Op
     """``(train, validation)``: a seeded, stratified (when the label is a ``ClassLabel``) hold-out of ``dataset``.
 
     Robust overfitting makes the best epoch matter; choosing it on the test set inflates the reported
-    number, so select on this split instead. ``eval_transform`` (e.g. ``image_transform(size, train=False)``)
+    number, so select on this split instead. ``eval_transform`` (e.g. ``image_transform(model, train=False)``)
     replaces the training augmentation on the validation split; otherwise both keep ``dataset``'s format.
     """
     from datasets import ClassLabel

@@ -12,141 +12,309 @@ Why the config is not timm's ``save_for_hf`` output verbatim: timm 1.0.31 record
 ``model_args`` and transformers 5.24's wrapper calls ``timm.create_model(arch, num_classes=num_labels,
 **model_args)``, a duplicate keyword (TypeError). ``num_classes`` stays at the config's root, where both
 read it (timm as the default of its build kwargs, transformers as ``num_labels``). The in-model
-normalisation becomes ``pretrained_cfg`` mean/std, the training image size becomes ``input_size`` with
-``crop_pct=1``: timm's data config and transformers' ``TimmWrapperImageProcessor`` then reproduce the
-trained model's logits on [0, 1] inputs.
+normalisation becomes ``pretrained_cfg`` mean/std and the preprocessing of training (input size, interpolation,
+``crop_pct``, ``crop_mode``) the rest of the data config: timm's ``create_transform`` and transformers'
+``TimmWrapperImageProcessor`` then reproduce the trained model's pixels, hence its logits.
+
+A transformers-native model is saved by its own ``save_pretrained`` with a ``preprocessor_config.json`` that
+carries the in-model mean/std and the training size. ``config.json`` records which files the save wrote
+(key ``cure_hf``): a later save replaces exactly those, refuses to overwrite files cure_hf did not write, and a
+push uploads only them.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-from .modelcard import MODEL_CARD_NAME, write_model_card
-from .models import load_model, unwrap_normalized
+from .modelcard import MODEL_CARD_MARKER, MODEL_CARD_NAME, write_model_card
+from .models import (
+    _height_width,
+    _in_model_normalisation,
+    conform_image_processor,
+    load_model,
+    model_data_config,
+    model_preprocessing,
+    unwrap_normalized,
+)
 
 __all__ = [
-    "load_model", "save_pretrained", "push_folder", "export_files", "load_weights_into", "read_config",
-    "WEIGHTS_NAME", "CONFIG_NAME", "MODEL_CARD_NAME", "PREPROCESSOR_NAME",
+    "load_model", "save_pretrained", "push_folder", "export_files", "export_preprocessing", "card_fields",
+    "load_weights_into", "read_config", "WEIGHTS_NAME", "CONFIG_NAME", "MODEL_CARD_NAME", "PREPROCESSOR_NAME",
+    "EXPORT_MARKER",
 ]
 
+logger = logging.getLogger(__name__)
+
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
+SHARD_PATTERN = "model-*-of-*.safetensors"
+# config.json key of a cure_hf save: {"version": ..., "files": [the files that save wrote]}
+EXPORT_MARKER = "cure_hf"
+
 
 def save_pretrained(
     model: nn.Module,
     output_dir: str,
     *,
     card: Optional[Dict[str, Any]] = None,
-    image_size: Optional[Sequence[int]] = None,
+    image_size: Optional[Union[int, Sequence[int]]] = None,
     label_names: Optional[Sequence[str]] = None,
     processing_class: Any = None,
+    preprocessing: Any = None,
+    max_shard_size: Optional[Union[int, str]] = None,
 ) -> List[str]:
     """Write ``model`` to ``output_dir`` in the format timm and transformers both load; returns the file names.
 
     ``model`` is a :class:`PixelNormalized` (or bare) timm model, a ``TimmWrapperForImageClassification``,
     or another transformers image-classification model (saved with its own ``save_pretrained``: transformers
-    and cure_hf load it, timm has no such architecture). ``image_size`` (``(h, w)`` or an int) is the
-    input size written to the config (default: the model's ``input_size``, else its pretrained config's).
-    ``card``: the fields of :func:`write_model_card`; a README.md is written in any case.
+    and cure_hf load it, timm has no such architecture).
+
+    The folder records the preprocessing: ``preprocessing`` (what the data pipeline did, e.g.
+    ``cure_hf.data.dataset_preprocessing(train)``: a timm data config or an image processor), else the model's own
+    (:func:`cure_hf.models.model_preprocessing`) with ``image_size`` (``(h, w)`` or an int: whole images resized to
+    it) when given. ``processing_class``: an image processor saved with a transformers-native model, as a copy with
+    the model's mean/std/size (a warning names what had to change); a timm folder's processor is its config.json.
+    ``label_names`` become timm's ``label_names`` and transformers' ``id2label``/``label2id``. ``max_shard_size``
+    (transformers-native only) splits the weights. ``card``: the fields of :func:`write_model_card`.
+
+    Files from an earlier cure_hf save in ``output_dir`` are replaced and those this save does not write (e.g. old
+    weight shards) removed; files cure_hf did not write (a README.md, config.json, weights of your own) are
+    never overwritten: the save is refused.
     """
+    os.makedirs(output_dir, exist_ok=True)
+    previous = _previous_export(output_dir)
+    library, exported = export_preprocessing(model, preprocessing, image_size)
+    inner, _ = unwrap_normalized(model)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".cure_hf-save-") as staging:
+        if library == "timm":
+            if max_shard_size is not None:
+                raise ValueError(f"max_shard_size={max_shard_size!r}: a timm folder holds one model.safetensors "
+                                 "(timm loads no shards); leave max_shard_size unset")
+            timm_model = getattr(inner, "timm_model", inner)
+            config_labels = None
+            if timm_model is not inner:  # TimmWrapper: its config has the label names
+                config_labels = [inner.config.id2label[i] for i in sorted(inner.config.id2label)]
+            _save_timm(timm_model, staging, exported, label_names or config_labels)
+            _warn_unsaved_processor(processing_class)
+        else:
+            _save_transformers(inner, staging, label_names, max_shard_size)
+            processor = _consistent_processor(processing_class, exported) if processing_class is not None else exported
+            processor.save_pretrained(staging)
+        info = {**card_fields(model, (library, exported)), **(card or {})}
+        write_model_card(staging, info)
+        files = sorted(os.listdir(staging))
+        _mark_export(staging, files)
+        for name in files:
+            os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
+    for name in sorted(set(previous) - set(files)):
+        os.remove(os.path.join(output_dir, name))  # e.g. weight shards of an earlier, larger save
+    return files
+
+
+def export_preprocessing(model: nn.Module, preprocessing: Any = None,
+                         image_size: Optional[Union[int, Sequence[int]]] = None) -> Tuple[str, Any]:
+    """``("timm", data config)`` or ``("transformers", image processor)``: the format a save writes and the
+    preprocessing it records, with the model's in-model mean/std (see :func:`save_pretrained`)."""
     from transformers import PreTrainedModel
 
     inner, normalized = unwrap_normalized(model)
-    mean = normalized.mean.flatten().tolist() if normalized is not None else [0.0, 0.0, 0.0]
-    std = normalized.std.flatten().tolist() if normalized is not None else [1.0, 1.0, 1.0]
-    if image_size is None and normalized is not None:
-        image_size = normalized.input_size
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    os.makedirs(output_dir, exist_ok=True)
-
-    timm_model, config_labels = inner, None
-    if type(inner).__name__ in ("TimmWrapperForImageClassification", "TimmWrapperModel"):
-        timm_model = inner.timm_model
-        config_labels = [inner.config.id2label[i] for i in sorted(inner.config.id2label)]
-    if hasattr(timm_model, "pretrained_cfg") and hasattr(timm_model, "num_classes"):
-        files = _save_timm(timm_model, output_dir, mean, std, image_size, label_names or config_labels)
-        library = "timm"
-    elif isinstance(inner, PreTrainedModel):
-        files = _save_transformers(inner, normalized, output_dir, mean, std, image_size)
-        library = "transformers"
-    else:
+    mean, std = _in_model_normalisation(normalized)
+    size = _height_width(image_size, "image_size")
+    if hasattr(getattr(inner, "timm_model", inner), "pretrained_cfg"):
+        if isinstance(preprocessing, dict):
+            data_config = dict(preprocessing)
+        else:
+            if preprocessing is not None:
+                logger.warning("the data was made by a %s, but a timm folder records a timm data config; saving "
+                               "the model's own preprocessing", type(preprocessing).__name__)
+            data_config = model_data_config(model)
+            if size is not None:
+                data_config.update(input_size=(data_config["input_size"][0], *size), crop_pct=1.0)
+        data_config.update(mean=tuple(mean), std=tuple(std))
+        return "timm", data_config
+    if not isinstance(inner, PreTrainedModel):
         raise TypeError(
             f"cannot save a {type(inner).__name__}: save_pretrained writes timm models (cure_hf.load_model / "
             "timm.create_model) and transformers image-classification models; wrap yours in one of those"
         )
-    info = dict(card or {})
-    info.setdefault("library_name", library)
-    info.setdefault("architecture", _architecture_name(timm_model if library == "timm" else inner))
-    info.setdefault("image_size", list(image_size) if image_size else None)
-    info.setdefault("mean", [round(v, 6) for v in mean])
-    info.setdefault("std", [round(v, 6) for v in std])
-    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
-        processing_class.save_pretrained(output_dir)
-        files = sorted(set(files) | {PREPROCESSOR_NAME} & set(os.listdir(output_dir)))
-    write_model_card(output_dir, info)
-    return files + [MODEL_CARD_NAME]
+    if isinstance(preprocessing, dict):
+        processor, size = _processor_from_data_config(preprocessing), size or tuple(preprocessing["input_size"][-2:])
+    elif preprocessing is not None:
+        processor = preprocessing
+    else:
+        processor = model_preprocessing(model)
+    processor, _ = conform_image_processor(processor, mean, std, size or (normalized.input_size if normalized else None))
+    return "transformers", processor
 
 
-def _architecture_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.get("architecture"):
-        return cfg["architecture"]
-    config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None)
-    return archs[0] if archs else type(model).__name__
+def _processor_from_data_config(data_config: Dict[str, Any]):
+    """A transformers processor that resizes whole images as the timm data config says (it cannot crop like timm)."""
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    if data_config.get("crop_mode") != "squash":
+        logger.warning("the data was cropped (crop_mode=%s, crop_pct=%s), which a transformers image processor "
+                       "cannot record; preprocessor_config.json resizes whole images. Build the data transform from "
+                       "the model (cure_hf.data.set_preprocessing(data, model)) to save what training did",
+                       data_config.get("crop_mode"), data_config.get("crop_pct"))
+    height, width = data_config["input_size"][-2:]
+    resample = Image.Resampling[str(data_config.get("interpolation", "bilinear")).upper()]
+    return ViTImageProcessor(size={"height": int(height), "width": int(width)}, resample=resample)
 
 
-def _save_timm(model: nn.Module, output_dir: str, mean, std, image_size, label_names) -> List[str]:
+def _consistent_processor(processing_class: Any, exported):
+    """The user's image processor, as a copy with the model's mean/std/size; a warning names what changed."""
+    if not hasattr(processing_class, "to_dict") or not callable(getattr(processing_class, "preprocess", None)):
+        logger.warning("processing_class is a %s, not an image processor: it is not saved; the folder's "
+                       "preprocessor_config.json comes from the model", type(processing_class).__name__)
+        return exported
+    settings = exported.to_dict()
+    size = settings["size"]
+    size = (size["height"], size["width"]) if "height" in size else None
+    processor, changes = conform_image_processor(processing_class, settings["image_mean"], settings["image_std"], size)
+    if changes:
+        logger.warning("processing_class (%s) disagrees with the model, which normalises inside and was trained at "
+                       "its input size; saved a copy with the model's values (%s). Your object is unchanged.",
+                       type(processing_class).__name__, "; ".join(changes))
+    return processor
+
+
+def _warn_unsaved_processor(processing_class: Any) -> None:
+    if processing_class is None or type(processing_class).__name__ == "TimmWrapperImageProcessor":
+        return
+    logger.warning(
+        "processing_class (%s) is not saved: a timm folder's preprocessing is config.json's pretrained_cfg, which "
+        "timm and transformers (AutoImageProcessor -> TimmWrapperImageProcessor) both read; a preprocessor_config.json "
+        "would make transformers preprocess differently from timm", type(processing_class).__name__)
+
+
+def card_fields(model: nn.Module, exported: Optional[Tuple[str, Any]] = None) -> Dict[str, Any]:
+    """The model card's fields that come from the model and its saved preprocessing: ``library_name`` (the folder's
+    format), ``architecture``, ``image_size``, ``mean``, ``std``, ``base_model``."""
+    library, preprocessing = exported or export_preprocessing(model)
+    inner, normalized = unwrap_normalized(model)
+    if library == "timm":
+        timm_model = getattr(inner, "timm_model", inner)
+        architecture = timm_model.pretrained_cfg.get("architecture") or type(timm_model).__name__
+        size, mean, std = preprocessing["input_size"][-2:], preprocessing["mean"], preprocessing["std"]
+    else:
+        archs = getattr(inner.config, "architectures", None)
+        architecture = archs[0] if archs else type(inner).__name__
+        settings = preprocessing.to_dict()
+        size = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
+        size = (size["height"], size["width"]) if size and "height" in size else None
+        mean, std = settings["image_mean"], settings["image_std"]
+    return {
+        "library_name": library, "architecture": architecture,
+        "image_size": [int(v) for v in size] if size else None,
+        "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+        "base_model": getattr(normalized, "source", None),
+    }
+
+
+def _save_timm(model: nn.Module, output_dir: str, data_config: Dict[str, Any], label_names) -> None:
     from timm.models._hub import save_config_for_hf
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, os.path.join(output_dir, WEIGHTS_NAME), metadata={"format": "pt"})
-    data_config: Dict[str, Any] = {"mean": tuple(mean), "std": tuple(std), "crop_pct": 1.0, "crop_mode": "center"}
-    if image_size:
-        data_config["input_size"] = (int(model.pretrained_cfg.get("input_size", (3,))[0]), *map(int, image_size))
     model_config: Dict[str, Any] = {}
     if label_names:
         model_config["label_names"] = [str(name) for name in label_names]
     config_path = os.path.join(output_dir, CONFIG_NAME)
     save_config_for_hf(model, config_path, model_config=model_config, data_config=data_config)
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_config(output_dir)
     # transformers passes num_classes=config.num_labels itself: a second one in model_args is a TypeError.
     config.get("model_args", {}).pop("num_classes", None)
     pretrained_cfg = config["pretrained_cfg"]
-    pretrained_cfg["mean"], pretrained_cfg["std"] = list(mean), list(std)
+    pretrained_cfg["mean"], pretrained_cfg["std"] = list(data_config["mean"]), list(data_config["std"])
     pretrained_cfg.pop("tag", None)  # the source checkpoint's tag does not describe these weights
-    with open(config_path, "w", encoding="utf-8") as f:
+    _write_config(output_dir, config)
+
+
+def _save_transformers(model, output_dir: str, label_names, max_shard_size) -> None:
+    model.save_pretrained(output_dir, **({"max_shard_size": max_shard_size} if max_shard_size is not None else {}))
+    if not label_names:
+        return
+    config = read_config(output_dir)
+    names = [str(name) for name in label_names]
+    if len(names) != model.config.num_labels:
+        logger.warning("%d label names for a model with %d outputs: config.json keeps its id2label", len(names),
+                       model.config.num_labels)
+        return
+    config["id2label"] = {str(i): name for i, name in enumerate(names)}
+    config["label2id"] = {name: i for i, name in enumerate(names)}
+    _write_config(output_dir, config)
+
+
+def _write_config(folder: str, config: Dict[str, Any]) -> None:
+    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
-    return [WEIGHTS_NAME, CONFIG_NAME]
 
 
-def _save_transformers(model, normalized, output_dir: str, mean, std, image_size) -> List[str]:
-    model.save_pretrained(output_dir)
-    files = [f for f in os.listdir(output_dir) if f == CONFIG_NAME or f.endswith(".safetensors")
-             or f == "model.safetensors.index.json"]
-    processor = getattr(normalized, "image_processor", None) if normalized is not None else None
-    if processor is not None and hasattr(processor, "image_mean"):
-        processor.image_mean, processor.image_std = list(mean), list(std)
-        if image_size and hasattr(processor, "size"):
-            processor.size = {"height": int(image_size[0]), "width": int(image_size[1])}
-        processor.save_pretrained(output_dir)
-        files.append(PREPROCESSOR_NAME)
-    return sorted(set(files))
+def _mark_export(folder: str, files: List[str]) -> None:
+    from . import __version__
+
+    config = read_config(folder)
+    config[EXPORT_MARKER] = {"version": __version__, "files": files}
+    _write_config(folder, config)
+
+
+def _is_export_name(name: str) -> bool:
+    return name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME, PREPROCESSOR_NAME) or \
+        fnmatch.fnmatch(name, SHARD_PATTERN)
+
+
+def _previous_export(output_dir: str) -> List[str]:
+    """The files of an earlier cure_hf save in ``output_dir`` (a new save replaces them); raises when the folder
+    holds export-named files (README.md, config.json, weights, processor) that cure_hf did not write."""
+    present = [name for name in sorted(os.listdir(output_dir)) if _is_export_name(name)]
+    ours = set()
+    config_path = os.path.join(output_dir, CONFIG_NAME)
+    if os.path.isfile(config_path):
+        try:
+            marked = EXPORT_MARKER in read_config(output_dir)
+        except (ValueError, UnicodeDecodeError):
+            marked = False
+        if marked:  # the weights and processor beside a cure_hf config.json are that save's (or a copy's)
+            ours = {name for name in present if name != MODEL_CARD_NAME}
+    card_path = os.path.join(output_dir, MODEL_CARD_NAME)
+    if os.path.isfile(card_path):
+        with open(card_path, encoding="utf-8", errors="replace") as f:
+            if MODEL_CARD_MARKER in f.read():
+                ours.add(MODEL_CARD_NAME)
+    foreign = [name for name in present if name not in ours]
+    if foreign:
+        raise FileExistsError(
+            f"{output_dir} already holds {foreign}, which cure_hf did not write (no cure_hf marker); saving there "
+            "would overwrite them or leave them contradicting the new model. Save into another folder (e.g. a new "
+            "output_dir), or move these files away first."
+        )
+    return sorted(ours)
 
 
 def export_files(output_dir: str) -> List[str]:
-    """The files of an exported model in ``output_dir``: what a push uploads (nothing of training state)."""
-    keep = (WEIGHTS_NAME, CONFIG_NAME, MODEL_CARD_NAME, PREPROCESSOR_NAME, "model.safetensors.index.json")
-    return sorted(f for f in os.listdir(output_dir) if f in keep or fnmatch.fnmatch(f, "model-*-of-*.safetensors"))
+    """The files of the exported model in ``output_dir``: what a push uploads (nothing of training state).
+
+    Those the last cure_hf save wrote (listed in its config.json); for a folder without that record, the model
+    files by name.
+    """
+    try:
+        listed = read_config(output_dir).get(EXPORT_MARKER, {}).get("files")
+    except (OSError, ValueError):
+        listed = None
+    if listed is not None:
+        return sorted(name for name in listed if os.path.isfile(os.path.join(output_dir, name)))
+    return sorted(name for name in os.listdir(output_dir) if _is_export_name(name))
 
 
 # ------------------------------------------------------------------------------------------------ push

@@ -4,39 +4,55 @@
 wraps it in :class:`PixelNormalized` with the mean/std of the model's pretrained config.
 ``load_model`` also takes ``hf-hub:<repo>`` ids, ``local-dir:<dir>`` and plain folders (timm's format, which
 cure_hf writes, or a transformers image-classification folder) and Hub repos in either format.
-``find_head_modules`` names the classifier head that CURE never masks.
+``model_preprocessing`` says how the model wants its pixels made (resize, crop, interpolation): timm's data
+config for timm models, the image processor for transformers-native ones; training, evaluation and the saved
+folder all use it. ``find_head_modules`` names the classifier head that CURE never masks.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 __all__ = [
     "PixelNormalized", "create_model", "load_model", "find_head_modules", "head_parameter_names",
-    "unwrap_normalized", "NON_SAFETENSORS_WEIGHTS",
+    "unwrap_normalized", "model_data_config", "model_preprocessing", "conform_image_processor",
+    "NON_SAFETENSORS_WEIGHTS",
 ]
+
+ImageSize = Union[int, Sequence[int]]
 
 # Weight files that need pickle (torch.load); cure_hf refuses them and asks for safetensors.
 NON_SAFETENSORS_WEIGHTS = ("pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.pt", "pytorch_model.bin.index.json")
 
 
 class PixelNormalized(nn.Module):
-    """``model((x - mean) / std)`` for ``x`` in [0, 1]; mean and std are buffers saved with the weights."""
+    """``model((x - mean) / std)`` for ``x`` in [0, 1]; mean and std are buffers saved with the weights.
+
+    ``input_size`` (``(height, width)`` or an int) is the size the model is trained on: the whole image is resized
+    to it (``crop_pct`` 1). ``data_config`` holds timm data-config entries (``interpolation``, ``crop_pct``,
+    ``crop_mode``) that replace the inner timm model's pretrained config; ``image_processor`` is the transformers
+    image processor of a transformers-native model (None: a plain resize, see :func:`model_preprocessing`);
+    ``source`` is the Hub id the weights came from (the model card's ``base_model``).
+    """
 
     def __init__(
-        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], input_size: Optional[Sequence[int]] = None
+        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], input_size: Optional[ImageSize] = None,
+        data_config: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ValueError(f"mean={tuple(mean)} and std={tuple(std)} must have the same length and std > 0")
         self.model = model
-        # (height, width) the model is trained on, written to the saved config so that timm's data config
-        # and the transformers image processor resize to it; None: taken from the data at save time.
-        self.input_size = tuple(int(v) for v in input_size) if input_size is not None else None
+        # None: taken from the data at save time (or from the inner model's pretrained config)
+        self.input_size = _height_width(input_size, "input_size")
+        self.data_config = dict(data_config or {})
+        self.image_processor = None
+        self.source: Optional[str] = None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -45,25 +61,37 @@ class PixelNormalized(nn.Module):
         return self.model((pixel_values - mean) / std, **kwargs)
 
 
+def _height_width(size: Optional[ImageSize], name: str) -> Optional[Tuple[int, int]]:
+    """``(height, width)`` from an int or a pair; None stays None."""
+    if size is None:
+        return None
+    pair = (size, size) if isinstance(size, int) else tuple(size)
+    if len(pair) != 2 or any(int(v) != v or v < 1 for v in pair):
+        raise ValueError(f"{name}={size!r}: give an int or (height, width) of positive ints, e.g. 32 or (48, 32)")
+    return int(pair[0]), int(pair[1])
+
+
 def create_model(
     name: str,
     num_classes: int,
     *,
     pretrained: bool = False,
-    image_size: Optional[int] = None,
+    image_size: Optional[ImageSize] = None,
     patch_size: Optional[int] = None,
     normalize: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
     **kwargs,
 ) -> nn.Module:
     """A model with a ``num_classes`` head taking pixels in [0, 1]: :func:`load_model` with ``pretrained=False``
     by default (no network) and ``num_classes`` required.
 
     ``name`` is a timm name, ``hf-hub:<repo>``, ``local-dir:<folder>``, a folder or a transformers repo id.
-    ``image_size``/``patch_size`` adapt ViTs to small images (e.g. 32x32 with patch 4 or 8); with
-    ``pretrained=True`` timm resamples the position embedding and the patch kernel.
+    ``image_size`` (an int or ``(height, width)``) and ``patch_size`` adapt ViTs to small images (e.g. 32x32
+    with patch 4 or 8); with ``pretrained=True`` timm resamples the position embedding and the patch kernel.
     """
     return load_model(name, num_classes, pretrained=pretrained, image_size=image_size, patch_size=patch_size,
-                      normalize=normalize, **kwargs)
+                      normalize=normalize, mean=mean, std=std, **kwargs)
 
 
 def _is_vit_name(name: str) -> bool:
@@ -90,10 +118,12 @@ def load_model(
     num_classes: Optional[int] = None,
     *,
     pretrained: Optional[bool] = None,
-    image_size: Optional[int] = None,
+    image_size: Optional[ImageSize] = None,
     patch_size: Optional[int] = None,
     library: Optional[str] = None,
     normalize: bool = True,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
     **kwargs,
 ) -> nn.Module:
     """A classifier taking pixels in [0, 1], from any of:
@@ -107,10 +137,12 @@ def load_model(
 
     ``num_classes`` different from the checkpoint's gives a new, freshly initialised head. Weights load
     from safetensors only. Normalisation goes inside the model (:class:`PixelNormalized`, mean/std of the
-    pretrained config or the image processor), so attacks see [0, 1] pixels.
+    pretrained config or the image processor, or ``mean``/``std`` when given), so attacks see [0, 1] pixels.
+    ``image_size``: an int or ``(height, width)``; the model's preprocessing then resizes whole images to it.
     """
     if library not in (None, "timm", "transformers"):
         raise ValueError(f"library={library!r}: use None (decide from the checkpoint), 'timm' or 'transformers'")
+    _height_width(image_size, "image_size")  # refuse a bad size before building anything
     from . import cifar_models  # noqa: F401
 
     kind, location, config = _resolve_source(spec)
@@ -138,32 +170,35 @@ def load_model(
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
         if not normalize:
             return model
-        wrapped = _normalized(model, model.pretrained_cfg, image_size)
-        wrapped.source = location.partition("@")[0] if kind == "hub" else None  # the card's base_model
+        cfg = model.pretrained_cfg
+        wrapped = PixelNormalized(model, cfg.get("mean", (0.5, 0.5, 0.5)) if mean is None else mean,
+                                  cfg.get("std", (0.5, 0.5, 0.5)) if std is None else std, image_size)
+        # the card's base_model: the Hub repo the weights came from (timm's own repo for a pretrained timm name)
+        if kind == "hub":
+            wrapped.source = location.partition("@")[0]
+        elif kind == "timm-name" and pretrained:
+            wrapped.source = cfg.get("hf_hub_id")
         return wrapped
-    return _load_transformers(kind, location, num_classes, image_size=image_size, normalize=normalize, **kwargs)
+    return _load_transformers(kind, location, num_classes, image_size=image_size, normalize=normalize, mean=mean,
+                              std=std, **kwargs)
 
 
-def _normalized(model: nn.Module, cfg: Dict[str, Any], image_size: Optional[int]) -> nn.Module:
-    input_size = (image_size, image_size) if image_size is not None else None
-    return PixelNormalized(model, cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5)), input_size)
-
-
-def _size_kwargs(name: str, config: Optional[Dict[str, Any]], image_size: Optional[int],
-                 patch_size: Optional[int]) -> Dict[str, int]:
+def _size_kwargs(name: str, config: Optional[Dict[str, Any]], image_size: Optional[ImageSize],
+                 patch_size: Optional[int]) -> Dict[str, Any]:
     """img_size/patch_size for models built for one input size (ViTs); CNNs take any size and have no patches."""
     if not _takes_img_size(name, config):
         return {}
     out = {}
     if image_size is not None:
-        out["img_size"] = image_size
+        out["img_size"] = image_size if isinstance(image_size, int) else tuple(image_size)
     if patch_size is not None:
         out["patch_size"] = patch_size
     return out
 
 
-def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, image_size: Optional[int],
-                       normalize: bool, **kwargs) -> nn.Module:
+def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, image_size: Optional[ImageSize],
+                       normalize: bool, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
+                       **kwargs) -> nn.Module:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     if kind == "folder":
@@ -173,22 +208,122 @@ def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, 
     model = AutoModelForImageClassification.from_pretrained(location, use_safetensors=True, **kwargs)
     if not normalize:
         return model
-    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     try:
         processor = AutoImageProcessor.from_pretrained(location)
-    except (OSError, ValueError):  # no processor saved: the common 0.5/0.5 of ViT-style checkpoints
+    except (OSError, ValueError):
         processor = None
-    if processor is not None:
-        data_config = getattr(processor, "data_config", None)  # TimmWrapperImageProcessor
-        mean = tuple(data_config["mean"]) if data_config else tuple(getattr(processor, "image_mean", mean))
-        std = tuple(data_config["std"]) if data_config else tuple(getattr(processor, "image_std", std))
-    input_size = (image_size, image_size) if image_size is not None else None
-    if input_size is None and processor is not None and getattr(processor, "data_config", None):
-        input_size = tuple(processor.data_config["input_size"][-2:])  # the size the timm checkpoint was saved at
-    wrapped = PixelNormalized(model, mean, std, input_size)
-    wrapped.image_processor = processor
+    data_config = dict(getattr(processor, "data_config", None) or {})  # TimmWrapperImageProcessor: timm's
+    found_mean = data_config.pop("mean", None) or getattr(processor, "image_mean", None)
+    found_std = data_config.pop("std", None) or getattr(processor, "image_std", None)
+    if (mean is None or std is None) and (found_mean is None or found_std is None):
+        assumed = (0.5, 0.5, 0.5)
+        warnings.warn(
+            f"{location} has no image processor (preprocessor_config.json), so cure_hf does not know how the model "
+            f"normalises its pixels and assumes mean={tuple(mean or assumed)} std={tuple(std or assumed)} (the common "
+            "ViT values). "
+            "If it was trained with other values, its accuracy and eps are wrong: pass them, e.g. "
+            "load_model(..., mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).", UserWarning, stacklevel=3)
+        found_mean = found_std = assumed
+    input_size = image_size
+    if input_size is None and "input_size" in data_config:
+        input_size = tuple(data_config["input_size"][-2:])  # the size the timm checkpoint was saved at
+    data_config.pop("input_size", None)
+    if image_size is not None:
+        data_config["crop_pct"] = 1.0  # a new input size: whole images are resized to it
+    wrapped = PixelNormalized(model, found_mean if mean is None else mean, found_std if std is None else std,
+                              input_size, data_config=data_config)
+    if processor is not None and not hasattr(processor, "data_config"):
+        wrapped.image_processor = processor
     wrapped.source = location.partition("@")[0] if kind == "hub" else None
     return wrapped
+
+
+# ------------------------------------------------------------------------------------- preprocessing
+def model_data_config(model: nn.Module) -> Dict[str, Any]:
+    """timm's data config of a timm model (bare, :class:`PixelNormalized` or transformers' ``TimmWrapper``).
+
+    ``input_size``, ``interpolation``, ``crop_pct`` and ``crop_mode`` are what ``timm.data.create_transform`` needs
+    to make the model's pixels; ``mean``/``std`` are the in-model normalisation (0 and 1 without one). It is
+    ``timm.data.resolve_data_config(model=...)`` with the wrapper's ``input_size`` (whole images resized to it:
+    ``crop_pct`` 1 unless given) and ``data_config`` entries on top.
+    """
+    import timm.data
+
+    inner, normalized = unwrap_normalized(model)
+    timm_model = getattr(inner, "timm_model", inner)
+    if not hasattr(timm_model, "pretrained_cfg"):
+        raise TypeError(f"{type(inner).__name__} is not a timm model; use model_preprocessing() for its image processor")
+    args: Dict[str, Any] = {}
+    if normalized is not None:
+        if normalized.input_size is not None:
+            channels = int(timm_model.pretrained_cfg.get("input_size", (3,))[0])
+            args.update(input_size=(channels, *normalized.input_size), crop_pct=1.0)
+        args.update(normalized.data_config)
+    mean, std = _in_model_normalisation(normalized)
+    args.update(mean=tuple(mean), std=tuple(std))
+    return timm.data.resolve_data_config(args=args, model=timm_model)
+
+
+def model_preprocessing(model: nn.Module):
+    """How ``model`` wants its pixels made: timm's data config (a dict) for timm models, else a transformers image
+    processor (a copy, with the in-model mean/std and the wrapper's ``input_size``).
+
+    A transformers-native model without a processor gets a plain one (``ViTImageProcessor``: resize to the input
+    size, rescale to [0, 1]). cure_hf's data transforms apply it without normalisation; the saved folder carries
+    it with normalisation, so the folder's users get the trained model's pixels.
+    """
+    inner, normalized = unwrap_normalized(model)
+    if hasattr(getattr(inner, "timm_model", inner), "pretrained_cfg"):
+        return model_data_config(model)
+    mean, std = _in_model_normalisation(normalized)
+    processor = getattr(normalized, "image_processor", None)
+    size = normalized.input_size if normalized is not None else None
+    if processor is None:
+        from transformers import ViTImageProcessor
+
+        processor = ViTImageProcessor()
+        size = size or _height_width(getattr(getattr(inner, "config", None), "image_size", None) or 224, "image_size")
+    conformed, _ = conform_image_processor(processor, mean, std, size)
+    return conformed
+
+
+def _in_model_normalisation(normalized: Optional[PixelNormalized]) -> Tuple[List[float], List[float]]:
+    """The wrapper's mean/std as the shortest decimals that give back its float32 buffers (0.2, not 0.2000000029)."""
+    if normalized is None:
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    import numpy as np
+
+    return ([float(str(np.float32(v))) for v in normalized.mean.flatten().tolist()],
+            [float(str(np.float32(v))) for v in normalized.std.flatten().tolist()])
+
+
+def conform_image_processor(processor, mean: Sequence[float], std: Sequence[float],
+                            size: Optional[Tuple[int, int]] = None):
+    """A new processor like ``processor`` that normalises with ``mean``/``std`` and, when ``size`` is given, resizes
+    (and center-crops, if it crops) to ``size``; and the list of settings that had to change (empty: it agreed).
+
+    Built with ``from_dict(to_dict())``, so the caller's object is never modified.
+    """
+    settings = processor.to_dict()
+    changes = []
+    for name, value in (("image_mean", [float(v) for v in mean]), ("image_std", [float(v) for v in std])):
+        current = settings.get(name)
+        if current is None or len(current) != len(value) or any(abs(a - b) > 1e-6 for a, b in zip(current, value)):
+            changes.append(f"{name} {_rounded(current)} -> {_rounded(value)}")
+            settings[name] = value
+    if size is not None:
+        wanted = {"height": int(size[0]), "width": int(size[1])}
+        keys = ["size"] + (["crop_size"] if settings.get("do_center_crop") else [])
+        for name in keys:
+            current = {k: v for k, v in (settings.get(name) or {}).items() if v is not None}
+            if current != wanted:
+                changes.append(f"{name} {current} -> {wanted}")
+                settings[name] = dict(wanted)
+    return type(processor).from_dict(settings), changes
+
+
+def _rounded(values):
+    return None if values is None else [round(float(v), 6) for v in values]
 
 
 def _read_json(path: str) -> Dict[str, Any]:

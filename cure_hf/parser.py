@@ -173,6 +173,9 @@ class DataTrainingArguments(DatasetArguments):
     """The data of a training run: the dataset, plus the training split, augmentation and truncation."""
 
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    test_split: Optional[str] = field(default=None, metadata={
+        "help": "Split to evaluate on; unset: 'test', or, for a dataset without one, a fixed 10% carved from the "
+                "training split (said in the log). A named split that does not exist is refused."})
     augment: str = field(default="none", metadata={"help": "'none' or 'crop_flip' (4-pixel pad crop + flip)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})

@@ -27,7 +27,7 @@ from typing import Dict, List
 import torch
 
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.data import load_image_dataset
+from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.models import create_model
 from cure_hf.parser import ConfigArgumentParser
 
@@ -140,6 +140,7 @@ def main(argv=None) -> List[dict]:
         max_eval_samples=args.max_eval_examples, seed=args.seed)
     torch.manual_seed(args.seed)
     initial = create_model(args.model, num_classes, image_size=args.image_size)
+    set_preprocessing(data, initial)
     methods = args.methods.split(",")
     wall = time.time()
     rows = []

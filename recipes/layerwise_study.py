@@ -26,7 +26,7 @@ from typing import List
 import torch
 
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.data import load_image_dataset
+from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.layerwise import freeze_for_setting, model_blocks, reinitialize_blocks
 from cure_hf.models import create_model
 from cure_hf.parser import ConfigArgumentParser
@@ -98,8 +98,10 @@ def main(argv=None) -> List[dict]:
     rows = []
     if args.natural_model:
         natural = create_model(args.natural_model, num_classes, pretrained=None, image_size=args.image_size)
+        set_preprocessing(data, natural)
     else:
         natural = create_model(args.model, num_classes, image_size=args.image_size)
+        set_preprocessing(data, natural)
         result = train_and_evaluate(natural, args, "stage0_natural", data, adv_method="clean",
                                     num_train_epochs=args.natural_epochs, learning_rate=0.1)
         rows.append({"setting": "natural (stage 0)", "trainable": ["all"], "trainable_fraction": 1.0, **result})

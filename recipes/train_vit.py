@@ -36,7 +36,7 @@ from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.data import load_image_dataset
+from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.models import create_model
 from cure_hf.parser import ConfigArgumentParser, DataTrainingArguments, ModelArguments
 
@@ -164,6 +164,7 @@ def main(argv=None):
         model_args.model_name_or_path, num_classes, pretrained=model_args.pretrained or None,
         image_size=model_args.image_size, patch_size=model_args.patch_size,
     )
+    set_preprocessing(data, model)  # pixels as the model's own preprocessing (and its saved folder) make them
 
     results = {}
     if plan.run_stage0:

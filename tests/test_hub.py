@@ -10,8 +10,10 @@ import types
 
 import huggingface_hub
 import pytest
+import safetensors.torch
 import timm
 import torch
+import transformers
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoImageProcessor, AutoModelForImageClassification
@@ -20,7 +22,7 @@ from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import image_transform, load_digits_dataset
 from cure_hf.hub import load_model, save_pretrained
-from cure_hf.methods import CURE_CITATION
+from cure_hf.methods import CURE_CITATION, METHODS, PGD_AT_CITATION, TRADES_CITATION
 from cure_hf.modelcard import write_model_card
 
 EXPORTED = {"model.safetensors", "config.json", "README.md"}
@@ -211,3 +213,140 @@ def test_hub_repo_with_only_pickled_weights_is_refused(tmp_path, hub_cache):
     publish_to_cache(hub_cache, "someone/pickled", folder, ["config.json", "pytorch_model.bin"])
     with pytest.raises(ValueError, match=r"hf-hub:someone/pickled has no model.safetensors.*pytorch_model.bin"):
         load_model("hf-hub:someone/pickled")
+
+
+# ------------------------------------------------------------------------------------------- model card
+HOSTILE = "x</a><script>alert(1)</script> | *bold*"
+
+
+def _front_matter(card_path):
+    import yaml
+
+    text = open(card_path, encoding="utf-8").read()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1]), text.split("---\n", 2)[2]
+
+
+def test_card_escapes_user_text_and_keeps_its_yaml_valid(tmp_path):
+    path = write_model_card(str(tmp_path), {
+        "model_name": HOSTILE, "architecture": "test_resnet", "method": "trades", "dataset": HOSTILE,
+        "dataset_id": HOSTILE, "hyperparameters": {"optim": HOSTILE, "epsilon": "8/255"}, "clean_accuracy": 0.5,
+        "weight_averaging": {"method": "ema", "note": HOSTILE},
+    })
+    metadata, body = _front_matter(path)
+    assert metadata["robustness"]["dataset"] == HOSTILE and metadata["model-index"][0]["name"] == HOSTILE
+    assert "datasets" not in metadata  # not a Hub id: no datasets entry
+    assert "<script>" not in body and "</a>" not in body
+    escaped = r"x&lt;/a&gt;&lt;script&gt;alert(1)&lt;/script&gt; \| \*bold\*"
+    assert body.count(escaped) >= 3  # title, dataset sentence, the hyperparameter table
+    assert "| `epsilon` | `8/255` |" in body
+    assert "Averaged weights" in body and "method=ema" in body
+
+
+@pytest.mark.parametrize("method, title, cited", [
+    ("trades", "TRADES", TRADES_CITATION),
+    ("pgd", "PGD-AT", PGD_AT_CITATION),
+    ("cure", "CURE", CURE_CITATION),
+], ids=["trades", "pgd", "cure"])
+def test_card_cites_the_method_of_the_model_and_only_it(tmp_path, method, title, cited):
+    card = ModelCard.load(write_model_card(str(tmp_path), {"method": method}))
+    others = [m.citation for m in METHODS.values() if m.citation and m.citation != cited]
+    assert f"trained with **{title}**" in card.text and cited in card.text
+    assert not any(other in card.text for other in others)
+    assert ("CURE" in card.text) == (method == "cure")  # cure_hf is named, CURE's paper is not, unless it trained
+    assert "cure_hf" in card.text and "Averaged weights" not in card.text
+
+
+def test_card_shows_the_loading_code_of_the_folders_format_and_the_versions(tmp_path):
+    import cure_hf
+
+    timm_card = ModelCard.load(write_model_card(str(tmp_path / "t"), {"library_name": "timm", "repo_id": "me/m"}))
+    assert 'timm.create_model("hf-hub:me/m"' in timm_card.text
+    assert 'AutoModelForImageClassification.from_pretrained("me/m")' in timm_card.text
+    assert 'load_model("me/m")' in timm_card.text and timm_card.data.library_name == "timm"
+    hf_card = ModelCard.load(write_model_card(str(tmp_path / "h"), {"library_name": "transformers", "repo_id": "me/m"}))
+    assert "timm.create_model" not in hf_card.text and "timm" not in hf_card.data.tags
+    assert 'AutoModelForImageClassification.from_pretrained("me/m")' in hf_card.text and 'load_model("me/m")' in hf_card.text
+    for name, version in (("cure_hf", cure_hf.__version__), ("PyTorch", torch.__version__),
+                          ("transformers", transformers.__version__), ("timm", timm.__version__)):
+        assert f"- {name} {version}" in timm_card.text and f"- {name} {version}" in hf_card.text
+
+
+def test_card_names_the_training_data_from_the_dataset_itself(tmp_path, monkeypatch):
+    import datasets
+
+    from cure_hf.data import DIGITS_DATASET_NAME, load_image_dataset
+
+    data, _ = load_image_dataset("digits", max_train_samples=8)
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "digits"), train_dataset=data["train"])
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "digits" / "README.md")
+    assert card.data.robustness["dataset"] == DIGITS_DATASET_NAME and card.data.datasets is None
+
+    hub = datasets.DatasetDict(train=data["train"].with_format(None), test=data["test"].with_format(None))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config_name=None: hub)  # no network: a Hub id answers
+    data, _ = load_image_dataset("me/digits-on-the-hub", max_train_samples=8)
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "hub"), train_dataset=data["train"])
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "hub" / "README.md")
+    assert card.data.datasets == ["me/digits-on-the-hub"] and card.data.robustness["dataset"] == "me/digits-on-the-hub"
+
+
+def test_pretrained_timm_name_is_the_cards_base_model(tmp_path, hub_cache):
+    source = timm.create_model("test_resnet", pretrained=False)  # its pretrained config: 1000 classes
+    weights = tmp_path / "timm-weights"
+    weights.mkdir()
+    safetensors.torch.save_file(source.state_dict(), weights / "model.safetensors")
+    publish_to_cache(hub_cache, "timm/test_resnet.r160_in1k", weights, ["model.safetensors"])
+    model = load_model("test_resnet.r160_in1k", 10, pretrained=True)
+    assert torch.equal(model.model.conv1[0].weight, source.conv1[0].weight)  # the Hub weights did load
+    save_pretrained(model, tmp_path / "out")
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == "timm/test_resnet.r160_in1k"
+    save_pretrained(load_model("test_resnet", 10), tmp_path / "scratch")  # pretrained=False: no base model
+    assert ModelCard.load(tmp_path / "scratch" / "README.md").data.base_model is None
+
+
+# --------------------------------------------------------------------------- a save writes only its own files
+def test_save_refuses_to_overwrite_the_users_readme_and_config(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "README.md").write_text("# my notes\n")
+    model = make_tiny_model("test_resnet")
+    with pytest.raises(FileExistsError, match=r"\['README.md'\], which cure_hf did not write.*another folder"):
+        save_pretrained(model, folder)
+    (folder / "README.md").unlink()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    trainer = CURETrainer(model, _args(folder))
+    with pytest.raises(FileExistsError, match=r"\['config.json'\], which cure_hf did not write"):
+        trainer.save_model()
+    assert os.listdir(folder) == ["config.json"] and (folder / "config.json").read_text() == '{"model_type": "bert"}'
+    (folder / "config.json").unlink()
+    save_pretrained(model, folder)
+    save_pretrained(model, folder)  # cure_hf's own earlier save is replaced
+    assert set(os.listdir(folder)) == EXPORTED
+
+
+def test_stale_shards_of_an_earlier_save_are_removed_and_not_pushed(tmp_path, fake_upload):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from cure_hf.hub import export_files, push_folder
+    from cure_hf.models import PixelNormalized
+
+    folder = tmp_path / "model"
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10)
+    vit = PixelNormalized(ViTForImageClassification(config), (0.5,) * 3, (0.5,) * 3, input_size=16)
+    sharded = save_pretrained(vit, folder, max_shard_size="20KB")
+    shards = [f for f in sharded if f.startswith("model-")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in sharded
+
+    model = make_tiny_model("test_resnet").eval()
+    written = save_pretrained(model, folder, image_size=32)  # now a timm folder: one model.safetensors, no processor
+    assert set(written) == EXPORTED and set(os.listdir(folder)) == EXPORTED
+    assert export_files(str(folder)) == sorted(EXPORTED)
+    push_folder(str(folder), "me/replaced")
+    (push,) = fake_upload
+    assert set(push["files"]) == EXPORTED
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        _assert_loads_everywhere(model, x, repo_id="me/replaced")

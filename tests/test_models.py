@@ -149,3 +149,20 @@ def test_bad_specs_name_the_problem(spec, kwargs, error, message):
 def test_folder_without_config_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(str(tmp_path))
+
+
+def test_model_data_config_is_timms_with_the_trained_size_and_the_in_model_normalisation():
+    from cure_hf.models import model_data_config
+
+    vit = create_model("test_vit", 3, image_size=(48, 32), patch_size=8, mean=(0.2, 0.3, 0.4), std=(0.4, 0.3, 0.2))
+    assert vit.model.pos_embed.shape[1] == (48 // 8) * (32 // 8) + vit.model.num_prefix_tokens  # built non-square
+    config = model_data_config(vit)
+    pretrained = timm.create_model("test_vit").pretrained_cfg  # timm's own preprocessing of the architecture
+    assert config == {"input_size": (3, 48, 32), "interpolation": pretrained["interpolation"], "crop_pct": 1.0,
+                      "crop_mode": pretrained["crop_mode"], "mean": (0.2, 0.3, 0.4), "std": (0.4, 0.3, 0.2)}
+    untouched = create_model("test_resnet", 3)  # no new size: timm's pretrained config as it is
+    expected = {k: pretrained_value for k, pretrained_value in timm.create_model("test_resnet").pretrained_cfg.items()
+                if k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")}
+    assert model_data_config(untouched) == expected
+    with pytest.raises(ValueError, match=r"image_size=\(48, 0\)"):
+        create_model("test_resnet", 3, image_size=(48, 0))
