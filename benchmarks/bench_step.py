@@ -571,7 +571,7 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
     trained = {}
     for name, config, seed in (("fp32", "fp32", 0), ("fast", "fast", 0), ("fp32_seed1", "fp32", 1)):
         check_budget(cfg, 20)
-        run = run_trainer(cfg, models, "cure", config, dataset=train, max_steps=cfg.robust_steps, data_seed=seed,
+        run = run_trainer(cfg, models, cfg.robust_method, config, dataset=train, max_steps=cfg.robust_steps, data_seed=seed,
                           learning_rate=0.05)
         trainer = run.pop("trainer")
         net = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False)
@@ -580,7 +580,7 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
         trained[name] = fp32_copy
         out[f"pgd20_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 20)
         out[f"clean_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 0)
-        print(f"  after {cfg.robust_steps} CURE steps, {name}: clean {out[f'clean_{name}']:.4f}, fp32 PGD-20 "
+        print(f"  after {cfg.robust_steps} {cfg.robust_method} steps, {name}: clean {out[f'clean_{name}']:.4f}, fp32 PGD-20 "
               f"{out[f'pgd20_{name}']:.4f}", flush=True)
         del trainer, run
         release(device)
@@ -751,6 +751,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--robust-steps", type=int, default=60, help="CURE steps of the robust-accuracy check (0: skip)")
     parser.add_argument("--robust-eval", type=int, default=1024, help="held-out examples of the robust-accuracy check")
     parser.add_argument("--robust-model", default=None, help="model of the robust-accuracy check (default: --model)")
+    parser.add_argument("--robust-method", default="trades",
+                        help="method of the robust-accuracy check (CURE is a fine-tuning method: from a random init "
+                             "its consistency term pulls towards that init, and a short run stays at chance)")
     parser.add_argument("--profile-dir", default=None, help="write profiles.txt (+ trace.json.gz) here")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--trace-config", default="bf16", help="configuration whose plain CURE step is traced")
@@ -956,7 +959,7 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
     robust = results.get("robustness")
     if robust:
         print(f"\n## robust accuracy (fp32 PGD-20 on {robust['examples']} held-out synthetic examples, "
-              f"{robust.get('model', cfg.model)}, CURE {robust['steps']} steps from one init)")
+              f"{robust.get('model', cfg.model)}, {cfg.robust_method} {robust['steps']} steps from one init)")
         for key, value in robust.items():
             if key.startswith("pgd20") or key.startswith("clean"):
                 print(f"{key:<34} {value:.4f}")

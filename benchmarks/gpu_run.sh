@@ -28,7 +28,7 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
     TEST_DEVICE=cpu BUDGET=${BUDGET:-900} KILL_AT=${KILL_AT:-1000}
 else
     ARGS=(--device cuda --model cifar_resnet18 --batch-size 128 --attack-steps 10 --warmup 3 --steps 25
-          --base-workers 4 --robust-model test_resnet --robust-steps 120 --robust-eval 1024 --profile-steps 2
+          --base-workers 4 --robust-model test_resnet --robust-steps 150 --robust-eval 1024 --profile-steps 2
           --trace-config bf16)
     TEST_DEVICE=cuda
 fi
