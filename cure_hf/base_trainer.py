@@ -117,10 +117,9 @@ class RobustTrainer(Trainer):
             return
         with preserved_random_state():  # a random transform must not shift the run's random stream
             try:
-                example = dataset[0]
-            except (TypeError, KeyError, IndexError, NotImplementedError):  # not indexable: checked at the first batch
-                return
-            batch = self.data_collator([example])
+                batch = self.data_collator([dataset[0]])
+            except (TypeError, KeyError, IndexError, NotImplementedError, ValueError):
+                return  # not indexable, or data the collator refuses: that error comes with the first batch
         device = next(model.parameters()).device
         check_model_output(model, batch["pixel_values"].to(device), _num_classes(dataset))
 
@@ -131,7 +130,7 @@ class RobustTrainer(Trainer):
         learning_rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
         last, _ = resumable_checkpoints(self._get_output_dir(None))
         return {
-            "step": self.state.global_step + 1, "learning_rate": learning_rate,
+            "step": self.state.global_step + 1, "learning_rate": args.learning_rate, "current_lr": learning_rate,
             "precision": "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
             "last_checkpoint": f"; the last complete checkpoint is {last}" if last else "",
         }

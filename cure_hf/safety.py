@@ -294,7 +294,8 @@ class NonFiniteGuard:
         raise NonFiniteTrainingError(
             f"training diverged at step {context['step']}: NaN or infinite gradient in {where}. Nothing from this step "
             f"on is applied or saved{context.get('last_checkpoint', '')}. Likely causes: a learning rate too high "
-            f"(learning_rate={context.get('learning_rate')!r}: try 10x lower), an fp16 overflow "
+            f"(learning_rate={context.get('learning_rate')!r}, {context.get('current_lr')!r} at this step: try 10x "
+            "lower), an fp16 overflow "
             f"({context.get('precision', 'fp32')}: prefer bf16=True), or bad data (NaN/inf pixels or labels, an "
             "empty batch). To drop such steps and continue instead, set nonfinite_policy='skip'."
         )

@@ -18,7 +18,7 @@ from cure_hf.data import image_transform, load_digits_dataset
 from cure_hf.evaluation import predict_under_attack
 from cure_hf.prominence import conserve_mask, mask_gradients_, quantile_threshold, quantile_thresholds
 from cure_hf.revision import RevisionModel
-from tests.conftest import make_tiny_model
+from conftest import make_tiny_model
 
 EPS = 8 / 255
 
