@@ -326,10 +326,14 @@ def test_a_second_trainer_on_the_same_output_dir_stops_naming_the_folder_and_hol
 
 def test_the_lock_of_a_killed_process_does_not_block(tmp_path, tiny):
     train, _ = tiny
-    code = ("import sys, time; from cure_hf.safety import OutputDirLock; lock = OutputDirLock(sys.argv[1]); "
-            "lock.acquire(); print('held', flush=True); time.sleep(120)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    import cure_hf.safety
+
+    # cure_hf.safety alone (not the whole package): the child only needs the lock, and starts in seconds
+    code = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('safety', sys.argv[2]); "
+            "safety = importlib.util.module_from_spec(spec); spec.loader.exec_module(safety); "
+            "lock = safety.OutputDirLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), cure_hf.safety.__file__],
+                             stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "held"
         trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, max_steps=1), train_dataset=train)
