@@ -346,7 +346,8 @@ class RobustTrainer(Trainer):
         """The Trainer's `save_model`, refused for NaN/inf weights, holding the lock when it writes into `output_dir`."""
         folder = output_dir if output_dir is not None else self.args.output_dir
         check_weights_finite(self.accelerator.unwrap_model(self.model), folder)
-        inside = os.path.abspath(folder).startswith(os.path.abspath(self.args.output_dir))
+        root = os.path.abspath(self.args.output_dir)
+        inside = os.path.commonpath([os.path.abspath(folder), root]) == root
         with self._holding_output_dir() if inside else contextlib.nullcontext():
             super().save_model(output_dir, _internal_call)
 
