@@ -135,17 +135,52 @@ def test_revision_draws_update_with_probability_rate():
     assert abs(updates - 120) < 5 * (400 * 0.3 * 0.7) ** 0.5
 
 
+def test_revision_defaults_are_the_papers():
+    revision = RevisionModel(nn.Linear(2, 1))
+    assert (revision.rate, revision.decay, revision.train_mode, revision.module.training) == (0.2, 0.999, True, True)
+    assert torch.equal(revision.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    assert revision.state()["rate"] == 0.2 and revision.state()["decay"] == 0.999
+
+
 def test_revision_save_load_round_trip(tmp_path):
+    """Two saves in two folders: each load reads its own folder (weights, step, generator, schedule)."""
+    import safetensors
+
     model = make_tiny_model("test_resnet")
-    revision = RevisionModel(model, rate=0.5, decay=0.9, seed=3)
-    for _ in range(3):
-        revision.step_(model)
-    revision.save(str(tmp_path), schedule={"method_start_step": 7})
-    other = RevisionModel(make_tiny_model("test_resnet", seed=5), rate=0.5, decay=0.9, seed=0)
-    assert other.load(str(tmp_path)) == {"method_start_step": 7}
-    assert other.step == 3 and torch.equal(other.generator.get_state(), revision.generator.get_state())
-    assert all(torch.equal(a, b) for a, b in zip(other.module.state_dict().values(),
-                                                 revision.module.state_dict().values()))
+    revisions = []
+    for steps, folder in ((3, tmp_path / "a"), (5, tmp_path / "b")):
+        folder.mkdir()
+        revision = RevisionModel(model, rate=0.5, decay=0.9, seed=steps)
+        for _ in range(steps):
+            with torch.no_grad():
+                next(model.parameters()).add_(0.1)
+            revision.step_(model)
+        revision.save(str(folder), schedule={"method_start_step": steps + 4})
+        revisions.append((folder, revision))
+    for folder, revision in reversed(revisions):
+        other = RevisionModel(make_tiny_model("test_resnet", seed=5), rate=0.5, decay=0.9, seed=0)
+        assert RevisionModel.read_schedule(str(folder)) == {"method_start_step": revision.step + 4}
+        assert other.load(str(folder)) == {"method_start_step": revision.step + 4}
+        assert other.step == revision.step and torch.equal(other.generator.get_state(), revision.generator.get_state())
+        assert all(torch.equal(a, b) for a, b in zip(other.module.state_dict().values(),
+                                                     revision.module.state_dict().values()))
+        with safetensors.safe_open(str(folder / "revision.safetensors"), framework="pt") as f:
+            metadata = f.metadata()
+        assert (metadata["format"], metadata["rate"], metadata["decay"]) == ("pt", "0.5", "0.9")
+
+
+def test_revision_load_is_strict_and_reads_files_without_a_schedule(tmp_path):
+    import safetensors.torch
+
+    RevisionModel(nn.Linear(2, 1)).save(str(tmp_path))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        RevisionModel(nn.Sequential(nn.Linear(2, 1))).load(str(tmp_path))  # "0.weight" vs "weight"
+    state = {"module.weight": torch.ones(1, 2), "module.bias": torch.zeros(1),
+             "generator_state": torch.Generator().manual_seed(1).get_state()}
+    safetensors.torch.save_file(state, str(tmp_path / "revision.safetensors"), metadata={"step": "2"})
+    revision = RevisionModel(nn.Linear(2, 1))
+    assert revision.load(str(tmp_path)) == {} and revision.step == 2
+    assert RevisionModel.read_schedule(str(tmp_path)) == {}
 
 
 # ------------------------------------------------------------------------ the trainer's step, by spies
