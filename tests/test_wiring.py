@@ -382,3 +382,53 @@ def test_cpu_grad_scaler_skipped_step_runs_no_mask_no_revision_and_is_not_diverg
     assert trainer._paper_grads is None
     assert trainer.nonfinite_guard.skipped_steps == []
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ------------------------------------------------------- module behaviours that surviving mutants showed untested
+def test_quantile_thresholds_of_single_entries_and_negative_scores_match_numpy():
+    scores = [torch.tensor([3.0]), torch.tensor([-2.0, 1.0, -5.0, 0.5]), torch.tensor([-1.0, -3.0, 2.0, 0.0])]
+    for fraction in (0.25, 0.5):
+        for score, value in zip(scores, quantile_thresholds(scores, fraction)):
+            assert value.item() == pytest.approx(np.quantile(score.numpy().astype(np.float64), fraction))
+    with pytest.raises(ValueError, match="empty tensor"):
+        quantile_thresholds([torch.ones(3), torch.empty(0)], 0.5)
+
+
+def test_zero_fraction_mask_is_a_boolean_mask_of_nothing():
+    mask = conserve_mask(torch.rand(4, 3), 0.0)
+    assert mask.dtype == torch.bool and mask.shape == (4, 3) and not mask.any()
+
+
+def test_margin_loss_reductions():
+    from cure_hf.attacks import margin_loss
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 1.0, 4.0]])
+    labels = torch.tensor([0, 0, 2])
+    per_example = [1.0 - 3.0, 2.0 - 0.0, 1.0 - 4.0]  # best wrong logit minus the true one
+    assert margin_loss(logits, labels, reduction="none").tolist() == per_example
+    assert margin_loss(logits, labels).item() == pytest.approx(sum(per_example) / 3)
+    assert margin_loss(logits, labels, reduction="mean").item() == pytest.approx(sum(per_example) / 3)
+    assert margin_loss(logits, labels, reduction="sum").item() == pytest.approx(sum(per_example))
+
+
+def test_loss_functions_default_to_no_label_smoothing():
+    from cure_hf import methods
+
+    g = torch.Generator().manual_seed(0)
+    z_nat, z_adv, r_nat, r_adv = (torch.randn(5, 4, generator=g) for _ in range(4))
+    y = torch.tensor([0, 1, 2, 3, 0])
+    ce = lambda z: F.cross_entropy(z.double(), y).item()  # noqa: E731
+    kl = lambda student, teacher: F.kl_div(F.log_softmax(student.double(), 1), F.softmax(teacher.double(), 1),  # noqa
+                                           reduction="batchmean").item()
+    assert methods.smoothed_cross_entropy(z_nat, y).item() == pytest.approx(ce(z_nat), rel=1e-5)
+    assert methods.clean_loss(z_nat, y)[0].item() == pytest.approx(ce(z_nat), rel=1e-5)
+    assert methods.pgd_at_loss(z_adv, y)[0].item() == pytest.approx(ce(z_adv), rel=1e-5)
+    assert methods.trades_loss(z_nat, z_adv, y, beta=2.0)[0].item() == pytest.approx(
+        ce(z_nat) + 2.0 * kl(z_adv, z_nat), rel=1e-5)
+    consistency = kl(z_nat, r_nat) + kl(z_adv, r_adv)
+    assert methods.cure_loss(z_nat, z_adv, r_nat, r_adv, y, alpha=0.2, gamma=0.5)[0].item() == pytest.approx(
+        0.2 * ce(z_nat) + 0.8 * ce(z_adv) + 0.5 * consistency, rel=1e-5)
+    assert methods.cure_paper_loss(z_nat, z_adv, r_nat, r_adv, y, gamma=0.5)[0].item() == pytest.approx(
+        ce(z_nat) + kl(z_adv, z_nat) + 0.5 * consistency, rel=1e-5)
+    assert methods.mart_loss(z_nat, z_adv, y, beta=1.0)[0].item() == pytest.approx(
+        methods.mart_loss(z_nat, z_adv, y, beta=1.0, smoothing=0.0)[0].item())
