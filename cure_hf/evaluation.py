@@ -375,7 +375,7 @@ def evaluate_robustness(
             "Use attacks='clean,autoattack' with norm='L2'"
         )
     step_size = eps / 4 if step_size is None else step_size
-    check_attack_budget(eps=eps, step_size=step_size, steps=steps, restarts=restarts)
+    check_attack_budget(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=autoattack.norm)
     columns = [s for s in specs if s.kind != "clean"]
     predictions: Dict[str, List[torch.Tensor]] = {"clean": [], **{s.name: [] for s in columns}}
     survived_parts: Dict[str, List[torch.Tensor]] = {}

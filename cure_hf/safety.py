@@ -69,13 +69,14 @@ class OutputDirInUseError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- inputs
 def check_attack_budget(*, eps: float, step_size: Optional[float] = None, steps: Optional[int] = None,
-                        restarts: Optional[int] = None, eps_name: str = "eps") -> None:
+                        restarts: Optional[int] = None, eps_name: str = "eps", norm: str = "Linf") -> None:
     """Refuse budgets that make an attack a no-op (steps < 1, restarts < 1, step 0 with eps > 0) or an eps in the
-    wrong units (negative, or above :data:`MAX_EPSILON`)."""
+    wrong units (negative, or, for the L-inf threat model, above :data:`MAX_EPSILON`; an L2 radius grows with the
+    image size, e.g. 0.5 on CIFAR-10, so it has no such bound)."""
     if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
         raise ValueError(f"{eps_name}={eps!r} is invalid: allowed 0 <= {eps_name} <= {MAX_EPSILON:.4f} (64/255) in "
                          "pixel units of [0, 1], e.g. 8/255")
-    if eps > MAX_EPSILON:
+    if norm == "Linf" and eps > MAX_EPSILON:
         raise ValueError(
             f"{eps_name}={eps:g} is invalid: allowed at most 64/255 = {MAX_EPSILON:.4f} in pixel units of [0, 1] "
             f"(larger balls contain images of another class). Did you mean {eps:g}/255 = {eps / 255:.4f}? "
