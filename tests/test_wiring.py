@@ -432,3 +432,35 @@ def test_loss_functions_default_to_no_label_smoothing():
         ce(z_nat) + kl(z_adv, z_nat) + 0.5 * consistency, rel=1e-5)
     assert methods.mart_loss(z_nat, z_adv, y, beta=1.0)[0].item() == pytest.approx(
         methods.mart_loss(z_nat, z_adv, y, beta=1.0, smoothing=0.0)[0].item())
+
+
+def test_label_smoothing_reaches_the_cross_entropy_terms():
+    from cure_hf import methods
+
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(6, 5, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    expected = F.cross_entropy(z.double(), y, label_smoothing=0.2).item()
+    assert methods.clean_loss(z, y, 0.2)[0].item() == pytest.approx(expected, rel=1e-5)
+    assert methods.pgd_at_loss(z, y, 0.2)[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mart_loss_with_five_classes_matches_a_per_example_computation():
+    """MART's boosted CE uses the most likely *wrong* class; with 5 classes (not 4) the top-2 slice matters."""
+    import math
+
+    from cure_hf.methods import mart_loss
+
+    g = torch.Generator().manual_seed(2)
+    z_nat, z_adv = torch.randn(7, 5, generator=g) * 2, torch.randn(7, 5, generator=g) * 2
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    boosted = robust = 0.0
+    for i in range(7):
+        p_adv = torch.softmax(z_adv[i].double(), 0).tolist()
+        p_nat = torch.softmax(z_nat[i].double(), 0).tolist()
+        wrong = max((p, k) for k, p in enumerate(p_adv) if k != y[i])[1]
+        boosted += -math.log(p_adv[y[i]]) - math.log(1.0001 - p_adv[wrong] + 1e-12)
+        kl = sum(a * (math.log(a + 1e-12) - math.log(b + 1e-12)) for a, b in zip(p_nat, p_adv))
+        robust += kl * (1.0000001 - p_nat[y[i]])
+    loss, _ = mart_loss(z_nat, z_adv, y, beta=3.0)
+    assert loss.item() == pytest.approx(boosted / 7 + 3.0 * robust / 7, rel=1e-5)
