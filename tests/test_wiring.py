@@ -443,6 +443,9 @@ def test_label_smoothing_reaches_the_cross_entropy_terms():
     expected = F.cross_entropy(z.double(), y, label_smoothing=0.2).item()
     assert methods.clean_loss(z, y, 0.2)[0].item() == pytest.approx(expected, rel=1e-5)
     assert methods.pgd_at_loss(z, y, 0.2)[0].item() == pytest.approx(expected, rel=1e-5)
+    z_adv = torch.randn(6, 5, generator=g)
+    kl = F.kl_div(F.log_softmax(z_adv.double(), 1), F.softmax(z.double(), 1), reduction="batchmean").item()
+    assert methods.trades_loss(z, z_adv, y, 2.0, 0.2)[0].item() == pytest.approx(expected + 2.0 * kl, rel=1e-5)
 
 
 def test_mart_loss_with_three_classes_matches_a_per_example_computation():
@@ -464,3 +467,35 @@ def test_mart_loss_with_three_classes_matches_a_per_example_computation():
         robust += kl * (1.0000001 - p_nat[y[i]])
     loss, _ = mart_loss(z_nat, z_adv, y, beta=3.0)
     assert loss.item() == pytest.approx(boosted / 7 + 3.0 * robust / 7, rel=1e-5)
+
+
+def test_fgsm_rs_takes_one_step_of_1_25_eps_from_a_seeded_uniform_start():
+    """A linear two-class model: the CE gradient's sign is the same everywhere, so after the random start in
+    [x - eps, x + eps] one step of 1.25 eps reaches the ball's edge iff the start was above x - 0.25 eps: 62.5% of
+    the pixels (25% for an explicit step of 0.5 eps; all of them for a bigger or a second step)."""
+    from cure_hf.attacks import fgsm_rs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4000, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.stack([torch.zeros(4000), torch.randn(4000).sign()]))
+    x, y = torch.full((1, 4000), 0.5), torch.ones(1, dtype=torch.long)
+    direction = -model[1].weight[1].sign()  # raising CE for class 1 lowers the class-1 logit
+    edge = x + EPS * direction
+
+    def at_edge(x_adv):
+        return (x_adv - edge).abs().lt(1e-7).float().mean().item()
+
+    runs = [fgsm_rs(model, x, y, eps=EPS, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2]), "the generator drives the start"
+    assert (runs[0] - x).abs().max() <= EPS + 1e-7
+    assert at_edge(runs[0]) == pytest.approx(0.625, abs=0.03)
+    explicit = fgsm_rs(model, x, y, eps=EPS, step_size=0.5 * EPS, generator=torch.Generator().manual_seed(1))
+    assert at_edge(explicit) == pytest.approx(0.25, abs=0.03)
+
+
+def test_paper_scores_without_accumulated_gradients_name_the_problem(tmp_path, tiny_train):
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", prominence="paper"),
+                          train_dataset=tiny_train)
+    with pytest.raises(RuntimeError, match="prominence='paper' found no accumulated clean/adversarial gradients"):
+        trainer._paper_scores(trainer._maskable_parameters())
