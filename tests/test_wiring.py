@@ -499,3 +499,36 @@ def test_paper_scores_without_accumulated_gradients_name_the_problem(tmp_path, t
                           train_dataset=tiny_train)
     with pytest.raises(RuntimeError, match="prominence='paper' found no accumulated clean/adversarial gradients"):
         trainer._paper_scores(trainer._maskable_parameters())
+
+
+def test_cure_losses_smooth_their_cross_entropy_terms_and_name_their_parts():
+    from cure_hf.methods import method_loss
+
+    g = torch.Generator().manual_seed(3)
+    z_nat, z_adv, r_nat, r_adv = (torch.randn(6, 5, generator=g) for _ in range(4))
+    y = torch.tensor([0, 1, 2, 3, 4, 0])
+    ce = lambda z: F.cross_entropy(z.double(), y, label_smoothing=0.2).item()  # noqa: E731
+    kl = lambda student, teacher: F.kl_div(F.log_softmax(student.double(), 1), F.softmax(teacher.double(), 1),  # noqa
+                                           reduction="batchmean").item()
+    logits = dict(z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv)
+    consistency = kl(z_nat, r_nat) + kl(z_adv, r_adv)
+    loss, parts = method_loss("cure", y, **logits, alpha=0.3, gamma=0.5, label_smoothing=0.2)
+    assert loss.item() == pytest.approx(0.3 * ce(z_nat) + 0.7 * ce(z_adv) + 0.5 * consistency, rel=1e-5)
+    assert set(parts) == {"ce_nat", "ce_adv", "consistency"}
+    loss, parts = method_loss("cure", y, **logits, gamma=0.5, label_smoothing=0.2, prominence="paper")
+    assert loss.item() == pytest.approx(ce(z_nat) + kl(z_adv, z_nat) + 0.5 * consistency, rel=1e-5)
+    assert parts["ce_nat"].item() == pytest.approx(ce(z_nat), rel=1e-5)
+    assert parts["kl_adv"].item() == pytest.approx(kl(z_adv, z_nat), rel=1e-5)
+    assert parts["consistency"].item() == pytest.approx(consistency, rel=1e-5) and len(parts) == 3
+
+
+def test_the_revision_model_gets_its_settings_from_the_arguments(tmp_path, tiny_train):
+    args = _args(tmp_path, adv_method="cure", revision_rate=0.35, revision_decay=0.77, revision_seed=11,
+                 revision_train_mode=False)
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
+    revision = trainer._ensure_revision()
+    assert (revision.rate, revision.decay, revision.train_mode, revision.module.training) == (0.35, 0.77, False, False)
+    assert torch.equal(revision.generator.get_state(), torch.Generator().manual_seed(11).get_state())
+    assert trainer._ensure_revision() is revision
+    net = trainer.accelerator.unwrap_model(trainer.model)
+    assert all(torch.equal(a, b) for a, b in zip(revision.module.parameters(), net.parameters()))
