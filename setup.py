@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.6",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "filelock>=3.9",
     ],
     extras_require={"dev": ["pytest>=7"]},
     entry_points={"console_scripts": ["cure-hf=cure_hf.cli:main"]},

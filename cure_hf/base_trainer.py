@@ -11,7 +11,10 @@ place where cure_hf departs from the Trainer. Each override calls the Trainer's 
 - saving writes the folder that timm, transformers and cure_hf all load (`hub.save_pretrained`), plus the
   `processing_class`; checkpoints are the Trainer's, with the method's own state added by the subclass
   (`_save_method_state` / `_load_method_state`);
-- `push_to_hub` saves locally first and uploads only the exported model.
+- `push_to_hub` saves locally first and uploads only the exported model;
+- never silently wrong (`cure_hf.safety`): the model is checked at construction, a non-finite gradient stops training
+  (`nonfinite_policy`), NaN weights are never saved, `output_dir` has one writer (a lock), checkpoints appear only
+  when complete (written aside, then renamed), and a resume refuses an incomplete checkpoint or changed method.
 """
 from __future__ import annotations
 
@@ -19,13 +22,14 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .attacks import cross_entropy_loss, logits_of
 from .config import CURETrainingArguments
@@ -41,6 +45,22 @@ from .methods import METHODS
 from .modelcard import card_value, write_model_card
 from .models import unwrap_normalized
 from .runtime import full_precision_forward, refuse_unsupported_parallelism
+from .safety import (
+    NonFiniteGuard,
+    OutputDirInUseError,
+    OutputDirLock,
+    check_class_labels,
+    check_model_output,
+    check_model_saveable,
+    check_pixel_values,
+    check_resume_arguments,
+    check_weights_finite,
+    missing_checkpoint_parts,
+    publish_checkpoint,
+    resumable_checkpoints,
+    stale_staging_folders,
+    staging_folder,
+)
 from .speed import SpeedRuntime
 
 __all__ = ["RobustTrainer"]
@@ -50,6 +70,7 @@ logger = logging.getLogger(__name__)
 ROBUST_EVAL_HISTORY_NAME = "robust_eval_history.json"
 ROBUST_OVERFITTING_NAME = "robust_overfitting.json"
 TRAINING_ARGS_JSON = "training_args.json"
+TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class RobustTrainer(Trainer):
@@ -83,8 +104,52 @@ class RobustTrainer(Trainer):
         self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)  # per-step parts, flushed by log()
         self._attacking_in_evaluation = False
         self._robust_eval_history: List[Dict[str, Any]] = []
+        self._output_dir_lock = OutputDirLock(args.output_dir)
+        # On a GPU, "stop" reads each step's verdict a step late, so that the step never waits for the device.
+        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, lambda: self.accelerator.unwrap_model(self.model),
+                                              self._divergence_context,
+                                              deferred=args.nonfinite_policy == "stop" and args.device.type == "cuda")
+        if self.model is not None:
+            self._check_model_up_front()
+
+    def _check_model_up_front(self) -> None:
+        """Refuse now, not at the first checkpoint or batch, a model that cannot be saved or whose logits are
+        ambiguous; one eval-mode forward on the first training (else evaluation) example, which the collator checks."""
+        model = self.accelerator.unwrap_model(self.model)
+        check_model_saveable(model)
+        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
+            return
+        with preserved_random_state():  # a random transform must not shift the run's random stream
+            try:
+                batch = self.data_collator([dataset[0]])
+            except (TypeError, KeyError, IndexError, NotImplementedError, ValueError):
+                return  # not indexable, or data the collator refuses: that error comes with the first batch
+        device = next(model.parameters()).device
+        check_model_output(model, batch["pixel_values"].to(device), _num_classes(dataset))
+
+    def _divergence_context(self) -> Dict[str, Any]:
+        """What the divergence error names: the step, the learning rate in use, the precision, the last checkpoint."""
+        args = self.args
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        learning_rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
+        last, _ = resumable_checkpoints(self._get_output_dir(None))
+        return {
+            "step": self.state.global_step + 1, "learning_rate": args.learning_rate, "current_lr": learning_rate,
+            "precision": "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+            "last_checkpoint": f"; the last complete checkpoint is {last}" if last else "",
+        }
 
     # ------------------------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the divergence guard as its first pre-step hook (before any method's hook
+        reads the gradient)."""
+        optimizer = super().create_optimizer(model)
+        self.nonfinite_guard.attach(optimizer)
+        return optimizer
+
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
         """The Trainer's optimizer for `optim`/`optim_args`, with SGD's momentum defaulting to the released code's."""
@@ -154,10 +219,12 @@ class RobustTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Logits and cross-entropy for models that take `pixel_values` and return logits or `.logits`."""
         inputs = self._prepare_inputs(inputs)
+        check_pixel_values(inputs["pixel_values"], "evaluation pixel_values")  # as training refuses them
         with torch.no_grad(), self.compute_loss_context_manager():
             logits = logits_of(model(inputs["pixel_values"]))
-            loss = cross_entropy_loss(logits, inputs["labels"]).detach()
-        return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), inputs["labels"])
+            labels = check_class_labels(inputs["labels"], logits.shape[-1], "evaluation labels")
+            loss = cross_entropy_loss(logits, labels).detach()
+        return (loss, None, None) if prediction_loss_only else (loss, logits.detach(), labels)
 
     def _robust_metrics(self, dataset, prefix: str) -> Dict[str, float]:
         args = self.args
@@ -210,9 +277,24 @@ class RobustTrainer(Trainer):
             selection = "eval_" + self.args.metric_for_best_model.removeprefix("eval_")
         return robust_overfitting_summary(self.state.log_history, selection_key=selection)
 
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, then the robust-overfitting report: best vs last robust accuracy of every evaluation."""
-        output = super().train(*args, **kwargs)
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """`Trainer.train` holding the lock on `output_dir`, then the robust-overfitting report: best vs last robust
+        accuracy of every evaluation. `resume_from_checkpoint=True` takes the newest *complete* checkpoint."""
+        with self._holding_output_dir(collective=True):
+            for folder in stale_staging_folders(self._get_output_dir(trial)) if self.args.should_save else []:
+                logger.warning("removing %s: a checkpoint whose save was interrupted (never resumed from)", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = self._newest_complete_checkpoint(trial)
+            output = super().train(resume_from_checkpoint, trial, **kwargs)
+            self.nonfinite_guard.flush()  # the last step's verdict, when it is read a step late (GPU)
+            self._report_robust_overfitting(output)
+        if self.nonfinite_guard.skipped_steps:
+            logger.warning("nonfinite_policy='skip' dropped %d optimizer steps with NaN/inf gradients: %s",
+                           len(self.nonfinite_guard.skipped_steps), self.nonfinite_guard.skipped_steps)
+        return output
+
+    def _report_robust_overfitting(self, output) -> None:
         summary = self.robust_overfitting_summary()
         for key, entry in summary.items():
             output.metrics.update({f"{key}_best": entry["best"], f"{key}_last": entry["last"],
@@ -224,7 +306,6 @@ class RobustTrainer(Trainer):
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, ROBUST_OVERFITTING_NAME), "w", encoding="utf-8") as f:
                 json.dump(summary, f, indent=2)
-        return output
 
     def _with_validation_split(self, args, pos: tuple, kwargs: dict):
         """`validation_fraction > 0`: carve `self.validation_dataset` from the training set (never the test set).
@@ -274,18 +355,117 @@ class RobustTrainer(Trainer):
         with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """The Trainer's `save_model`, refused for NaN/inf weights, holding the lock when it writes into `output_dir`."""
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        self.nonfinite_guard.flush()
+        check_weights_finite(self.accelerator.unwrap_model(self.model), folder)
+        root = os.path.abspath(self.args.output_dir)
+        inside = os.path.commonpath([os.path.abspath(folder), root]) == root
+        with self._holding_output_dir() if inside else contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call)
+
     def _save_checkpoint(self, model, trial) -> None:
-        """The Trainer's checkpoint, with the method's own state written into the same folder first."""
+        """The Trainer's checkpoint, written into a staging folder with the method's own state and renamed to
+        `checkpoint-N` only when complete, so a process killed mid-save never leaves a `checkpoint-N` to resume from."""
+        run_dir = self._get_output_dir(trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging_root = staging_folder(final)  # the Trainer writes `<its run dir>/checkpoint-N`: here, inside this
+        staged = os.path.join(staging_root, os.path.basename(final))
+        if self.args.should_save:
+            shutil.rmtree(staging_root, ignore_errors=True)  # a save of this step that a killed process left
+            os.makedirs(staged)
+        self.accelerator.wait_for_everyone()  # every process writes its RNG state into the fresh folder
         if self.args.should_save and not self.args.save_only_model:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            self._save_method_state(folder)
-        super()._save_checkpoint(model, trial)
+            self._save_method_state(staged)
+        pushes: List[str] = []
+        # The Trainer names the checkpoint folder itself; its run-dir hook is the one way to redirect it. Pushing and
+        # rotating wait for the rename (an upload must not read a folder that is about to move).
+        self._get_output_dir = lambda trial=None: staging_root
+        self._push_from_checkpoint = pushes.append
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del self._get_output_dir, self._push_from_checkpoint
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            shutil.rmtree(staging_root, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        if pushes:
+            self._push_from_checkpoint(final)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _newest_complete_checkpoint(self, trial=None) -> str:
+        """`resume_from_checkpoint=True`: the newest checkpoint with everything a resume needs; newer, incomplete
+        ones are named in a warning and skipped."""
+        run_dir = self._get_output_dir(trial)
+        folder, skipped = resumable_checkpoints(run_dir, **self._checkpoint_rules())
+        for path, missing in skipped.items():
+            logger.warning("resume_from_checkpoint=True skips %s: it lacks %s (an interrupted or partial save)",
+                           path, ", ".join(missing))
+        if folder is None:
+            found = "; ".join(f"{p} lacks {', '.join(m)}" for p, m in skipped.items()) or "no checkpoint-N folders"
+            raise ValueError(f"resume_from_checkpoint=True found no complete checkpoint in {run_dir} ({found}); pass "
+                             "resume_from_checkpoint=None to start from scratch, or the path of a checkpoint with "
+                             "allow_partial_resume=True")
+        return folder
+
+    def _checkpoint_rules(self) -> Dict[str, Any]:
+        """What a checkpoint of this run must hold besides the Trainer's files: the revision model of a method that
+        has one, once the natural warm-up (if any) is over."""
+        if not self.method.uses_revision:
+            return {}
+        from .revision import REVISION_WEIGHTS_NAME
+
+        return {"revision_file": REVISION_WEIGHTS_NAME, "revision_from_epoch": float(self.args.natural_warmup_epochs)}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        """Weights from the checkpoint's safetensors (the inverse of `_save`), then the method's own state."""
+        """Weights from the checkpoint's safetensors (the inverse of `_save`), then the method's own state; refused
+        when the checkpoint is incomplete (unless `allow_partial_resume`) or was trained with other method settings."""
+        missing = missing_checkpoint_parts(resume_from_checkpoint, **self._checkpoint_rules())
+        if "model.safetensors" not in missing and missing:
+            if not self.args.allow_partial_resume:
+                raise ValueError(
+                    f"resume_from_checkpoint={resume_from_checkpoint!r} lacks {', '.join(missing)}: the run would "
+                    "silently continue with a fresh optimizer, learning-rate schedule, RNG or revision model. Fix: "
+                    "resume from a complete checkpoint (resume_from_checkpoint=True picks the newest), or set "
+                    "allow_partial_resume=True to continue with fresh ones for the missing parts"
+                )
+            logger.warning("allow_partial_resume=True: %s lacks %s; those start afresh", resume_from_checkpoint,
+                           ", ".join(missing))
+        for warning in check_resume_arguments(resume_from_checkpoint, self.args.to_dict()):
+            logger.warning("resume_from_checkpoint=%s: %s", resume_from_checkpoint, warning)
         load_weights_into(model if model is not None else self.model, resume_from_checkpoint)
         self._load_method_state(resume_from_checkpoint)
+
+    @contextlib.contextmanager
+    def _holding_output_dir(self, collective: bool = False):
+        """Hold the lock on `output_dir` (world process zero) for the block; `collective`: every process learns
+        whether it was granted, so all of them stop with the same error."""
+        error = None
+        if self.is_world_process_zero():
+            try:
+                self._output_dir_lock.acquire()
+            except OutputDirInUseError as refused:
+                error = refused
+        if collective and torch.distributed.is_available() and torch.distributed.is_initialized():
+            message = [str(error) if error is not None else None]
+            torch.distributed.broadcast_object_list(message, src=0)
+            error = error or (OutputDirInUseError(message[0]) if message[0] else None)
+        if error is not None:
+            raise error
+        try:
+            yield
+        finally:
+            if self.is_world_process_zero():
+                self._output_dir_lock.release()
 
     def _load_best_model(self) -> None:
         load_weights_into(self.model, self.state.best_model_checkpoint)
@@ -448,3 +628,29 @@ class RobustTrainer(Trainer):
                 logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
             self._metrics.clear()
         super().log(logs, start_time)
+
+
+def _num_classes(dataset) -> Optional[int]:
+    """The number of classes of a `datasets` label column (a ClassLabel), else None."""
+    features = getattr(dataset, "features", None) or {}
+    for key in ("labels", "label"):
+        feature = features.get(key) if hasattr(features, "get") else None
+        if getattr(feature, "num_classes", None):
+            return int(feature.num_classes)
+    return None
+
+
+@contextlib.contextmanager
+def preserved_random_state():
+    """Python's, numpy's and torch's CPU random state restored after the block."""
+    import random
+
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])

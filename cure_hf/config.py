@@ -247,6 +247,14 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             with another optimizer.
         weight_decay_all_parameters (`bool`, *optional*, defaults to `True`):
             Weight decay on biases and norm weights too (the released code); `False` gives the Trainer's grouping.
+        nonfinite_policy (`str`, *optional*, defaults to `"stop"`):
+            What a NaN or infinite gradient does (one check per optimizer step): `stop` raises
+            `cure_hf.safety.NonFiniteTrainingError` naming the step and the likely cause, before the step is applied;
+            `skip` drops that optimizer step (no parameter, momentum or weight-decay change) with a warning and goes
+            on. Steps the fp16 GradScaler skips are the scaler's business and never count.
+        allow_partial_resume (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint that lacks its optimizer, scheduler, RNG or revision state, with a warning,
+            starting those afresh. By default such a resume is refused (it would silently restart the schedule).
 
     Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """
@@ -334,6 +342,15 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         default=False, metadata={"help": "DDP buffer broadcast; off because of several forwards per backward."}
     )
 
+    # Never silently wrong (cure_hf.safety): a diverged run stops, an incomplete checkpoint is not resumed from.
+    nonfinite_policy: str = field(
+        default="stop", metadata={"help": "NaN/inf gradient: 'stop' training with an error, or 'skip' the step."}
+    )
+    allow_partial_resume: bool = field(
+        default=False, metadata={"help": "Resume from a checkpoint without optimizer/scheduler/RNG/revision state "
+                                         "(those start afresh, with a warning); refused by default."}
+    )
+
 
     # GPU speed (cure_hf/speed.py, docs/benchmarks.md), validated by _validate_speed_fields.
     speed_preset: str = field(
@@ -372,6 +389,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         self._validate_evaluation_fields()
         self._validate_recipe_fields()
         self._validate_optimizer_fields()
+        self._validate_safety_fields()
         self._default_model_selection()
         self._validate_speed_fields()  # before TrainingArguments': the preset sets bf16/torch_compile, which it checks
         super(RobustEvaluationArguments, self).__post_init__()  # TrainingArguments'
@@ -416,6 +434,19 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                "0 <= fraction < 1", "e.g. 0.1 holds out 10% of the training set for model selection.")
         _check(0.0 <= self.label_smoothing_factor < 1.0, "label_smoothing_factor", self.label_smoothing_factor,
                "0 <= factor < 1")
+
+    def _validate_safety_fields(self) -> None:
+        from .safety import MAX_EPSILON, NONFINITE_POLICIES, check_attack_budget
+
+        _check(self.nonfinite_policy in NONFINITE_POLICIES, "nonfinite_policy", self.nonfinite_policy,
+               f"one of {NONFINITE_POLICIES}")
+        # An eps in intensity levels (epsilon=1 for 1/255) is refused, not trained: the bound is MAX_EPSILON (64/255).
+        if self.adv_method != "clean" or self.eval_epsilon is None:
+            check_attack_budget(eps=self.epsilon, eps_name="epsilon")
+        if self.eval_epsilon is not None:
+            check_attack_budget(eps=self.eval_epsilon, eps_name="eval_epsilon")
+        _check(self.attack_step_size <= MAX_EPSILON, "attack_step_size", self.attack_step_size,
+               f"<= 64/255 = {MAX_EPSILON:.4f}", f"Did you mean {self.attack_step_size:g}/255?")
 
     def _validate_recipe_fields(self) -> None:
         _check(self.natural_warmup_epochs >= 0, "natural_warmup_epochs", self.natural_warmup_epochs, ">= 0 epochs")

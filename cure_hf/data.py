@@ -210,9 +210,12 @@ def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
 
     Accepts what it accepts (``labels``, or ``label``/``label_ids`` renamed to ``labels``; tensors, arrays or
     lists) and refuses, with the fix, what would otherwise train silently wrong or fail deep inside torch:
-    examples without ``pixel_values`` (raw ``image``/``img`` columns need a transform) and non-integer labels
-    (a float label 3.7 would otherwise become class 3, or a soft target).
+    examples without ``pixel_values`` (raw ``image``/``img`` columns need a transform), non-integer labels
+    (a float label 3.7 would otherwise become class 3, or a soft target), and pixels that are not floats, NaN or
+    infinite, or outside [0, 1] (checked here on the CPU batch, so the training step needs no device sync for it).
     """
+    from .safety import check_class_labels, check_pixel_values
+
     from transformers import default_data_collator
 
     first = examples[0]
@@ -226,35 +229,23 @@ def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
         raise ValueError(f"a training example needs 'labels' (or 'label'); this one has the keys {sorted(first)}")
     kept = [{k: v for k, v in e.items() if k in ("pixel_values", "labels", "label", "label_ids")} for e in examples]
     batch = default_data_collator(kept, return_tensors="pt")
-    labels = torch.as_tensor(batch["labels"])
-    if labels.is_floating_point():
-        if not torch.equal(labels, labels.round()):
-            bad = labels[labels != labels.round()][:3].tolist()
-            raise ValueError(f"labels must be class indices, got non-integer values such as {bad}; map them to "
-                             "integers 0..num_classes-1 (e.g. a datasets ClassLabel column)")
-        labels = labels.long()
+    labels = check_class_labels(batch["labels"])
     pixels = torch.as_tensor(batch["pixel_values"])
-    if not pixels.is_floating_point():
-        raise ValueError(f"pixel_values must be floats in [0, 1], got {pixels.dtype} (e.g. uint8 0..255 pixels); "
-                         "convert with ToTensor() / x.float() / 255 in the transform")
-    return {"pixel_values": pixels, "labels": labels.long()}
+    check_pixel_values(pixels)
+    return {"pixel_values": pixels, "labels": labels}
 
 
-def check_pixel_range(pixel_values: torch.Tensor, tolerance: float = 1e-4) -> None:
-    """Raise if pixels leave [0, 1]: that usually means a normaliser ran outside the model.
+def check_pixel_range(pixel_values: torch.Tensor) -> None:
+    """Raise unless the pixels are finite floats in [0, 1] (a normaliser outside the model, 0..255 intensities,
+    uint8, NaN each get the error with its fix: ``cure_hf.safety.check_pixel_values``).
 
     It reads the minimum and maximum back to the host: free on a CPU tensor, a wait for the device on a GPU tensor.
     So CURETrainer checks batches on the CPU, in its data collator (``cure_hf.speed.CheckingCollator``) or once
     over the whole set for device-resident data, and the training step never waits for it.
     """
-    low, high = torch.aminmax(pixel_values.detach())
-    low, high = float(low), float(high)
-    if low < -tolerance or high > 1.0 + tolerance:
-        raise ValueError(
-            f"pixel_values range from {low:.3f} to {high:.3f}, outside [0, 1]. Attacks work in pixel space: "
-            "remove Normalize() from the data transform and normalise inside the model "
-            "(cure_hf.models.PixelNormalized / create_model does this)."
-        )
+    from .safety import check_pixel_values
+
+    check_pixel_values(pixel_values)
 
 
 def _pick_column(names, wanted: Optional[str], candidates, what: str) -> str:

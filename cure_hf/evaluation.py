@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from .attacks import attack_mode, logits_of, pgd
+from .safety import check_attack_budget, check_class_labels, check_logits_finite, check_pixel_values
 
 __all__ = [
     "AttackSpec",
@@ -130,8 +131,10 @@ def predict_under_attack(
     """Predicted label per example under ``attack``: "clean", "pgd" (CE loss) or "cw" (margin loss), L-inf.
 
     Only examples still classified correctly are attacked (a misclassified clean input is its own
-    adversarial example); a wrong prediction from any restart is kept.
+    adversarial example); a wrong prediction from any restart is kept. Budgets that would make the attack a
+    no-op (steps or restarts below 1, a zero step) or an eps above 64/255 are refused.
     """
+    check_attack_budget(eps=eps, step_size=step_size, steps=steps, restarts=restarts)
     spec = attack if isinstance(attack, AttackSpec) else parse_attacks([attack], default_steps=steps)[0]
     if spec.kind not in ("clean", "pgd", "cw"):
         raise ValueError(f"attack={spec.name!r}: predict_under_attack runs 'clean', 'pgd<K>' or 'cw'")
@@ -371,9 +374,8 @@ def evaluate_robustness(
             f"norm={autoattack.norm!r} is only supported by autoattack; PGD and CW here are L-inf. "
             "Use attacks='clean,autoattack' with norm='L2'"
         )
-    if eps < 0:
-        raise ValueError(f"eps={eps!r} is invalid: allowed eps >= 0 in pixel units, e.g. 8/255")
     step_size = eps / 4 if step_size is None else step_size
+    check_attack_budget(eps=eps, step_size=step_size, steps=steps, restarts=restarts, norm=autoattack.norm)
     columns = [s for s in specs if s.kind != "clean"]
     predictions: Dict[str, List[torch.Tensor]] = {"clean": [], **{s.name: [] for s in columns}}
     survived_parts: Dict[str, List[torch.Tensor]] = {}
@@ -394,8 +396,13 @@ def evaluate_robustness(
                 break
             x, y = x[: max_examples - seen], y[: max_examples - seen]
         seen += len(y)
-        with attack_mode(model):
-            clean = _predict(model, x)
+        # What training refuses, evaluation refuses too: its numbers would look plausible and mean nothing.
+        check_pixel_values(x, "evaluation pixel_values")
+        with attack_mode(model), torch.no_grad():
+            logits = logits_of(model(x))
+        check_logits_finite(logits)
+        y = check_class_labels(y, logits.shape[1], "evaluation labels")
+        clean = logits.argmax(dim=1)
         per_batch = {"clean": clean}
         for spec in columns:
             if spec.kind == "autoattack":

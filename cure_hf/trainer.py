@@ -300,7 +300,7 @@ class CURETrainer(RobustTrainer):
                 self.revision.load(folder)
                 self._revision_checkpoint = None
         # (a checkpoint written during a natural warm-up has no revision yet: it is created at the switch)
-        elif self.method.uses_revision and not self.args.natural_warmup_epochs:
+        elif self.method.uses_revision and not self.args.natural_warmup_epochs and not self.args.allow_partial_resume:
             raise ValueError(
                 f"resume_from_checkpoint={folder!r} has no {REVISION_WEIGHTS_NAME}, which adv_method="
                 f"{self.args.adv_method!r} needs to resume its revision model; resume from a checkpoint written by "
