@@ -11,7 +11,10 @@ place where cure_hf departs from the Trainer. Each override calls the Trainer's 
 - saving writes the folder that timm, transformers and cure_hf all load (`hub.save_pretrained`), plus the
   `processing_class`; checkpoints are the Trainer's, with the method's own state added by the subclass
   (`_save_method_state` / `_load_method_state`);
-- `push_to_hub` saves locally first and uploads only the exported model.
+- `push_to_hub` saves locally first and uploads only the exported model;
+- the optimizer's step carries two hooks, `_before_optimizer_step` and `_after_optimizer_step`, that run once per
+  optimizer step whatever the gradient accumulation; after the step, weight averaging (`weight_averaging`) folds the
+  new weights into the average, which evaluation, saving and pushing then use (`averaged_weights()`).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .attacks import cross_entropy_loss, logits_of
+from .averaging import WEIGHT_AVERAGE_NAME, WeightAverage
 from .config import CURETrainingArguments
 from .data import collate_pixels
 from .evaluation import (
@@ -78,6 +82,8 @@ class RobustTrainer(Trainer):
         self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)  # per-step parts, flushed by log()
         self._attacking_in_evaluation = False
         self._robust_eval_history: List[Dict[str, Any]] = []
+        self._hooked_optimizer: Optional[torch.optim.Optimizer] = None
+        self.weight_average: Optional[WeightAverage] = None  # created with the optimizer, or from a checkpoint
 
     # ------------------------------------------------------------------------------------ optimizer
     @staticmethod
@@ -93,6 +99,52 @@ class RobustTrainer(Trainer):
         if self.args.weight_decay_all_parameters:
             return [name for name, _ in model.named_parameters()]
         return super().get_decay_parameter_names(model)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer with `_before_optimizer_step` and `_after_optimizer_step` attached to its step, so
+        they run exactly once per optimizer step (after gradient accumulation), and the weight average started."""
+        optimizer = super().create_optimizer(model)
+        self._attach_optimizer_hooks(optimizer)
+        decay = self.args.weight_averaging_decay
+        if decay is not None and self.weight_average is None:
+            self.weight_average = WeightAverage(self._unwrapped_model(), decay)
+        return optimizer
+
+    def _attach_optimizer_hooks(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if self._hooked_optimizer is inner:
+            return
+        inner.register_step_pre_hook(lambda *_: self._before_optimizer_step())
+        inner.register_step_post_hook(lambda *_: self._after_optimizer_step())
+        self._hooked_optimizer = inner
+
+    def _before_optimizer_step(self) -> None:
+        """Between the accumulated gradient and the optimizer step (nothing here; the method's step adds to it)."""
+
+    @torch.no_grad()
+    def _after_optimizer_step(self) -> None:
+        """Weight averaging: fold the new weights and BatchNorm statistics into the average."""
+        if self.weight_average is not None:
+            self.weight_average.update_(self._unwrapped_model())
+
+    def _unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # ---------------------------------------------------------------------------- weight averaging
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside the block the model holds the weight average (`weight_averaging`); the working weights come back
+        exactly afterwards. Evaluation and saving run inside it; without weight averaging it changes nothing."""
+        if self.weight_average is None:
+            yield self.model
+            return
+        with self.weight_average.swapped_into(self._unwrapped_model()):
+            yield self.model
+
+    def _restart_weight_average(self) -> None:
+        """The average starts again from the current weights (after loading the best model, at a method switch)."""
+        if self.weight_average is not None:
+            self.weight_average.restart_(self._unwrapped_model())
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
@@ -114,10 +166,11 @@ class RobustTrainer(Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
         """The Trainer's loop, then (from `evaluate()`) the attacks on the same examples; both in fp32 unless
-        `eval_mixed_precision` (fp16 attacks are weaker, so the robust number would be inflated)."""
+        `eval_mixed_precision` (fp16 attacks are weaker, so the robust number would be inflated), and both on the
+        weight average when `weight_averaging` is on."""
         model = self.accelerator.unwrap_model(self.model)
         precision = contextlib.nullcontext() if self.args.eval_mixed_precision else full_precision_forward(model)
-        with precision:
+        with self.averaged_weights(), precision:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             robust = self._robust_metrics(dataloader.dataset, metric_key_prefix) if self._attacking_in_evaluation else {}
@@ -251,6 +304,11 @@ class RobustTrainer(Trainer):
         return pos, kwargs
 
     # ------------------------------------------------------------------------------ saving, resuming
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """The Trainer's `save_model` (final model and every checkpoint), with the weight average when it is on."""
+        with self.averaged_weights():
+            super().save_model(output_dir, _internal_call)
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """The folder timm, transformers and cure_hf all load, the processing class, the arguments as JSON."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -279,12 +337,29 @@ class RobustTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         load_weights_into(self.model, self.state.best_model_checkpoint)
+        self._restart_weight_average()  # the checkpoint's weights are its average: evaluation and saving keep them
 
     def _save_method_state(self, folder: str) -> None:
-        """What the method needs beyond the Trainer's checkpoint to resume (none for the plain methods)."""
+        """What resuming needs beyond the Trainer's checkpoint: with weight averaging, the average and the working
+        weights (the checkpoint's model file holds the average). Subclasses add their method's state."""
+        if self.weight_average is not None:
+            self.weight_average.save(folder, self._unwrapped_model())
 
     def _load_method_state(self, folder: str) -> None:
         """The inverse of `_save_method_state`."""
+        decay = self.args.weight_averaging_decay
+        if os.path.isfile(os.path.join(folder, WEIGHT_AVERAGE_NAME)):
+            if decay is None:
+                raise ValueError(
+                    f"resume_from_checkpoint={folder!r} was written with weight averaging ({WEIGHT_AVERAGE_NAME}; its "
+                    "model.safetensors is the average, not the weights training continues from), but "
+                    "weight_averaging is off. Fix: resume with weight_averaging set (e.g. True)."
+                )
+            if self.weight_average is None:
+                self.weight_average = WeightAverage(self._unwrapped_model(), decay)
+            self.weight_average.load(folder, self._unwrapped_model())
+        elif decay is not None:
+            logger.warning("%s has no %s: weight averaging starts from its weights now", folder, WEIGHT_AVERAGE_NAME)
 
     def _export_image_size(self) -> Optional[tuple]:
         """The training image size, written to config.json so timm/transformers preprocessing resize to it."""
@@ -349,9 +424,25 @@ class RobustTrainer(Trainer):
             "tags": [f"method-{args.adv_method}"] + list(self._tag_names),
         }
         info.update(self._dataset_card_fields())
+        self._add_beyond_paper_card_fields(info)
         info.update(self.card_overrides or {})
         info.update(overrides)
         return info
+
+    def _add_beyond_paper_card_fields(self, info: Dict[str, Any]) -> None:
+        """Weight averaging (`info["weight_averaging"]`, the decay and its warm-up), AWP and the attack warm-up as
+        hyperparameters."""
+        args, hyper = self.args, info["hyperparameters"]
+        decay = args.weight_averaging_decay
+        if decay is not None:
+            info["weight_averaging"] = {"decay": decay, "decay_warmup": "min(decay, (1 + t) / (10 + t))",
+                                        "buffers_averaged": True}
+            hyper["weight_averaging"] = decay
+        if args.resolved_awp_gamma is not None:
+            hyper["awp_gamma"] = args.resolved_awp_gamma
+            hyper["awp_warmup_epochs"] = args.resolved_awp_warmup_epochs
+        if args.attack_warmup_epochs:
+            hyper["attack_warmup_epochs"] = args.attack_warmup_epochs
 
     def _dataset_card_fields(self) -> Dict[str, Any]:
         """The training set's name and Hub id, from its `datasets` metadata when it has any."""
