@@ -17,7 +17,7 @@ Once per optimizer step, before the gradient of the update is computed:
    not bit-identical to w + step in floating point.
 
 Under DDP every process must perturb the same way, so the proxy's gradient is averaged over the processes
-(the batches differ per process) before v is formed.
+(the batches differ per process; accelerate's ``reduce``) before v is formed.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ __all__ = [
     "AdversarialWeightPerturbation",
     "perturbed_weights",
     "weight_perturbation",
-    "all_reduce_mean_",
+    "averaged_over_processes",
 ]
 
 # The reference's guard against a zero gradient (utils_awp.py: EPS = 1E-20).
@@ -78,21 +78,13 @@ def weight_perturbation(weights: Sequence[torch.Tensor], grads: Sequence[torch.T
     return out
 
 
-@torch.no_grad()
-def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
-    """Average ``tensors`` over the DDP processes in place, in one collective (nothing without DDP)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    world_size = torch.distributed.get_world_size()
-    if world_size == 1 or not tensors:
-        return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    torch.distributed.all_reduce(flat)
-    flat.div_(world_size)
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
+def averaged_over_processes(tensors: Sequence[torch.Tensor], reduce: Optional[Callable] = None) -> List[torch.Tensor]:
+    """``tensors`` averaged over the DDP processes in one collective, by ``reduce`` (accelerate's
+    ``Accelerator.reduce``: ``reduce(tensor, reduction="mean")``); unchanged when ``reduce`` is None."""
+    if reduce is None or not tensors:
+        return list(tensors)
+    flat = reduce(torch.cat([t.reshape(-1) for t in tensors]), reduction="mean")
+    return [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 class AdversarialWeightPerturbation:
@@ -118,9 +110,10 @@ class AdversarialWeightPerturbation:
         self._proxy.train()
         return self._proxy
 
-    def perturb_(self, model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor],
-                 step: Optional[int] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
-        """Add v to ``model``'s perturbed weights, with g the gradient of ``loss_of(proxy)`` at its weights.
+    def perturb_(self, model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], step: Optional[int] = None,
+                 reduce: Optional[Callable] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+        """Add v to ``model``'s perturbed weights, with g the gradient of ``loss_of(proxy)`` at its weights, averaged
+        over the processes by ``reduce`` (``Accelerator.reduce``) so that every DDP process perturbs the same way.
 
         Returns the perturbation by parameter name and the proxy's loss (detached).
         """
@@ -135,7 +128,7 @@ class AdversarialWeightPerturbation:
             grads = torch.autograd.grad(loss, targets, allow_unused=True)
         grads = [torch.zeros_like(t, dtype=torch.float32) if g is None else g.detach().float()
                  for t, g in zip(targets, grads)]
-        all_reduce_mean_(grads)  # identical perturbation on every DDP process
+        grads = averaged_over_processes(grads, reduce)
         perturbation = weight_perturbation([p for _, p in named], grads, self.gamma)
         with torch.no_grad():
             self._saved = [(p, p.detach().clone()) for _, p in named]

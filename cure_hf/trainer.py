@@ -236,7 +236,7 @@ class CURETrainer(RobustTrainer):
                 z_nat = logits_of(proxy(x)) if self.method.uses_clean_pass else None
                 return self._method_loss(labels, z_nat, logits_of(proxy(x_adv)), r_nat, r_adv)[0]
 
-        _, loss = self.awp.perturb_(net, proxy_loss, step=self.state.global_step)
+        _, loss = self.awp.perturb_(net, proxy_loss, step=self.state.global_step, reduce=self.accelerator.reduce)
         self._metrics["awp_proxy_loss"].append(loss)
 
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:

@@ -36,7 +36,7 @@ def train_run(spec, out_dir):
     state = {}
     perturb = trainer.awp.perturb_
 
-    def perturb_spy(model, loss_of, step=None):
+    def perturb_spy(model, loss_of, step=None, reduce=None):
         seen = {}
 
         def recorded(proxy):  # the proxy's inputs are the first micro-batch's
@@ -49,7 +49,7 @@ def train_run(spec, out_dir):
             finally:
                 hook.remove()
 
-        perturbation, loss = perturb(model, recorded, step)
+        perturbation, loss = perturb(model, recorded, step, reduce)
         state.update({f"awp.{step}.{k}": v.detach().cpu().contiguous() for k, v in perturbation.items()})
         state[f"batch.{step}"] = seen["x"].reshape(1).cpu()
         return perturbation, loss
