@@ -131,6 +131,28 @@ def test_evaluate_save_and_card_use_the_average_and_restore_the_working_weights(
         assert "weight_averaging" in f.read()
 
 
+def test_push_to_hub_uploads_the_average(tmp_path, small_train, monkeypatch, one_thread):
+    import cure_hf.base_trainer
+
+    uploaded = {}
+
+    def fake_push(folder, repo_id, files, **kwargs):  # only the network call is replaced
+        uploaded.update(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
+        uploaded["files"] = files
+
+    monkeypatch.setattr(cure_hf.base_trainer, "push_folder", fake_push)
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, max_steps=3), train_dataset=small_train)
+    trainer.train()
+    trainer.hub_model_id = "me/cure-wa"  # an existing repo: no call to create one
+    before = _state(_working(trainer))
+    trainer.push_to_hub()
+    assert "model.safetensors" in uploaded.pop("files")
+    average = trainer.weight_average.module.state_dict()
+    assert uploaded and all(torch.equal(v, average[f"model.{k}"]) for k, v in uploaded.items())
+    assert any(not torch.equal(v, before[f"model.{k}"]) for k, v in uploaded.items())
+    assert all(torch.equal(before[k], v) for k, v in _state(_working(trainer)).items())
+
+
 def test_without_weight_averaging_nothing_is_swapped(tmp_path, small_train, one_thread):
     trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, max_steps=2, weight_averaging=None),
                           train_dataset=small_train)
