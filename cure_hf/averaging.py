@@ -6,13 +6,12 @@ After every optimizer step t = 1, 2, ... (t counts the updates since the average
     average <- decay_t * average + (1 - decay_t) * model
 
 for every parameter and every floating-point buffer (BatchNorm running mean and variance); integer buffers
-(BatchNorm's ``num_batches_tracked``) are copied. The warm-up of the decay is TensorFlow's
-``ExponentialMovingAverage(num_updates=...)`` rule, which Gowal et al. 2020 ("Uncovering the limits of
-adversarial training") use for their weight averaging; the PyTorch reproduction of their recipe
-(imrahulr/adversarial_robustness_pytorch, ``gowal21uncovering/utils/watrain.py::ema_update``) applies it with
-the same t. That code copies the BatchNorm statistics into the average once per epoch; here they are averaged
-like the weights after every step (as timm's ``ModelEmaV3``), so the average never pairs its weights with
-statistics of other weights.
+(BatchNorm's ``num_batches_tracked``) are copied. The warm-up of the decay follows the PyTorch reproduction of the
+weight averaging of Gowal et al. 2020 ("Uncovering the limits of adversarial training"):
+imrahulr/adversarial_robustness_pytorch, ``gowal21uncovering/utils/watrain.py::ema_update``, with the same t (it is
+TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` rule). That code copies the BatchNorm statistics into the
+average once per epoch; here they are averaged like the weights after every step (as timm's ``ModelEmaV3``), so the
+average never pairs its weights with statistics of other weights.
 
 The average is a ``torch.optim.swa_utils.AveragedModel`` (``use_buffers=True``) whose update function applies
 the warmed-up decay; the update is a lerp, so tensors that do not change (frozen weights, the normalisation

@@ -234,9 +234,10 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             Weight decay on biases and norm weights too (the released code); `False` gives the Trainer's grouping.
         weight_averaging (`bool`, `float` or `str`, *optional*):
             An exponential moving average of the weights and BatchNorm statistics after every optimizer step, with
-            the decay warmed up as min(decay, (1 + t) / (10 + t)) (Gowal et al., 2020). `True` for decay 0.999, or a
-            decay such as `0.998`; unset or `False`: none. Evaluation, best-model selection, saving, the model card
-            and pushing use the average; training continues from the working weights. See docs/beyond.md.
+            the decay warmed up as min(decay, (1 + t) / (10 + t)) (as a reproduction of Gowal et al., 2020). `True`
+            for decay 0.999, or a decay such as `0.998`; unset or `False`: none. Evaluation, best-model selection,
+            saving, the model card and pushing use the average; training continues from the working weights. See
+            docs/beyond.md.
         awp_gamma (`bool`, `float` or `str`, *optional*):
             Adversarial weight perturbation (Wu et al., 2020): before each update the conv/linear weights are moved
             by gamma * ||w|| along the gradient of the method's loss, and put back exactly before the optimizer

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Ablation: CURE alone, with weight averaging (WA), with AWP, with both, and TRADES with both; several seeds.
 
-    python recipes/ablation_wa_awp.py                                # embedded digits, CPU, ~30 min on 2 cores
+    python recipes/ablation_wa_awp.py                # embedded digits, CPU: 52 min on 2 shared cores (docs/beyond.md)
     python recipes/ablation_wa_awp.py --seeds 0 --variants cure,cure_wa_awp --epochs 3
 
 Protocol (spec section 5, as recipes/compare_methods.py): per seed one natural stage 0, then every variant fine-tunes
@@ -11,7 +11,8 @@ last robust accuracy and their gap (robust overfitting; a measurement, nothing i
 model is also attacked with AutoAttack (standard) on the first ``--autoattack_examples`` test images.
 
 The default eps is where the natural model is broken: with ``test_resnet`` on the digits at 16x16 its PGD-20
-accuracy is 78% at 8/255, 18% at 16/255 and below 1% at 24/255 (measured, see docs/beyond.md), so 24/255. The
+accuracy is 78% at 8/255, 18% at 16/255 and below 1% at 24/255 (measured, see docs/beyond.md), so 24/255.
+AutoAttack takes most of the time (~2.5 of each run's ~3.5 min); ``--autoattack_examples 50`` halves it. The
 script records the stage-0 model's own clean and PGD-20 accuracy at that eps in the JSON.
 
 Writes ``ablation_wa_awp.md`` (table: mean and standard deviation over the seeds), ``ablation_wa_awp.json`` (every
