@@ -110,7 +110,7 @@ def test_vit_recipe_follows_the_robust_vit_practice_and_builds_offline(digits_da
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(args.learning_rate) and lrs.index(max(lrs)) == 5  # warm-up
-    assert lrs[-1] == pytest.approx(0.1 * args.learning_rate, rel=0.05)  # cosine down to the minimum
+    assert lrs[-1] > trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(0.1 * args.learning_rate)  # cosine to min
     groups = trainer.optimizer.param_groups
     assert {g["weight_decay"] for g in groups} == {0.5, 0.0}  # biases and norm weights undecayed
 
