@@ -14,7 +14,10 @@ place where cure_hf departs from the Trainer. Each override calls the Trainer's 
 - `push_to_hub` saves locally first and uploads only the exported model;
 - never silently wrong (`cure_hf.safety`): the model is checked at construction, a non-finite gradient stops training
   (`nonfinite_policy`), NaN weights are never saved, `output_dir` has one writer (a lock), checkpoints appear only
-  when complete (written aside, then renamed), and a resume refuses an incomplete checkpoint or changed method.
+  when complete (written aside, then renamed), and a resume refuses an incomplete checkpoint or changed method;
+- the optimizer's step carries two hooks, `_before_optimizer_step` and `_after_optimizer_step`, that run once per
+  optimizer step whatever the gradient accumulation; after the step, weight averaging (`weight_averaging`) folds the
+  new weights into the average, which evaluation, saving and pushing then use (`averaged_weights()`).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .attacks import cross_entropy_loss, logits_of
+from .averaging import WEIGHT_AVERAGE_NAME, WeightAverage
 from .config import CURETrainingArguments
 from .data import collate_pixels, dataset_card_fields, dataset_preprocessing
 from .evaluation import (
@@ -104,6 +108,8 @@ class RobustTrainer(Trainer):
         self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)  # per-step parts, flushed by log()
         self._attacking_in_evaluation = False
         self._robust_eval_history: List[Dict[str, Any]] = []
+        self._hooked_optimizer: Optional[torch.optim.Optimizer] = None
+        self.weight_average: Optional[WeightAverage] = None  # created with the optimizer, or from a checkpoint
         self._output_dir_lock = OutputDirLock(args.output_dir)
         # On a GPU, "stop" reads each step's verdict a step late, so that the step never waits for the device.
         self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, lambda: self.accelerator.unwrap_model(self.model),
@@ -143,13 +149,6 @@ class RobustTrainer(Trainer):
         }
 
     # ------------------------------------------------------------------------------------ optimizer
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with the divergence guard as its first pre-step hook (before any method's hook
-        reads the gradient)."""
-        optimizer = super().create_optimizer(model)
-        self.nonfinite_guard.attach(optimizer)
-        return optimizer
-
     @staticmethod
     def get_optimizer_cls_and_kwargs(args, model=None):
         """The Trainer's optimizer for `optim`/`optim_args`, with SGD's momentum defaulting to the released code's."""
@@ -168,6 +167,54 @@ class RobustTrainer(Trainer):
         """The device-resident loader when `device_resident_data` is on (cure_hf/speed.py), else the Trainer's."""
         loader = self.speed.train_dataloader(self)
         return loader if loader is not None else super().get_train_dataloader()
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer with `_before_optimizer_step` and `_after_optimizer_step` attached to its step, so
+        they run exactly once per optimizer step (after gradient accumulation), and the weight average started.
+        The divergence guard is the first pre-step hook: it reads the gradient before any other hook changes it."""
+        optimizer = super().create_optimizer(model)
+        self.nonfinite_guard.attach(optimizer)
+        self._attach_optimizer_hooks(optimizer)
+        decay = self.args.weight_averaging_decay
+        if decay is not None and self.weight_average is None:
+            self.weight_average = WeightAverage(self._unwrapped_model(), decay)
+        return optimizer
+
+    def _attach_optimizer_hooks(self, optimizer: torch.optim.Optimizer) -> None:
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+        if self._hooked_optimizer is inner:
+            return
+        inner.register_step_pre_hook(lambda *_: self._before_optimizer_step())
+        inner.register_step_post_hook(lambda *_: self._after_optimizer_step())
+        self._hooked_optimizer = inner
+
+    def _before_optimizer_step(self) -> None:
+        """Between the accumulated gradient and the optimizer step (nothing here; the method's step adds to it)."""
+
+    @torch.no_grad()
+    def _after_optimizer_step(self) -> None:
+        """Weight averaging: fold the new weights and BatchNorm statistics into the average."""
+        if self.weight_average is not None:
+            self.weight_average.update_(self._unwrapped_model())
+
+    def _unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    # ---------------------------------------------------------------------------- weight averaging
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Inside the block the model holds the weight average (`weight_averaging`); the working weights come back
+        exactly afterwards. Evaluation and saving run inside it; without weight averaging it changes nothing."""
+        if self.weight_average is None:
+            yield self.model
+            return
+        with self.weight_average.swapped_into(self._unwrapped_model()):
+            yield self.model
+
+    def _restart_weight_average(self) -> None:
+        """The average starts again from the current weights (after loading the best model, at a method switch)."""
+        if self.weight_average is not None:
+            self.weight_average.restart_(self._unwrapped_model())
 
     # ----------------------------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> Dict[str, float]:
@@ -189,10 +236,11 @@ class RobustTrainer(Trainer):
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
         """The Trainer's loop, then (from `evaluate()`) the attacks on the same examples; both in fp32 unless
-        `eval_mixed_precision` (fp16 attacks are weaker, so the robust number would be inflated)."""
+        `eval_mixed_precision` (fp16 attacks are weaker, so the robust number would be inflated), and both on the
+        weight average when `weight_averaging` is on."""
         model = self.accelerator.unwrap_model(self.model)
         precision = contextlib.nullcontext() if self.args.eval_mixed_precision else full_precision_forward(model)
-        with precision:
+        with self.averaged_weights(), precision:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                              metric_key_prefix)
             robust = self._robust_metrics(dataloader.dataset, metric_key_prefix) if self._attacking_in_evaluation else {}
@@ -356,13 +404,14 @@ class RobustTrainer(Trainer):
             f.write(self.args.to_json_string())
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """The Trainer's `save_model`, refused for NaN/inf weights, holding the lock when it writes into `output_dir`."""
+        """The Trainer's `save_model` (final model and every checkpoint) with the weight average when it is on, refused
+        for NaN/inf weights, holding the lock when it writes into `output_dir`."""
         folder = output_dir if output_dir is not None else self.args.output_dir
         self.nonfinite_guard.flush()
         check_weights_finite(self.accelerator.unwrap_model(self.model), folder)
         root = os.path.abspath(self.args.output_dir)
         inside = os.path.commonpath([os.path.abspath(folder), root]) == root
-        with self._holding_output_dir() if inside else contextlib.nullcontext():
+        with self._holding_output_dir() if inside else contextlib.nullcontext(), self.averaged_weights():
             super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -418,13 +467,17 @@ class RobustTrainer(Trainer):
         return folder
 
     def _checkpoint_rules(self) -> Dict[str, Any]:
-        """What a checkpoint of this run must hold besides the Trainer's files: the revision model of a method that
-        has one, once the natural warm-up (if any) is over."""
-        if not self.method.uses_revision:
-            return {}
-        from .revision import REVISION_WEIGHTS_NAME
+        """What a checkpoint of this run must hold besides the Trainer's files: the weight average's state when
+        weight averaging is on (the checkpoint's model file is then the average, not the working weights), and the
+        revision model of a method that has one, once the natural warm-up (if any) is over."""
+        rules: Dict[str, Any] = {}
+        if self.args.weight_averaging_decay is not None:
+            rules["required_files"] = [WEIGHT_AVERAGE_NAME]
+        if self.method.uses_revision:
+            from .revision import REVISION_WEIGHTS_NAME
 
-        return {"revision_file": REVISION_WEIGHTS_NAME, "revision_from_epoch": float(self.args.natural_warmup_epochs)}
+            rules.update(revision_file=REVISION_WEIGHTS_NAME, revision_from_epoch=float(self.args.natural_warmup_epochs))
+        return rules
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         """Weights from the checkpoint's safetensors (the inverse of `_save`), then the method's own state; refused
@@ -469,12 +522,29 @@ class RobustTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         load_weights_into(self.model, self.state.best_model_checkpoint)
+        self._restart_weight_average()  # the checkpoint's weights are its average: evaluation and saving keep them
 
     def _save_method_state(self, folder: str) -> None:
-        """What the method needs beyond the Trainer's checkpoint to resume (none for the plain methods)."""
+        """What resuming needs beyond the Trainer's checkpoint: with weight averaging, the average and the working
+        weights (the checkpoint's model file holds the average). Subclasses add their method's state."""
+        if self.weight_average is not None:
+            self.weight_average.save(folder, self._unwrapped_model())
 
     def _load_method_state(self, folder: str) -> None:
         """The inverse of `_save_method_state`."""
+        decay = self.args.weight_averaging_decay
+        if os.path.isfile(os.path.join(folder, WEIGHT_AVERAGE_NAME)):
+            if decay is None:
+                raise ValueError(
+                    f"resume_from_checkpoint={folder!r} was written with weight averaging ({WEIGHT_AVERAGE_NAME}; its "
+                    "model.safetensors is the average, not the weights training continues from), but "
+                    "weight_averaging is off. Fix: resume with weight_averaging set (e.g. True)."
+                )
+            if self.weight_average is None:
+                self.weight_average = WeightAverage(self._unwrapped_model(), decay)
+            self.weight_average.load(folder, self._unwrapped_model())
+        elif decay is not None:
+            logger.warning("%s has no %s: weight averaging starts from its weights now", folder, WEIGHT_AVERAGE_NAME)
 
     def _export_image_size(self) -> Optional[tuple]:
         """The training image size, written to config.json so timm/transformers preprocessing resize to it."""
@@ -544,9 +614,25 @@ class RobustTrainer(Trainer):
             "tags": [f"method-{args.adv_method}"] + list(self._tag_names),
         }
         info.update(self._dataset_card_fields())
+        self._add_beyond_paper_card_fields(info)
         info.update(self.card_overrides or {})
         info.update(overrides)
         return info
+
+    def _add_beyond_paper_card_fields(self, info: Dict[str, Any]) -> None:
+        """Weight averaging (`info["weight_averaging"]`, the decay and its warm-up), AWP and the attack warm-up as
+        hyperparameters."""
+        args, hyper = self.args, info["hyperparameters"]
+        decay = args.weight_averaging_decay
+        if decay is not None:
+            info["weight_averaging"] = {"decay": decay, "decay_warmup": "min(decay, (1 + t) / (10 + t))",
+                                        "buffers_averaged": True}
+            hyper["weight_averaging"] = decay
+        if args.resolved_awp_gamma is not None:
+            hyper["awp_gamma"] = args.resolved_awp_gamma
+            hyper["awp_warmup_epochs"] = args.resolved_awp_warmup_epochs
+        if args.attack_warmup_epochs:
+            hyper["attack_warmup_epochs"] = args.attack_warmup_epochs
 
     def _dataset_card_fields(self) -> Dict[str, Any]:
         """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`)."""

@@ -255,6 +255,23 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         allow_partial_resume (`bool`, *optional*, defaults to `False`):
             Resume from a checkpoint that lacks its optimizer, scheduler, RNG or revision state, with a warning,
             starting those afresh. By default such a resume is refused (it would silently restart the schedule).
+        weight_averaging (`bool`, `float` or `str`, *optional*):
+            An exponential moving average of the weights and BatchNorm statistics after every optimizer step, with
+            the decay warmed up as min(decay, (1 + t) / (10 + t)) (as a reproduction of Gowal et al., 2020). `True`
+            for decay 0.999, or a decay such as `0.998`; unset or `False`: none. Evaluation, best-model selection,
+            saving, the model card and pushing use the average; training continues from the working weights. See
+            docs/beyond.md.
+        awp_gamma (`bool`, `float` or `str`, *optional*):
+            Adversarial weight perturbation (Wu et al., 2020): before each update the conv/linear weights are moved
+            by gamma * ||w|| along the gradient of the method's loss, and put back exactly before the optimizer
+            step. `True` for the method's published value (1e-2 for `pgd` and `fgsm_rs`, 5e-3 for `trades`,
+            `mart` and `cure`), or a number such as `5e-3`; unset, `False` or 0: none.
+        awp_warmup_epochs (`float`, *optional*):
+            Epochs of training without AWP before it starts; default: the method's published value (0 for `pgd`
+            and `fgsm_rs`, 10 for `trades`, `mart` and `cure`). Only with `awp_gamma`.
+        attack_warmup_epochs (`float`, *optional*, defaults to 0):
+            Ramp the training attack's `epsilon` (and `attack_step_size` with it) linearly from 0 to their values
+            over the first this many epochs (the eps warm-up of robust ViT training, Debenedetti et al., 2023).
 
     Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """
@@ -383,6 +400,24 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         metadata={"help": "Set torch.backends.cudnn.benchmark (autotuned convolution algorithms; static shapes). "
                           "None: True under speed_preset='fast' on CUDA, else left as it is."},
     )
+    # Beyond the paper: weight averaging, adversarial weight perturbation, attack warm-up (docs/beyond.md);
+    # validated by _validate_beyond_paper_fields.
+    weight_averaging: Optional[str] = field(
+        default=None, metadata={"help": "Weight averaging (EMA of weights and BatchNorm statistics): true (decay "
+                                        "0.999) or a decay such as 0.998; evaluation and saving use the average."}
+    )
+    awp_gamma: Optional[str] = field(
+        default=None, metadata={"help": "Adversarial weight perturbation: true (the method's published gamma) or a "
+                                        "gamma such as 5e-3; 0/false: none."}
+    )
+    awp_warmup_epochs: Optional[float] = field(
+        default=None, metadata={"help": "Epochs without AWP first (default: the method's published value)."}
+    )
+    attack_warmup_epochs: float = field(
+        default=0.0, metadata={"help": "Ramp the training attack's epsilon (and step) linearly from 0 over these "
+                                       "epochs; 0 = none."}
+    )
+
 
     def __post_init__(self):
         self._validate_cure_fields()
@@ -390,6 +425,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         self._validate_recipe_fields()
         self._validate_optimizer_fields()
         self._validate_safety_fields()
+        self._validate_beyond_paper_fields()
         self._default_model_selection()
         self._validate_speed_fields()  # before TrainingArguments': the preset sets bf16/torch_compile, which it checks
         super(RobustEvaluationArguments, self).__post_init__()  # TrainingArguments'
@@ -525,3 +561,95 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     @property
     def resolved_revision_seed(self) -> int:
         return self.seed if self.revision_seed is None else self.revision_seed
+
+    # ----------------------------------------------------- beyond the paper: WA, AWP, attack warm-up
+    def _validate_beyond_paper_fields(self) -> None:
+        """Weight averaging, AWP and the attack warm-up: parsed here, and refused where they cannot work."""
+        self.weight_averaging_decay  # parses weight_averaging, raising a clear error
+        gamma = self.resolved_awp_gamma
+        if self.awp_warmup_epochs is not None:
+            _check(gamma is not None, "awp_warmup_epochs", self.awp_warmup_epochs, "only together with awp_gamma",
+                   "Set awp_gamma (e.g. awp_gamma=True for the method's published value) or drop awp_warmup_epochs.")
+            _check(self.awp_warmup_epochs >= 0, "awp_warmup_epochs", self.awp_warmup_epochs, ">= 0 epochs")
+        if gamma is not None:
+            if self.fp16:
+                raise ValueError(
+                    f"awp_gamma={self.awp_gamma!r} is invalid with fp16=True: AWP's proxy gradient has no loss scale "
+                    "(it can underflow to a zero perturbation), and a step the fp16 loss scaler skips would keep the "
+                    "perturbed weights. Fix: use bf16=True (or fp32) with AWP."
+                )
+            if self.attack_reuse_clean_logits:
+                raise ValueError(
+                    f"attack_reuse_clean_logits=True is invalid with awp_gamma={self.awp_gamma!r}: the clean training "
+                    "forward must run at the perturbed weights, after the attack, so it cannot serve the attack. "
+                    "Fix: set attack_reuse_clean_logits=False."
+                )
+        _check(self.attack_warmup_epochs >= 0, "attack_warmup_epochs", self.attack_warmup_epochs, ">= 0 epochs")
+        if self.attack_warmup_epochs > 0:
+            _check(self.adv_method != "clean", "attack_warmup_epochs", self.attack_warmup_epochs,
+                   "0 with adv_method='clean' (natural training has no attack to warm up)")
+
+    @property
+    def weight_averaging_decay(self) -> Optional[float]:
+        """The decay of weight averaging (`weight_averaging=True`: 0.999), or None when off."""
+        from .averaging import DEFAULT_DECAY
+
+        value = _switch_or_number(self.weight_averaging, "weight_averaging",
+                                  f"True (decay {DEFAULT_DECAY}), a decay 0 < d < 1 such as 0.998, or None/False")
+        if value is None:
+            return None
+        if value is True:
+            return DEFAULT_DECAY
+        _check(0.0 < value < 1.0, "weight_averaging", self.weight_averaging,
+               f"True (decay {DEFAULT_DECAY}), a decay 0 < d < 1 such as 0.998, or None/False (off)",
+               "A decay of 0 would only copy the model; weight_averaging=False turns averaging off.")
+        return value
+
+    @property
+    def resolved_awp_gamma(self) -> Optional[float]:
+        """AWP's gamma (`awp_gamma=True`: the method's published value), or None when off."""
+        from .awp import AWP_DEFAULTS
+
+        allowed = "True (the method's published gamma), a number 0 < gamma < 1 such as 5e-3, or None/False/0 (off)"
+        value = _switch_or_number(self.awp_gamma, "awp_gamma", allowed)
+        if value is None or value == 0.0:
+            return None
+        if self.adv_method not in AWP_DEFAULTS:
+            raise ValueError(
+                f"awp_gamma={self.awp_gamma!r} is invalid with adv_method={self.adv_method!r}: AWP perturbs the "
+                f"weights against an adversarial training loss, one of {sorted(AWP_DEFAULTS)}. Fix: drop awp_gamma "
+                "for natural training (e.g. a recipe's natural stage 0)."
+            )
+        if value is True:
+            return AWP_DEFAULTS[self.adv_method].gamma
+        _check(0.0 < value < 1.0, "awp_gamma", self.awp_gamma, allowed)
+        return value
+
+    @property
+    def resolved_awp_warmup_epochs(self) -> float:
+        """Epochs before AWP starts: `awp_warmup_epochs`, else the method's published value."""
+        from .awp import AWP_DEFAULTS
+
+        if self.awp_warmup_epochs is not None:
+            return float(self.awp_warmup_epochs)
+        defaults = AWP_DEFAULTS.get(self.adv_method)
+        return defaults.warmup_epochs if defaults is not None else 0.0
+
+
+def _switch_or_number(value, name: str, allowed: str) -> Union[None, bool, float]:
+    """None/False/'false'/'no'/'none'/'off' -> None; True/'true'/'yes'/'on' -> True; a number -> float."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return True
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip().lower()
+    if text in ("", "false", "no", "none", "off"):
+        return None
+    if text in ("true", "yes", "on"):
+        return True
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}") from None

@@ -12,7 +12,7 @@ MART's weighted KL, CURE's consistency) compare two distributions of the model's
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -25,6 +25,7 @@ __all__ = [
     "METHODS",
     "LossInputs",
     "AttackSettings",
+    "warmed_up_attack",
     "method_loss",
     "smoothed_cross_entropy",
     "clean_loss",
@@ -125,6 +126,17 @@ class AttackSettings:
     step_size: float
     steps: int
     random_start: bool = True
+
+
+def warmed_up_attack(settings: AttackSettings, epoch: float, warmup_epochs: float) -> AttackSettings:
+    """``attack_warmup_epochs``: eps and step size times min(1, epoch / warmup_epochs), the number of steps kept.
+
+    The step shrinks with eps so that the attack keeps its shape (steps x step / eps) while the ball grows.
+    """
+    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+        return settings
+    fraction = max(0.0, float(epoch)) / warmup_epochs
+    return replace(settings, eps=settings.eps * fraction, step_size=settings.step_size * fraction)
 
 
 def _craft_pgd(loss: str, init: str) -> Callable:

@@ -398,10 +398,13 @@ class OutputDirLock:
         self._depth -= 1
         if self._depth:
             return
-        try:
-            os.remove(os.path.join(self.folder, LOCK_OWNER_NAME))
-        except OSError:
-            pass
+        # Both files go before the lock itself, so the folder is left as the run wrote it. A contender that opens the
+        # lock file in between finds it still locked; one that creates it anew gets it only as this process lets go.
+        for name in (LOCK_OWNER_NAME, LOCK_NAME):
+            try:
+                os.remove(os.path.join(self.folder, name))
+            except OSError:
+                pass
         lock, self._lock = self._lock, None
         lock.release()
 
@@ -496,9 +499,10 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def missing_checkpoint_parts(folder: str, *, revision_file: Optional[str] = None,
-                             revision_from_epoch: float = 0.0) -> List[str]:
+                             revision_from_epoch: float = 0.0, required_files: Iterable[str] = ()) -> List[str]:
     """What a checkpoint folder lacks to resume exactly: weights, trainer state, optimizer, scheduler, RNG state,
-    and the method's ``revision_file`` when the checkpoint's epoch is at or past ``revision_from_epoch``."""
+    the method's ``revision_file`` when the checkpoint's epoch is at or past ``revision_from_epoch``, and
+    ``required_files`` (e.g. the weight average's state)."""
     if not os.path.isdir(folder):
         return ["the folder itself"]
     names = set(os.listdir(folder))
@@ -512,6 +516,7 @@ def missing_checkpoint_parts(folder: str, *, revision_file: Optional[str] = None
     epoch = float((state or {}).get("epoch") or 0.0)
     if revision_file and revision_file not in names and epoch >= revision_from_epoch - 1e-9:
         missing.append(revision_file)
+    missing += [name for name in required_files if name not in names]
     return missing
 
 

@@ -15,6 +15,11 @@ the gradient accumulation, and never on a step the fp16 scaler skipped.
 The Trainer overrides that are not the method (robust evaluation, saving, resuming, pushing, the optimizer
 defaults) live in `RobustTrainer` (base_trainer.py); this file overrides `create_optimizer` (to attach the
 hooks), `create_scheduler` (the paper's step schedule), `training_step` and `log`.
+
+Beyond the paper, for every method (docs/beyond.md): with `awp_gamma`, between steps 1 and 2 the weights move
+to w + v against the method's own loss (cure_hf/awp.py) and the pre-step hook puts w back before step 5, so the
+mask and the step see the gradient taken at w + v; with `weight_averaging`, after step 7 the base trainer folds
+the weights into their moving average.
 """
 from __future__ import annotations
 
@@ -26,9 +31,10 @@ import torch
 import torch.nn as nn
 
 from .attacks import logits_of
+from .awp import AdversarialWeightPerturbation
 from .base_trainer import RobustTrainer
 from .config import CURETrainingArguments
-from .methods import LossInputs, smoothed_cross_entropy
+from .methods import LossInputs, smoothed_cross_entropy, warmed_up_attack
 from .models import head_parameter_names
 from .prominence import mask_gradients_, paper_score
 from .revision import REVISION_WEIGHTS_NAME, RevisionModel
@@ -51,7 +57,6 @@ class CURETrainer(RobustTrainer):
         self.head_names = head_parameter_names(model, args.head_modules)
         self.revision: Optional[RevisionModel] = None
         self._revision_checkpoint: Optional[str] = None  # resume: the folder whose revision state is still to load
-        self._hooked_optimizer: Optional[torch.optim.Optimizer] = None
         self._paper_grads: Optional[List[List[torch.Tensor]]] = None  # [clean, adv] sums, paper prominence
         self._paper_grads_step = -1  # global_step the sums belong to
         self._conserved: List[Any] = []
@@ -68,23 +73,19 @@ class CURETrainer(RobustTrainer):
         if args.attack_reuse_clean_logits:
             check_clean_logits_reusable(args.adv_method, self.method.attack)
         self._forwards_checked = False  # attack_reuse_clean_logits: train and eval forwards compared on batch 1
+        gamma = args.resolved_awp_gamma  # adversarial weight perturbation (cure_hf/awp.py)
+        self.awp = AdversarialWeightPerturbation(gamma) if gamma is not None else None
 
     # ----------------------------------------------------------------- optimizer and its hooks
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with the conserve/update and revise hooks attached to its step."""
-        optimizer = super().create_optimizer(model)
-        self._attach_optimizer_hooks(optimizer)
-        return optimizer
-
-    def _attach_optimizer_hooks(self, optimizer: torch.optim.Optimizer) -> None:
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-        if self._hooked_optimizer is inner:
-            return
+    @torch.no_grad()
+    def _before_optimizer_step(self) -> None:
+        """AWP: the unperturbed weights back (the gradient stays the one taken at the perturbed weights); then
+        step 5, conserve / update, on that gradient and, for hard conservation, the unperturbed values."""
+        super()._before_optimizer_step()
+        if self.awp is not None:
+            self.awp.restore_()
         if self.method.uses_revision:
-            inner.register_step_pre_hook(lambda *_: self._conserve_and_update())
-        # Every method: under DDP the post-step hook also averages BatchNorm running statistics.
-        inner.register_step_post_hook(lambda *_: self._after_optimizer_step())
-        self._hooked_optimizer = inner
+            self._conserve_and_update()
 
     def _maskable_parameters(self) -> List[torch.nn.Parameter]:
         net = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # names as in head_names
@@ -138,7 +139,8 @@ class CURETrainer(RobustTrainer):
 
     @torch.no_grad()
     def _after_optimizer_step(self) -> None:
-        """Hard conservation (restore conserved entries), then step 7: revise; keep DDP replicas' buffers equal."""
+        """Hard conservation (restore conserved entries), then step 7: revise; keep DDP replicas' buffers equal;
+        then the base trainer's weight averaging, on the replicas' common weights and statistics."""
         for p, saved in self._conserved:
             p.copy_(torch.where(saved.isnan(), p, saved))
         self._conserved = []
@@ -147,6 +149,7 @@ class CURETrainer(RobustTrainer):
             updated = self.revision.step_(net, self._revision_rate())
             self._metrics["revision_updated"].append(torch.tensor(float(updated)))
         self._average_running_stats_across_processes(net)
+        super()._after_optimizer_step()
 
     def _average_running_stats_across_processes(self, net: nn.Module) -> None:
         """DDP: BatchNorm running statistics of the model and the revision model, averaged over processes."""
@@ -209,10 +212,38 @@ class CURETrainer(RobustTrainer):
     def craft_adversarial(
         self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, clean_logits: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
-        """Step 1: the method's training attack, in eval mode, on the unwrapped module (DDP never sees it)."""
+        """Step 1: the method's training attack, in eval mode, on the unwrapped module (DDP never sees it); eps
+        ramped up over the first `attack_warmup_epochs`."""
+        settings = warmed_up_attack(self.args.attack_settings, self.state.epoch or 0.0, self.args.attack_warmup_epochs)
         # self.speed.pgd replays a captured CUDA graph of the K steps when attack_cuda_graph is on, else is attacks.pgd
-        return self.method.craft(model, x, labels, self.args.attack_settings, clean_logits=clean_logits,
-                                 pgd_fn=self.speed.pgd)
+        return self.method.craft(model, x, labels, settings, clean_logits=clean_logits, pgd_fn=self.speed.pgd)
+
+    def _method_loss(self, labels, z_nat, z_adv, r_nat, r_adv):
+        """Step 3: the method's loss and its logged parts, with the hyperparameters from the arguments."""
+        args = self.args
+        return self.method.loss(LossInputs(
+            labels=labels, z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv, beta=args.trades_beta,
+            alpha=args.clean_weight, gamma=args.consistency_weight, prominence=args.prominence,
+            label_smoothing=args.label_smoothing_factor,
+        ))
+
+    def _perturb_weights(self, net: nn.Module, x, x_adv, labels, r_nat, r_adv) -> None:
+        """AWP, once per optimizer step: on its first micro-batch the weights move to w + v against the method's own
+        loss on this batch; the perturbation stays for the step's other micro-batches and is removed right before
+        the optimizer step (`_before_optimizer_step`)."""
+        if (self.state.epoch or 0.0) < self.args.resolved_awp_warmup_epochs - 1e-9:
+            return
+        if self.awp.applied and self.awp.step == self.state.global_step:
+            return
+        self.awp.restore_()  # left over from a step whose optimizer step never ran: nothing to carry over
+
+        def proxy_loss(proxy: nn.Module) -> torch.Tensor:
+            with self.compute_loss_context_manager():
+                z_nat = logits_of(proxy(x)) if self.method.uses_clean_pass else None
+                return self._method_loss(labels, z_nat, logits_of(proxy(x_adv)), r_nat, r_adv)[0]
+
+        _, loss = self.awp.perturb_(net, proxy_loss, step=self.state.global_step, reduce=self.accelerator.reduce)
+        self._metrics["awp_proxy_loss"].append(loss)
 
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         model.train()
@@ -226,6 +257,7 @@ class CURETrainer(RobustTrainer):
             return self._natural_warmup_step(model, x, labels)
         if self.args.natural_warmup_epochs and self._method_start_step is None:
             self._method_start_step = self.state.global_step
+            self._restart_weight_average()  # the average is of the method's weights, not of the natural warm-up's
         z_nat = None
         if self.args.attack_reuse_clean_logits:  # train == eval forward: one clean pass serves both
             if not self._forwards_checked:
@@ -235,21 +267,19 @@ class CURETrainer(RobustTrainer):
                 z_nat = logits_of(model(x))
         clean_logits = None if z_nat is None else z_nat.detach()
         x_adv = self.craft_adversarial(net, x, labels, clean_logits) if self.method.attack else None
+        r_nat = r_adv = None
+        if self.method.uses_revision:  # the teacher's logits: no gradient, independent of the working weights
+            revision = self._ensure_revision()
+            with self.compute_loss_context_manager():
+                r_nat, r_adv = logits_of(revision(x)), logits_of(revision(x_adv))
+        if self.awp is not None:
+            self._perturb_weights(net, x, x_adv, labels, r_nat, r_adv)
 
         with self.compute_loss_context_manager():
             if z_nat is None and self.method.uses_clean_pass:
                 z_nat = logits_of(model(x))
             z_adv = logits_of(model(x_adv)) if x_adv is not None else None
-            r_nat = r_adv = None
-            if self.method.uses_revision:
-                revision = self._ensure_revision()
-                r_nat, r_adv = logits_of(revision(x)), logits_of(revision(x_adv))
-            args = self.args
-            loss, parts = self.method.loss(LossInputs(
-                labels=labels, z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv, beta=args.trades_beta,
-                alpha=args.clean_weight, gamma=args.consistency_weight, prominence=args.prominence,
-                label_smoothing=args.label_smoothing_factor,
-            ))
+            loss, parts = self._method_loss(labels, z_nat, z_adv, r_nat, r_adv)
         for name, value in parts.items():
             self._metrics[name].append(value)
 
@@ -286,12 +316,16 @@ class CURETrainer(RobustTrainer):
 
     # ------------------------------------------------------------------- resume: the method's state
     def _save_method_state(self, folder: str) -> None:
-        """The revision model (weights, step counter, generator) and where the method began (efficient variant)."""
+        """The base state (weight averaging), the revision model (weights, step counter, generator) and where the
+        method began (efficient variant)."""
+        super()._save_method_state(folder)
         if self.revision is not None:
             self.revision.save(folder, schedule={"method_start_step": self._method_start_step})
 
     def _load_method_state(self, folder: str) -> None:
-        """The schedule at once; the revision weights when the revision model is created (at its first step)."""
+        """The base state (weight averaging, working weights) and the schedule at once; the revision weights when the
+        revision model is created (at its first step)."""
+        super()._load_method_state(folder)
         has_revision = os.path.isfile(os.path.join(folder, REVISION_WEIGHTS_NAME))
         if has_revision:
             self._method_start_step = RevisionModel.read_schedule(folder).get("method_start_step")

@@ -1,9 +1,8 @@
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from cure_hf.attacks import attack_mode, fgsm_rs, kl_divergence, logits_of, margin_loss, pgd, project_linf
+from cure_hf.attacks import fgsm_rs, kl_divergence, logits_of, margin_loss, pgd, project_linf
 
 EPS = 8 / 255
 

@@ -5,7 +5,6 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 from transformers import TrainerCallback
 

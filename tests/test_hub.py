@@ -319,7 +319,9 @@ def test_save_refuses_to_overwrite_the_users_readme_and_config(tmp_path):
     trainer = CURETrainer(model, _args(folder))
     with pytest.raises(FileExistsError, match=r"\['config.json'\], which cure_hf did not write"):
         trainer.save_model()
-    assert os.listdir(folder) == ["config.json"] and (folder / "config.json").read_text() == '{"model_type": "bert"}'
+    # (the trainer's one-writer lock file, .cure_hf.lock, is the only thing added)
+    assert [f for f in os.listdir(folder) if not f.startswith(".cure_hf.lock")] == ["config.json"]
+    assert (folder / "config.json").read_text() == '{"model_type": "bert"}'
     (folder / "config.json").unlink()
     save_pretrained(model, folder)
     save_pretrained(model, folder)  # cure_hf's own earlier save is replaced
