@@ -58,6 +58,9 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.2, seed: 
 Preprocessing = Union[int, Sequence[int], Dict[str, Any], Any]
 
 
+AUGMENTATIONS = ("none", "crop_flip", "crop")
+
+
 def image_transform(
     preprocessing: Preprocessing,
     *,
@@ -76,21 +79,23 @@ def image_transform(
     - a transformers image processor: the processor itself, with ``do_normalize=False``;
     - an int or ``(height, width)``: a bilinear resize of the whole image to that size (what earlier versions did).
 
-    ``augment``: "none", or "crop_flip" (random crop with 4-pixel padding and horizontal flip, the paper's),
+    ``augment``: "none", "crop_flip" (random crop with 4-pixel padding and horizontal flip, the paper's), or
+    "crop" (the same crop without the flip: for digits and text, whose mirror image is another symbol),
     on top of the evaluation pixels. No normalisation here: it lives inside the model. The returned function keeps
     its settings as attributes (``preprocessing``, ``train``, ``augment``, ``image_column``, ``label_column``).
     """
     from torchvision import transforms as T
 
-    if augment not in ("none", "crop_flip"):
-        raise ValueError(f"augment={augment!r} is not one of 'none', 'crop_flip'")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r} is not one of {', '.join(map(repr, AUGMENTATIONS))}")
     preprocessing = _resolve_preprocessing(preprocessing)
     timm_format = isinstance(preprocessing, dict)
     pixels = _timm_pixels(preprocessing) if timm_format else _processor_pixels(preprocessing)
     augmentation = None
-    if train and augment == "crop_flip":
-        size = tuple(preprocessing["input_size"][-2:]) if timm_format else _processor_output_size(preprocessing)
-        augmentation = T.Compose([T.RandomCrop(size, padding=4), T.RandomHorizontalFlip()])
+    if train and augment != "none":
+        size = tuple(preprocessing["input_size"][-2:]) if timm_format else _processor_output_size(preprocessing, augment)
+        flip = [T.RandomHorizontalFlip()] if augment == "crop_flip" else []
+        augmentation = T.Compose([T.RandomCrop(size, padding=4), *flip])
 
     def transform(batch: Dict[str, List]) -> Dict[str, List]:
         images = pixels([img.convert("RGB") for img in batch[image_column]])
@@ -142,11 +147,11 @@ def _processor_pixels(processor) -> Callable[[List], List[torch.Tensor]]:
     return pixels
 
 
-def _processor_output_size(processor) -> tuple:
+def _processor_output_size(processor, augment: str) -> tuple:
     settings = processor.to_dict()
     size = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
     if not size or "height" not in size:
-        raise ValueError(f"augment='crop_flip' needs an image processor with a fixed output size (height and width); "
+        raise ValueError(f"augment={augment!r} needs an image processor with a fixed output size (height and width); "
                          f"{type(processor).__name__} has size={size}")
     return int(size["height"]), int(size["width"])
 
@@ -364,7 +369,7 @@ def _square_side(preprocessing) -> Optional[int]:
         height, width = resolved["input_size"][-2:]
     else:
         try:
-            height, width = _processor_output_size(resolved)
+            height, width = _processor_output_size(resolved, "crop")
         except ValueError:
             return None
     return int(height) if height == width else None

@@ -150,6 +150,9 @@ class ModelArguments:
         "help": "Input resolution; ViTs are adapted to it (default: the model's, 32 for a timm name)."})
     patch_size: Optional[int] = field(default=None, metadata={
         "help": "ViT patch size of a timm name built here (default: the model's)."})
+    cpu_threads: int = field(default=0, metadata={
+        "help": "Torch threads when running on CPU: 0 = every core this process may use (divided by the processes "
+                "on this node; OMP_NUM_THREADS when set by hand, except a launcher's default 1), N pins N."})
 
 
 @dataclass
@@ -176,6 +179,7 @@ class DataTrainingArguments(DatasetArguments):
     test_split: Optional[str] = field(default=None, metadata={
         "help": "Split to evaluate on; unset: 'test', or, for a dataset without one, a fixed 10% carved from the "
                 "training split (said in the log). A named split that does not exist is refused."})
-    augment: str = field(default="none", metadata={"help": "'none' or 'crop_flip' (4-pixel pad crop + flip)."})
+    augment: str = field(default="none", metadata={
+        "help": "'none', 'crop_flip' (4-pixel pad crop + horizontal flip, the paper's) or 'crop' (no flip: digits)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})

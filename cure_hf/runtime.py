@@ -18,6 +18,7 @@ __all__ = [
     "check_clean_logits_reusable",
     "check_train_eval_forwards_agree",
     "average_running_stats_",
+    "use_available_cpu_threads",
 ]
 
 # --- distributed / mixed precision ---------------------------------------------------------
@@ -154,3 +155,34 @@ def average_running_stats_(modules: Iterable[nn.Module]) -> None:
     for s in stats:
         s.copy_(flat[offset:offset + s.numel()].view_as(s))
         offset += s.numel()
+
+
+# --- CPU threads of the recipes -----------------------------------------------------------
+# torchrun and accelerate launch set these; both also write OMP_NUM_THREADS=1 by default (accelerate launch on a
+# machine without GPU always), which would leave all but one core idle.
+_LAUNCHER_MARKERS = ("LOCAL_WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION")
+
+
+def use_available_cpu_threads(requested: Optional[int] = None) -> int:
+    """Set torch's intra-op threads for a run on CPU and return how many; the recipes and the CLI call it off GPU.
+
+    ``requested`` >= 1 pins that number. Auto (None or 0): OMP_NUM_THREADS when someone chose it, else the cores
+    this process may run on divided by the processes on this node (LOCAL_WORLD_SIZE). Under a launcher an
+    OMP_NUM_THREADS of 1 is read as the launcher's default and ignored; any other value, and any value in a plain
+    ``python`` run, is honoured. Pin one thread with ``requested=1`` (``--cpu_threads 1``).
+    """
+    import os
+
+    if requested is not None and requested < 0:
+        raise ValueError(f"cpu_threads={requested}: allowed 0 (auto: every core available) or a number >= 1")
+    threads = requested or 0
+    if not threads:
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        launched = any(key in os.environ for key in _LAUNCHER_MARKERS)
+        if omp.isdigit() and int(omp) >= 1 and not (launched and int(omp) == 1):
+            threads = int(omp)
+        else:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    torch.set_num_threads(threads)
+    return threads
