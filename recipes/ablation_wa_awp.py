@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import load_image_dataset
 from cure_hf.models import create_model
+from cure_hf.runtime import use_available_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autoattack_examples", type=int, default=100)
     parser.add_argument("--max_train_examples", type=int, default=None)
     parser.add_argument("--max_eval_examples", type=int, default=None, help="test examples (default: all 360)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; on a shared machine one thread per process is much faster than two")
+    parser.add_argument("--cpu_threads", type=int, default=0,
+                        help="torch threads on a machine without GPU: 0 = every core available, N pins N")
     parser.add_argument("--output_dir", default="outputs/ablation_wa_awp", help="the table, JSON and plot")
     parser.add_argument("--work_dir", default=None, help="the runs' own folders (default: output_dir/runs)")
     args = parser.parse_args(argv)
@@ -222,7 +223,7 @@ def main(argv=None) -> List[dict]:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
-    torch.set_num_threads(args.threads)
+    threads = use_available_cpu_threads(args.cpu_threads) if not torch.cuda.is_available() else torch.get_num_threads()
     os.makedirs(args.output_dir, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
@@ -249,7 +250,7 @@ def main(argv=None) -> List[dict]:
         f"{args.natural_epochs:g} natural epochs (its PGD-{args.eval_pgd_steps} accuracy at this eps: "
         f"{100 * natural_pgd:.1f}%), then {args.epochs:g} epochs per variant (SGD lr {args.learning_rate}, cosine); "
         f"AWP from epoch {args.awp_warmup_epochs:g}; seeds {args.seeds}; mean ± std in percent (seconds for s / epoch, "
-        f"training only, {args.threads} thread); total wall time {wall / 60:.1f} min.\n\nCommand: `{command.strip()}`"
+        f"training only, {threads} thread{'s' if threads > 1 else ''}); total wall time {wall / 60:.1f} min.\n\nCommand: `{command.strip()}`"
     )
     with open(os.path.join(args.output_dir, "ablation_wa_awp.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + setup + "\n")

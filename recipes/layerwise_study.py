@@ -29,6 +29,7 @@ from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.layerwise import freeze_for_setting, model_blocks, reinitialize_blocks
 from cure_hf.models import create_model
+from cure_hf.runtime import use_available_cpu_threads
 from cure_hf.parser import ConfigArgumentParser
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attack_steps", type=int, default=5)
     parser.add_argument("--max_eval_examples", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu_threads", type=int, default=0,
+                        help="torch threads on a machine without GPU: 0 = every core available, N pins N")
     parser.add_argument("--output_dir", default="outputs/layerwise_study")
     return parser.parse_args_and_config(argv)[0]
 
@@ -90,6 +93,8 @@ def main(argv=None) -> List[dict]:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
+    if not torch.cuda.is_available():  # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU
+        logger.info("CPU threads: %d", use_available_cpu_threads(args.cpu_threads))
     os.makedirs(args.output_dir, exist_ok=True)
     data, num_classes = load_image_dataset(args.dataset_name, image_size=args.image_size, augment=args.augment,
                                            train_dir=args.train_dir, test_dir=args.test_dir,

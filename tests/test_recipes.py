@@ -363,3 +363,152 @@ def test_compare_methods_and_layerwise_study_read_a_config_file(tmp_path):
     config.write_text(yaml.safe_dump({"setting": "U-1"}))
     with pytest.raises(ValueError, match=r"unknown key 'setting' \(did you mean settings"):
         layerwise_study.parse_args([str(config)])
+
+
+def test_cpu_threads_flag_sets_torchs_threads(monkeypatch):
+    """`--cpu_threads 1` pins one thread; auto takes the cores available, not a launcher's OMP_NUM_THREADS=1."""
+    from cure_hf.runtime import use_available_cpu_threads
+
+    before = torch.get_num_threads()
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop(torch.get_num_threads())
+
+    monkeypatch.setattr(train_vit, "load_image_dataset", stop)  # stop right after the thread setting
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(Stop) as seen:
+            train_vit.main(["--cpu_threads", "1", "--use_cpu", "true", "--output_dir", "unused"])
+        assert seen.value.args == (1,) and torch.get_num_threads() == 1
+        assert train_vit.parse_arguments([])[0].cpu_threads == 0  # the default: auto
+
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+        for key in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION"):
+            monkeypatch.delenv(key, raising=False)
+        assert use_available_cpu_threads(3) == 3 == torch.get_num_threads()
+        assert use_available_cpu_threads() == 4  # auto: every core this process may use
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # under accelerate launch ...
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # ... which writes 1 by default: ignored
+        assert use_available_cpu_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # any other value was chosen by someone: honoured
+        assert use_available_cpu_threads() == 2
+        monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a plain python run: OMP_NUM_THREADS=1 is the user's
+        assert use_available_cpu_threads() == 1
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this node share the cores
+        assert use_available_cpu_threads(0) == 2
+        with pytest.raises(ValueError, match="cpu_threads"):
+            use_available_cpu_threads(-1)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_main_job_grid_runs_every_seed_and_thread_and_summarizes(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    import reproduce_main_job as grid
+
+    # Six runs by hand: final PGD sorted 0.65 0.66 0.68 0.70 0.71 0.72 -> median (0.68 + 0.70) / 2, range 0.07.
+    final_pgd = {(0, 1): 0.70, (0, 2): 0.65, (1, 1): 0.72, (1, 2): 0.68, (2, 1): 0.66, (2, 2): 0.71}
+    commands = []
+
+    def fake_run(command, env, stdout, stderr, cwd):
+        commands.append((command, env["OMP_NUM_THREADS"]))
+        seed, threads = int(command[command.index("--seed") + 1]), int(command[command.index("--cpu_threads") + 1])
+        out = command[command.index("--output_dir") + 1]
+        results = {"natural": {"eval_accuracy": 0.98, "eval_pgd20_accuracy": 0.0, "train_seconds": 60.0},
+                   "cure": {"eval_accuracy": 0.97 + 0.001 * seed, "eval_pgd20_accuracy": final_pgd[seed, threads],
+                            "train_seconds": 120.0}}
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f)
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(grid.subprocess, "run", fake_run)
+    report = grid.run_main_job_grid([0, 1, 2], [1, 2], str(tmp_path), extra_args=["--num_train_epochs", "2"])
+    assert [(r["seed"], r["threads"]) for r in report["runs"]] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
+    command, omp = commands[1]
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and omp == "2"
+    assert command[command.index("--num_train_epochs") + 1] == "2" and command[command.index("--cpu_threads") + 1] == "2"
+    assert command[command.index("--output_dir") + 1] == str(tmp_path / "seed0_threads2")
+    summary = report["summary"]
+    assert summary["final_pgd"]["median"] == pytest.approx(0.69)
+    assert summary["final_pgd"]["range"] == pytest.approx(0.07)
+    assert summary["final_clean"]["median"] == pytest.approx(0.971) and summary["final_clean"]["range"] == pytest.approx(0.002)
+    assert summary["stage0_clean"]["range"] == 0 and summary["stage0_pgd"]["median"] == 0
+    with open(tmp_path / "main_job_grid.json") as f:
+        assert json.load(f)["summary"]["final_pgd"]["range"] == pytest.approx(0.07)
+    table = grid.format_table(report).splitlines()
+    assert table[0].split() == ["seed", "threads", "stage-0", "clean", "stage-0", "PGD", "final", "clean", "final",
+                                "PGD", "wall", "s"]
+    assert table[-2].split()[:5] == ["median", "0.9800", "0.0000", "0.9710", "0.6900"]
+    assert table[-1].split()[:5] == ["range", "0.0000", "0.0000", "0.0020", "0.0700"]
+    assert grid.summarize([{"final_pgd": None}], ["final_pgd"]) == {"final_pgd": None}
+
+
+def test_compare_methods_summarizes_the_seeds_as_mean_and_range():
+    import compare_methods
+
+    args = compare_methods.parse_args(["--autoattack", "--methods", "clean,cure", "--seeds", "0,1,2"])
+    assert args.seed_list == [0, 1, 2]
+    runs = []
+    for seed, (clean, pgd, aa) in enumerate([(0.90, 0.50, 0.40), (0.92, 0.70, 0.60), (0.94, 0.60, 0.50)]):
+        runs.append({"method": "clean", "label": "natural (stage 0)", "seed": seed, "clean": 0.98 + 0.005 * seed,
+                     "pgd20": 0.0, "seconds_per_epoch": 1.0 + seed})
+        runs.append({"method": "cure", "label": "CURE (released code)", "seed": seed, "clean": clean, "pgd20": pgd,
+                     "autoattack": aa, "n_autoattack": 100, "seconds_per_epoch": 10.0})
+    rows = compare_methods.summarize(runs, "pgd20")
+    assert [r["method"] for r in rows] == ["clean", "cure"] and rows[1]["seeds"] == [0, 1, 2]
+    # by hand: clean (0.90 + 0.92 + 0.94) / 3 = 0.92, PGD (0.5 + 0.7 + 0.6) / 3 = 0.6, AutoAttack 0.5
+    table = compare_methods.markdown_table(rows, args).splitlines()
+    assert table[2] == "| natural (stage 0) | 98.50 [98.00, 99.00] | 0.00 [0.00, 0.00] | - | 2.0 |"
+    assert table[3] == "| CURE (released code) | 92.00 [90.00, 94.00] | 60.00 [50.00, 70.00] | 50.00 [40.00, 60.00] (n=100) | 10.0 |"
+    for bad in ("a,b", ","):
+        with pytest.raises(SystemExit):
+            compare_methods.parse_args(["--seeds", bad])
+
+
+def test_readme_band_checks_each_promise_on_hand_made_runs():
+    import reproduce_main_job
+    import reproduce_readme
+
+    def runs(stage0_clean=(0.97,) * 6, final_clean=(0.97,) * 6, final_pgd=(0.70,) * 6, stage0_pgd=(0.0,) * 6):
+        return [{"stage0_clean": a, "final_clean": b, "final_pgd": c, "stage0_pgd": d}
+                for a, b, c, d in zip(stage0_clean, final_clean, final_pgd, stage0_pgd)]
+
+    def checks(rows):
+        return reproduce_readme.band_checks(reproduce_main_job.summarize(rows), rows)
+
+    assert all(checks(runs()).values())
+    # one run below 0.95 clean in stage 0 (0.949), everything else inside
+    low = checks(runs(stage0_clean=(0.97, 0.97, 0.949, 0.97, 0.97, 0.97)))
+    assert not low["stage0_clean_at_least_0.95_in_every_run"] and low["clean_range_at_most_0.03"]
+    # clean range 0.031 > 0.03 (final stage), PGD range 0.05 exactly allowed, 0.051 not
+    assert not checks(runs(final_clean=(0.95, 0.981, 0.96, 0.96, 0.96, 0.96)))["clean_range_at_most_0.03"]
+    assert checks(runs(final_pgd=(0.70, 0.65, 0.68, 0.68, 0.68, 0.68)))["pgd_range_at_most_0.05"]
+    assert not checks(runs(final_pgd=(0.70, 0.649, 0.68, 0.68, 0.68, 0.68)))["pgd_range_at_most_0.05"]
+    # CURE must beat the natural model by 0.30 in every run: 0.29 above it in one run fails
+    gain = checks(runs(final_pgd=(0.70, 0.70, 0.70, 0.70, 0.70, 0.35), stage0_pgd=(0.0,) * 5 + (0.06,)))
+    assert not gain["cure_pgd_at_least_0.30_above_stage0_in_every_run"]
+
+
+def test_readme_blocks_are_rewritten_only_between_their_markers():
+    import reproduce_readme
+
+    text = "intro 1.5\n<!-- numbers:gpu -->\nold 9.9\n<!-- /numbers:gpu -->\noutro\n<!-- numbers:methods -->\n" \
+           "<!-- /numbers:methods -->\n"
+    results = {"gpu": {"command": "bash benchmarks/gpu_run.sh", "epoch_examples": 50000, "batch_size": 128,
+                       "machine": {"gpu": "H100", "torch": "2"}, "date": "2026-01-01", "wall_seconds": None,
+                       "runs": [{"source": "x.json", "steps": 5, "trainer_s_per_step": {c: {m: 0.1 for m in (
+                           "cure", "trades", "pgd", "clean")} for c in ("fp32", "fast")}, "plain_s_per_step": {
+                           c: {m: 0.05 for m in ("cure", "trades", "pgd", "clean")} for c in ("fp32", "fast")}}]}}
+    out = reproduce_readme.render_document(text, results)
+    assert out.startswith("intro 1.5\n<!-- numbers:gpu -->\n```") and "old 9.9" not in out
+    assert "+100.0%" in out and "39.1 s" in out  # 0.1 s / 0.05 s - 1; 0.1 s x 391 steps (50,000 / 128, rounded up)
+    assert out.endswith("outro\n<!-- numbers:methods -->\n<!-- /numbers:methods -->\n")  # no results: kept
+    with pytest.raises(ValueError, match="unknown numbers block 'speed'"):
+        reproduce_readme.render_document("<!-- numbers:speed -->\n<!-- /numbers:speed -->", results)
