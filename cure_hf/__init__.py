@@ -1,8 +1,8 @@
 """cure_hf: robust image classifiers with adversarial training (CURE, TRADES, PGD-AT, MART, FGSM-RS)
 inside the Hugging Face Trainer."""
 from .config import CURETrainingArguments
-from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset
-from . import cifar_models  # registers cifar_resnet18, cifar_preact_resnet18, cifar_wide_resnet34_10 in timm
+from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset, set_preprocessing
+from . import cifar_models  # noqa: F401 (registers cifar_resnet18, cifar_preact_resnet18, cifar_wide_resnet34_10)
 from .models import PixelNormalized, create_model, find_head_modules, load_model
 from .trainer import CURETrainer
 
@@ -19,4 +19,5 @@ __all__ = [
     "load_image_dataset",
     "image_transform",
     "collate_pixels",
+    "set_preprocessing",
 ]

@@ -44,7 +44,15 @@ from .evaluation import (
     log_robust_overfitting,
     robust_overfitting_summary,
 )
-from .hub import card_fields, export_files, export_preprocessing, load_weights_into, push_folder, save_pretrained
+from .hub import (
+    card_fields,
+    copy_export,
+    export_files,
+    export_preprocessing,
+    load_weights_into,
+    push_folder,
+    save_pretrained,
+)
 from .methods import METHODS
 from .modelcard import card_value, write_model_card
 from .models import unwrap_normalized
@@ -675,9 +683,9 @@ class RobustTrainer(Trainer):
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """During training (hub_strategy every_save/checkpoint/all_checkpoints): the checkpoint's model folder."""
-        import shutil
-
+        """During training (hub_strategy every_save/checkpoint/all_checkpoints): the checkpoint's model folder, copied
+        into `output_dir` as `save_model` writes it (refused where `output_dir` holds a README.md, config.json or
+        weights of your own)."""
         from huggingface_hub import HfApi
         from transformers.trainer_utils import HubStrategy
         from transformers.utils.hub import PushInProgress
@@ -687,9 +695,7 @@ class RobustTrainer(Trainer):
         if not self.args.hub_always_push and self.push_in_progress is not None and not self.push_in_progress.is_done():
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        files = export_files(checkpoint_folder)
-        for name in files:
-            shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        files = copy_export(checkpoint_folder, self.args.output_dir)
         message = f"Training in progress, step {self.state.global_step}"
         jobs = [push_folder(self.args.output_dir, self.hub_model_id, files=files, token=self.args.hub_token,
                             revision=self.args.hub_revision, commit_message=message, run_as_future=True)]

@@ -60,8 +60,8 @@ class RobustEvaluationArguments:
             PGD on the margin loss), `autoattack`. Reported as `eval_accuracy`, `eval_pgd20_accuracy`,
             `eval_cw_accuracy`, `eval_autoattack_accuracy` and `eval_robust_accuracy` (the worst case per example).
         eval_epsilon (`str` or `float`, *optional*):
-            L-inf radius of the evaluation attacks in pixel units of [0, 1] (`"8/255"`); defaults to the training
-            `epsilon` (8/255 for `cure-hf evaluate`).
+            L-inf radius of the evaluation attacks in pixel units of [0, 1] (`"8/255"`, at most 64/255, as
+            `epsilon`); defaults to the training `epsilon` (8/255 for `cure-hf evaluate`).
         eval_pgd_steps (`int`, *optional*, defaults to 20):
             Steps of `pgd` and `cw` written without a number.
         eval_step_size (`str` or `float`, *optional*):
@@ -107,6 +107,7 @@ class RobustEvaluationArguments:
 
     def _validate_evaluation_fields(self) -> None:
         from .evaluation import AutoAttackConfig, parse_attacks
+        from .safety import check_attack_budget
 
         _check(isinstance(self.eval_pgd_steps, int) and self.eval_pgd_steps >= 1, "eval_pgd_steps",
                self.eval_pgd_steps, "an integer >= 1", "0 steps would make PGD and CW a no-op.")
@@ -127,6 +128,9 @@ class RobustEvaluationArguments:
         if self.eval_epsilon is not None:
             self.eval_epsilon = parse_pixel_value(self.eval_epsilon, "eval_epsilon")
             _check_pixel_size("eval_epsilon", self.eval_epsilon)
+            # As the training epsilon: an L-inf radius in intensity levels (0.5 for 0.5/255) is refused, here, where
+            # `cure-hf evaluate` builds these arguments too. An L2 radius grows with the image size: no such bound.
+            check_attack_budget(eps=self.eval_epsilon, eps_name="eval_epsilon", norm=self.eval_norm)
         if self.eval_step_size is not None:
             self.eval_step_size = parse_pixel_value(self.eval_step_size, "eval_step_size")
             _check_pixel_size("eval_step_size", self.eval_step_size)
@@ -477,10 +481,9 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         _check(self.nonfinite_policy in NONFINITE_POLICIES, "nonfinite_policy", self.nonfinite_policy,
                f"one of {NONFINITE_POLICIES}")
         # An eps in intensity levels (epsilon=1 for 1/255) is refused, not trained: the bound is MAX_EPSILON (64/255).
+        # (eval_epsilon is checked with its threat model by _validate_evaluation_fields.)
         if self.adv_method != "clean" or self.eval_epsilon is None:
             check_attack_budget(eps=self.epsilon, eps_name="epsilon")
-        if self.eval_epsilon is not None:
-            check_attack_budget(eps=self.eval_epsilon, eps_name="eval_epsilon")
         _check(self.attack_step_size <= MAX_EPSILON, "attack_step_size", self.attack_step_size,
                f"<= 64/255 = {MAX_EPSILON:.4f}", f"Did you mean {self.attack_step_size:g}/255?")
 

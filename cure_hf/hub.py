@@ -27,6 +27,7 @@ import fnmatch
 import json
 import logging
 import os
+import shutil
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -46,9 +47,9 @@ from .models import (
 )
 
 __all__ = [
-    "load_model", "save_pretrained", "push_folder", "export_files", "export_preprocessing", "card_fields",
-    "load_weights_into", "read_config", "WEIGHTS_NAME", "CONFIG_NAME", "MODEL_CARD_NAME", "PREPROCESSOR_NAME",
-    "EXPORT_MARKER",
+    "load_model", "save_pretrained", "copy_export", "push_folder", "export_files", "export_preprocessing",
+    "card_fields", "load_weights_into", "read_config", "WEIGHTS_NAME", "CONFIG_NAME", "MODEL_CARD_NAME",
+    "PREPROCESSOR_NAME", "EXPORT_MARKER",
 ]
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,23 @@ def _previous_export(output_dir: str) -> List[str]:
             "output_dir), or move these files away first."
         )
     return sorted(ours)
+
+
+def copy_export(source_folder: str, output_dir: str) -> List[str]:
+    """Copy the exported model of ``source_folder`` (e.g. a checkpoint) into ``output_dir``; returns the file names.
+
+    The same rule as :func:`save_pretrained`: files of an earlier cure_hf save in ``output_dir`` are replaced and
+    those the copy does not bring removed; files cure_hf did not write are never overwritten: the copy is refused
+    (FileExistsError) before any file is touched.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    previous = _previous_export(output_dir)
+    files = export_files(source_folder)
+    for name in files:
+        shutil.copy(os.path.join(source_folder, name), os.path.join(output_dir, name))
+    for name in sorted(set(previous) - set(files)):
+        os.remove(os.path.join(output_dir, name))  # e.g. weight shards of an earlier, larger save
+    return files
 
 
 def export_files(output_dir: str) -> List[str]:

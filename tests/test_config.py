@@ -4,7 +4,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from cure_hf import CURETrainingArguments
-from cure_hf.config import parse_pixel_value
+from cure_hf.config import RobustEvaluationArguments, parse_pixel_value
 
 
 def make(**kwargs):
@@ -70,6 +70,29 @@ def test_every_invalid_argument_raises_naming_the_field(field, value):
 def test_epsilon_error_names_the_fix():
     with pytest.raises(ValueError, match="8/255"):
         make(epsilon=8)
+
+
+def test_evaluation_epsilon_in_intensity_levels_is_refused_with_the_fix():
+    # RobustEvaluationArguments alone is what `cure-hf evaluate` builds: it must refuse what training refuses.
+    with pytest.raises(ValueError, match=r"eval_epsilon=8\.0 is invalid.*eval_epsilon=8/255"):
+        RobustEvaluationArguments(eval_epsilon=8)
+    with pytest.raises(ValueError, match=r"eval_epsilon=0\.5 is invalid.*64/255.*Write it as eval_epsilon=0\.5/255"):
+        RobustEvaluationArguments(eval_epsilon=0.5)  # in [0, 1], but 127.5 intensity levels: an L-inf eps mistyped
+    with pytest.raises(ValueError, match=r"eval_epsilon=0\.5 is invalid"):
+        make(eval_epsilon=0.5)
+
+
+@pytest.mark.parametrize("value,expected", [("8/255", 8 / 255), ("64/255", 64 / 255), (0, 0.0), (None, None)])
+def test_evaluation_epsilon_in_pixel_units_is_accepted(value, expected):
+    assert RobustEvaluationArguments(eval_epsilon=value).eval_epsilon == pytest.approx(expected)
+    assert make(eval_epsilon=value).eval_epsilon == pytest.approx(expected)
+
+
+def test_l2_evaluation_radius_has_no_linf_bound():
+    # An L2 radius grows with the image size (0.5 is the CIFAR-10 standard), so 64/255 does not bound it.
+    l2 = dict(eval_norm="L2", eval_attacks="clean,autoattack", eval_epsilon=0.5)
+    assert RobustEvaluationArguments(**l2).eval_epsilon == 0.5
+    assert make(**l2).eval_epsilon == 0.5
 
 
 def test_clean_training_allows_zero_epsilon():

@@ -352,3 +352,43 @@ def test_stale_shards_of_an_earlier_save_are_removed_and_not_pushed(tmp_path, fa
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         _assert_loads_everywhere(model, x, repo_id="me/replaced")
+
+
+def test_checkpoint_push_refuses_to_overwrite_the_users_readme(tmp_path, tiny_digits, fake_upload):
+    train, _ = tiny_digits
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "README.md").write_text("# my notes\n")
+    args = _args(run, max_steps=1, push_to_hub=True, hub_model_id="me/cure-tiny", save_strategy="steps",
+                 save_steps=1, hub_strategy="every_save")
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train)
+    with pytest.raises(FileExistsError, match=r"\['README.md'\], which cure_hf did not write.*another folder"):
+        trainer.train()
+    assert (run / "README.md").read_text() == "# my notes\n"
+    assert not (run / "config.json").exists() and not (run / "model.safetensors").exists()  # nothing half-copied
+    assert [u for u in fake_upload if u["path_in_repo"] is None] == []  # and no model folder uploaded
+    assert (run / "checkpoint-1" / "model.safetensors").is_file()  # the checkpoint itself is kept
+
+
+def test_copy_export_replaces_only_an_earlier_cure_hf_export(tmp_path):
+    from cure_hf.hub import copy_export
+
+    checkpoint, target = tmp_path / "checkpoint", tmp_path / "target"
+    save_pretrained(make_tiny_model("test_resnet"), checkpoint)
+    target.mkdir()
+    (target / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(FileExistsError, match=r"\['config.json'\], which cure_hf did not write"):
+        copy_export(str(checkpoint), str(target))
+    assert os.listdir(target) == ["config.json"] and (target / "config.json").read_text() == '{"model_type": "bert"}'
+
+    (target / "config.json").unlink()
+    (target / "notes.txt").write_text("mine")  # not a model file: neither refused nor touched
+    save_pretrained(make_tiny_model("test_resnet"), target)
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"stale")  # as if an earlier save were sharded
+    config = json.loads((target / "config.json").read_text())
+    config["cure_hf"]["files"].append("model-00001-of-00002.safetensors")
+    (target / "config.json").write_text(json.dumps(config))
+    assert copy_export(str(checkpoint), str(target)) == sorted(EXPORTED)
+    assert set(os.listdir(target)) == EXPORTED | {"notes.txt"}
+    for name in EXPORTED:
+        assert (target / name).read_bytes() == (checkpoint / name).read_bytes()
