@@ -15,7 +15,7 @@ For each configuration and method (clean, pgd, trades, cure) it measures seconds
 and of a plain PyTorch loop built from the same pieces (so trainer-vs-plain is the Trainer's own cost), seconds
 per CIFAR-10 epoch, the ratio to fp32, and peak memory. It profiles one CURE step per configuration
 (``--profile-dir``: top kernels and operators, kernel launches, host synchronisations), checks that robust accuracy
-is unchanged between fp32 and the preset, and prints ``RATIO``/``TARGET`` lines against the targets of issue 14
+is unchanged between fp32 and the preset, and prints ``RATIO``/``TARGET`` lines against the GPU speed targets
 at the end. Jobs run in order of importance under ``--time-budget-s``; a failing job prints its traceback and the
 run goes on. No ``datasets``/``evaluate``/``pyautoattack``: synthetic CIFAR-shaped data.
 
@@ -970,7 +970,7 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
     if failed:
         print("FAILED (tracebacks above): " + "; ".join(failed))
 
-    print("\n## ratios and targets (issue 14)")
+    print("\n## ratios and targets")
     for method in methods:
         base, base_t = plain.get("fp32", {}).get(method), trainer.get("fp32", {}).get(method)
         plain_ratios = [f"{c} {base / plain[c][method]:.2f}x" for c in configs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for the H100 run of issue 14 (GPU speed). Run from the repository root:
+# The one command for the GPU speed run (H100). Run from the repository root:
 #
 #     OUT=/some/dir bash benchmarks/gpu_run.sh        # on the device machine, $OUT is set for you
 #

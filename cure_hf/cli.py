@@ -68,7 +68,9 @@ class EvaluationSweepArguments(RobustEvaluationArguments):
         text = "" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         radii = [part.strip() for part in text.split(",") if part.strip()]
         # Every radius through the shared checks; the fields keep the first, as a single-radius run has it.
-        self.eval_epsilons = [RobustEvaluationArguments(eval_epsilon=radius).eval_epsilon for radius in radii]
+        self.eval_epsilons = [RobustEvaluationArguments(eval_epsilon=radius, eval_norm=self.eval_norm,
+                                                        eval_attacks=self.eval_attacks).eval_epsilon
+                              for radius in radii]
         self.eval_epsilon = radii[0] if radii else None
         super().__post_init__()
         if not self.eval_epsilons:

@@ -375,7 +375,7 @@ def _square_side(preprocessing) -> Optional[int]:
     return int(height) if height == width else None
 
 
-# --- robust evaluation (issue 3): a validation split for model selection, carved from the training set
+# --- robust evaluation: a validation split for model selection, carved from the training set
 def split_validation(dataset, fraction: float, seed: int = 0, eval_transform: Optional[Callable] = None):
     """``(train, validation)``: a seeded, stratified (when the label is a ``ClassLabel``) hold-out of ``dataset``.
 

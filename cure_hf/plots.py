@@ -131,7 +131,7 @@ def _save(fig, plt, output_path: str) -> str:
     return output_path
 
 
-# --- recipes (issue 6): the clean / robust trade-off of several methods (recipes/compare_methods.py)
+# --- recipes: the clean / robust trade-off of several methods (recipes/compare_methods.py)
 def plot_robustness_tradeoff(
     rows: Sequence[Mapping[str, Any]],
     output_path: str,

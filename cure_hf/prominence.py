@@ -4,7 +4,7 @@ For each parameter tensor, the entries whose prominence score lies strictly belo
 tensor's ``fraction``-quantile are *conserved* (their gradient is zeroed); the rest are
 updated. The quantile interpolates linearly between order statistics, like numpy's default.
 
-Speed and memory (issue 7; ``benchmarks/bench_mask.py`` compares the alternatives):
+Speed and memory (``benchmarks/bench_mask.py`` compares the alternatives):
 - Nothing waits for the device: the quantile's position comes from the shape alone, so there
   is no host synchronisation per tensor (the released code copies every gradient to the CPU
   for ``numpy.percentile``).

@@ -45,7 +45,7 @@ PARTS = ("main_job", "autoattack", "methods", "ablation", "gpu")
 # The H100 runs of benchmarks/gpu_run.sh on record (this machine has no GPU); the part reruns it on a CUDA machine.
 GPU_RUNS = tuple(os.path.join(ROOT, "benchmarks", "results", f"h100_fastpath_run{n}.json") for n in (1, 2))
 
-# The band the README promises for the main job over seeds x threads (issue: "numbers anyone can reproduce").
+# The band the README promises for the main job over seeds x threads (docs/recipes.md, "The default run").
 BAND = {"stage0_clean_min": 0.95, "clean_range_max": 0.03, "pgd_range_max": 0.05, "pgd_gain_min": 0.30}
 
 

@@ -288,3 +288,11 @@ def test_config_file_errors_name_the_key_and_the_file(tmp_path, monkeypatch):
     (tmp_path / "env.yaml").write_text("env:\n  CURE_HF_PARSER_TEST: 7\nname: z\n")
     (toy,) = _toy_parser().parse_args_and_config([str(tmp_path / "env.yaml")])
     assert toy.name == "z" and os.environ["CURE_HF_PARSER_TEST"] == "7"
+
+
+def test_an_l2_sweep_checks_each_radius_under_the_l2_norm():
+    """Each radius of a sweep is checked with the sweep's norm: 0.5 is a fine L2 radius but no L-inf one."""
+    sweep = EvaluationSweepArguments(eval_epsilon="0.25,0.5", eval_norm="L2", eval_attacks="clean,autoattack")
+    assert sweep.eval_epsilons == [0.25, 0.5]
+    with pytest.raises(ValueError, match="64/255"):
+        EvaluationSweepArguments(eval_epsilon="4/255,0.5", eval_norm="Linf")

@@ -1,4 +1,4 @@
-"""Issue 14, the GPU fast path, checked on the CPU: the preset and its refusals, an attack with no host
+"""The GPU fast path, checked on the CPU: the preset and its refusals, an attack with no host
 synchronisation and no need for frozen parameters, the CUDA-graph attack's plumbing, compiled attacks, and the
 device-resident loader yielding the Trainer's DataLoader batches. (CUDA-only checks skip here; the GPU run of
 benchmarks/gpu_run.sh makes them.)"""
