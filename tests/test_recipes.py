@@ -512,3 +512,20 @@ def test_readme_blocks_are_rewritten_only_between_their_markers():
     assert out.endswith("outro\n<!-- numbers:methods -->\n<!-- /numbers:methods -->\n")  # no results: kept
     with pytest.raises(ValueError, match="unknown numbers block 'speed'"):
         reproduce_readme.render_document("<!-- numbers:speed -->\n<!-- /numbers:speed -->", results)
+
+
+def test_under_accelerate_launch_the_recipes_use_every_core(tmp_path):
+    """accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU; the recipes' thread setting ignores
+    that default and takes every core this process may use (here: as many as the test process may use)."""
+    import subprocess
+
+    script = tmp_path / "threads.py"
+    script.write_text("import os, torch\nfrom cure_hf.runtime import use_available_cpu_threads\n"
+                      "print('OMP', os.environ.get('OMP_NUM_THREADS'), 'threads', use_available_cpu_threads(), "
+                      "torch.get_num_threads())\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("ACCELERATE_")}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                           str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cores = len(os.sched_getaffinity(0))
+    assert f"OMP 1 threads {cores} {cores}" in done.stdout
