@@ -81,14 +81,20 @@ def _run(command: List[str], log_path: str) -> None:
 
 # --- the parts -----------------------------------------------------------------------------------------------------
 def band_checks(summary: dict, runs: List[dict]) -> Dict[str, bool]:
-    """The README's promises about the main job, each True or False."""
+    """The README's promises about the main job, each True or False.
+
+    Accuracies are counts over the test images, so a range of exactly 0.05 (18 of 360) can come out as
+    0.0500000001 in floating point: the comparisons allow 1e-9.
+    """
+    tol = 1e-9
     return {
-        "stage0_clean_at_least_0.95_in_every_run": all(r["stage0_clean"] >= BAND["stage0_clean_min"] for r in runs),
+        "stage0_clean_at_least_0.95_in_every_run": all(r["stage0_clean"] >= BAND["stage0_clean_min"] - tol
+                                                       for r in runs),
         "cure_pgd_at_least_0.30_above_stage0_in_every_run": all(
-            r["final_pgd"] - r["stage0_pgd"] >= BAND["pgd_gain_min"] for r in runs),
-        "clean_range_at_most_0.03": all(summary[c]["range"] <= BAND["clean_range_max"]
+            r["final_pgd"] - r["stage0_pgd"] >= BAND["pgd_gain_min"] - tol for r in runs),
+        "clean_range_at_most_0.03": all(summary[c]["range"] <= BAND["clean_range_max"] + tol
                                         for c in ("stage0_clean", "final_clean")),
-        "pgd_range_at_most_0.05": summary["final_pgd"]["range"] <= BAND["pgd_range_max"],
+        "pgd_range_at_most_0.05": summary["final_pgd"]["range"] <= BAND["pgd_range_max"] + tol,
     }
 
 
