@@ -98,14 +98,27 @@ def band_checks(summary: dict, runs: List[dict]) -> Dict[str, bool]:
     }
 
 
-def part_main_job(out: str) -> dict:
-    report = reproduce_main_job.run_main_job_grid([0, 1, 2], [1, 2], os.path.join(out, "main_job"))
+def part_main_job(out: str, grid_report: Optional[str] = None) -> dict:
+    """The six runs; ``grid_report``: the main_job_grid.json of an earlier `recipes/reproduce_main_job.py` run
+    (the same function) instead of running them again."""
+    if grid_report:
+        with open(grid_report) as f:
+            report = json.load(f)
+        if sorted(report["seeds"]) != [0, 1, 2] or sorted(report["threads"]) != [1, 2] or report["extra_args"]:
+            raise ValueError(f"{grid_report}: not the README's grid (seeds 0,1,2 x threads 1,2, default recipe)")
+        run_dir = os.path.dirname(os.path.abspath(grid_report))
+    else:
+        run_dir = os.path.join(out, "main_job")
+        report = reproduce_main_job.run_main_job_grid([0, 1, 2], [1, 2], run_dir)
     print(reproduce_main_job.format_table(report), flush=True)
-    return {"command": "python recipes/reproduce_main_job.py  # accelerate launch recipes/train_vit.py "
-                       "--seed S --cpu_threads T, S in 0,1,2, T in 1,2",
-            "runs": report["runs"], "summary": report["summary"],
-            "band": band_checks(report["summary"], report["runs"]), "model_dir": os.path.join(out, "main_job",
-                                                                                             "seed0_threads2")}
+    section = {"command": "python recipes/reproduce_main_job.py  # accelerate launch recipes/train_vit.py "
+                          "--seed S --cpu_threads T, S in 0,1,2, T in 1,2",
+               "runs": report["runs"], "summary": report["summary"],
+               "band": band_checks(report["summary"], report["runs"]), "band_limits": dict(BAND),
+               "model_dir": os.path.join(run_dir, "seed0_threads2")}
+    if grid_report:  # the runs' own wall time, not the seconds spent reading the file
+        section["wall_seconds"] = round(sum(r["wall_seconds"] for r in report["runs"]), 1)
+    return section
 
 
 def part_autoattack(out: str, model_dir: Optional[str]) -> dict:
@@ -324,6 +337,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--work_dir", default="outputs/reproduce_readme", help="the runs' own folders and logs")
     parser.add_argument("--results_file", default=RESULTS_FILE)
     parser.add_argument("--render_only", action="store_true", help="only rewrite the README blocks from the file")
+    parser.add_argument("--main_job_grid", default=None,
+                        help="main_job_grid.json of a finished `recipes/reproduce_main_job.py` run to use instead of "
+                             "running the six runs again")
     parser.add_argument("--ablation_on_record", action="store_true",
                         help="the ablation part reads docs/results/ablation_wa_awp.json instead of rerunning it")
     args = parser.parse_args(argv)
@@ -340,6 +356,8 @@ def main(argv=None) -> dict:
             print(f"== {part} ==", flush=True)
             if part == "autoattack":
                 section = part_autoattack(args.work_dir, (results.get("main_job") or {}).get("model_dir"))
+            elif part == "main_job":
+                section = part_main_job(args.work_dir, args.main_job_grid)
             elif part == "ablation":
                 section = part_ablation(args.work_dir, rerun=not args.ablation_on_record)
             else:
