@@ -398,6 +398,7 @@ class RobustTrainer(Trainer):
         return pos, kwargs
 
     # ------------------------------------------------------------------------------ saving, resuming
+    # Replaces Trainer._save on purpose: the Trainer writes its own model format and a pickled training_args.bin.
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         """The folder timm, transformers and cure_hf all load, the processing class, the arguments as JSON."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -659,6 +660,8 @@ class RobustTrainer(Trainer):
         write_model_card(self.args.output_dir, info)
 
     # -------------------------------------------------------------------------------------- pushing
+    # Replaces Trainer.push_to_hub on purpose: it uploads the whole output_dir (checkpoints, logs) after a save whose
+    # failure would lose the local folder; here the folder is saved first and only its exported files go up.
     def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
                     token: Optional[str] = None, revision: Optional[str] = None, private: Optional[bool] = None,
                     **kwargs):

@@ -209,10 +209,9 @@ def run_evaluate(
     from .evaluation import evaluate_robustness, log_evaluation_warnings
 
     device = torch.device(output.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":  # a launcher's OMP_NUM_THREADS=1 would leave all but one core idle
-        from .runtime import use_available_cpu_threads
+    from .runtime import use_available_cpu_threads
 
-        use_available_cpu_threads(model_args.cpu_threads)
+    use_available_cpu_threads(model_args.cpu_threads, device)  # a launcher's OMP_NUM_THREADS=1 would idle the cores
     spec = model_args.model_name_or_path
 
     # The model decides the input size; a timm name needs the dataset's number of classes first.

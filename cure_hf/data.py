@@ -147,7 +147,8 @@ def _processor_pixels(processor) -> Callable[[List], List[torch.Tensor]]:
     return pixels
 
 
-def _processor_output_size(processor, augment: str) -> tuple:
+def _processor_output_size(processor, augment: str = "crop") -> tuple:
+    """The processor's fixed output (height, width); ``augment`` only names the caller's need in the error."""
     settings = processor.to_dict()
     size = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
     if not size or "height" not in size:
@@ -369,7 +370,7 @@ def _square_side(preprocessing) -> Optional[int]:
         height, width = resolved["input_size"][-2:]
     else:
         try:
-            height, width = _processor_output_size(resolved, "crop")
+            height, width = _processor_output_size(resolved)
         except ValueError:
             return None
     return int(height) if height == width else None

@@ -5,6 +5,7 @@ DDP replicas' BatchNorm statistics equal. Pure functions; nothing here knows the
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterable, Optional
 
 import torch
@@ -163,18 +164,21 @@ def average_running_stats_(modules: Iterable[nn.Module]) -> None:
 _LAUNCHER_MARKERS = ("LOCAL_WORLD_SIZE", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION")
 
 
-def use_available_cpu_threads(requested: Optional[int] = None) -> int:
-    """Set torch's intra-op threads for a run on CPU and return how many; the recipes and the CLI call it off GPU.
+def use_available_cpu_threads(requested: Optional[int] = None, device=None) -> int:
+    """Set torch's intra-op threads for a run on CPU and return how many; the recipes and the CLI call it.
+
+    ``device``: where the run computes (default: CUDA when available, else CPU). Off the CPU the threads are left
+    as they are and their number is returned.
 
     ``requested`` >= 1 pins that number. Auto (None or 0): OMP_NUM_THREADS when someone chose it, else the cores
     this process may run on divided by the processes on this node (LOCAL_WORLD_SIZE). Under a launcher an
     OMP_NUM_THREADS of 1 is read as the launcher's default and ignored; any other value, and any value in a plain
     ``python`` run, is honoured. Pin one thread with ``requested=1`` (``--cpu_threads 1``).
     """
-    import os
-
     if requested is not None and requested < 0:
         raise ValueError(f"cpu_threads={requested}: allowed 0 (auto: every core available) or a number >= 1")
+    if torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")).type != "cpu":
+        return torch.get_num_threads()
     threads = requested or 0
     if not threads:
         omp = os.environ.get("OMP_NUM_THREADS", "")

@@ -13,6 +13,7 @@ Pure functions and small classes; the trainer (`base_trainer.py`) only calls the
 """
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -401,10 +402,8 @@ class OutputDirLock:
         # Both files go before the lock itself, so the folder is left as the run wrote it. A contender that opens the
         # lock file in between finds it still locked; one that creates it anew gets it only as this process lets go.
         for name in (LOCK_OWNER_NAME, LOCK_NAME):
-            try:
+            with contextlib.suppress(OSError):  # already gone: nothing to tidy
                 os.remove(os.path.join(self.folder, name))
-            except OSError:
-                pass
         lock, self._lock = self._lock, None
         lock.release()
 
@@ -461,9 +460,8 @@ def _fsync_dir(folder: str) -> None:
     except OSError:  # directories cannot be opened on Windows
         return
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        with contextlib.suppress(OSError):  # some file systems cannot fsync a directory; the files are synced
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -223,7 +223,7 @@ def main(argv=None) -> List[dict]:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
-    threads = use_available_cpu_threads(args.cpu_threads) if not torch.cuda.is_available() else torch.get_num_threads()
+    threads = use_available_cpu_threads(args.cpu_threads)
     os.makedirs(args.output_dir, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")

@@ -130,9 +130,6 @@ def run_method(args, name: str, model: torch.nn.Module, data, epochs: float, lea
     return row
 
 
-ACCURACIES = ("clean", "pgd", "autoattack")  # "pgd" stands for f"pgd{eval_pgd_steps}"
-
-
 def summarize(rows: List[dict], pgd_key: str) -> List[dict]:
     """One row per method over the seeds: mean, min and max of each accuracy, mean seconds per epoch."""
     summary = []
@@ -200,8 +197,8 @@ def main(argv=None) -> List[dict]:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
-    if not torch.cuda.is_available():  # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU
-        logger.info("CPU threads: %d", use_available_cpu_threads(args.cpu_threads))
+    # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU; a CPU run takes every core instead
+    logger.info("torch threads: %d", use_available_cpu_threads(args.cpu_threads))
     os.makedirs(args.output_dir, exist_ok=True)
     wall = time.time()
     runs = []

@@ -93,8 +93,8 @@ def main(argv=None) -> List[dict]:
     import transformers
 
     transformers.utils.logging.set_verbosity_warning()
-    if not torch.cuda.is_available():  # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU
-        logger.info("CPU threads: %d", use_available_cpu_threads(args.cpu_threads))
+    # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU; a CPU run takes every core instead
+    logger.info("torch threads: %d", use_available_cpu_threads(args.cpu_threads))
     os.makedirs(args.output_dir, exist_ok=True)
     data, num_classes = load_image_dataset(args.dataset_name, image_size=args.image_size, augment=args.augment,
                                            train_dir=args.train_dir, test_dir=args.test_dir,

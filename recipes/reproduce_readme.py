@@ -169,8 +169,9 @@ def part_ablation(out: str, rerun: bool = True) -> dict:
     if not rerun:  # the run on record keeps its own wall time; its date is the file's last commit
         date = subprocess.run(["git", "log", "-1", "--format=%cs", "--", ABLATION_FILE], cwd=ROOT,
                               capture_output=True, text=True).stdout.strip()
+        here = machine()
         section.update(recorded_run=True, wall_seconds=round(results["wall_seconds"], 1), date=date or "unknown",
-                       machine={"gpu": None, "cpu": machine()["cpu"], "cores": 2, "torch": machine()["torch"],
+                       machine={"gpu": None, "cpu": here["cpu"], "cores": 2, "torch": here["torch"],
                                 "note": "2 cores shared with other jobs, 1 thread per run"})
     return section
 
@@ -252,8 +253,7 @@ def render_autoattack(results: dict) -> str:
 
 def render_methods(results: dict) -> str:
     section = results["methods"]
-    sys.path.insert(0, os.path.join(ROOT, "recipes"))
-    import compare_methods
+    import compare_methods  # recipes/ is on sys.path (top of this file)
 
     args = argparse.Namespace(eval_pgd_steps=section["settings"]["eval_pgd_steps"], autoattack=True)
     return "\n".join(["```", f"$ {section['command']}", "```", "",

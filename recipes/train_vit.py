@@ -161,7 +161,8 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     if training_args.device.type == "cpu":  # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU
-        logger.info("training on CPU with %d torch threads", use_available_cpu_threads(model_args.cpu_threads))
+        logger.info("training on CPU with %d torch threads",
+                    use_available_cpu_threads(model_args.cpu_threads, training_args.device))
     set_seed(training_args.seed)
     two_stages = stage_args.natural_epochs > 0 and training_args.adv_method != "clean"
     plan = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir, two_stages)
