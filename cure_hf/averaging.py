@@ -124,6 +124,9 @@ class WeightAverage:
         tensors["n_averaged"] = self.averaged.n_averaged.detach().cpu().reshape(1)
         path = os.path.join(folder, WEIGHT_AVERAGE_NAME)
         safetensors.torch.save_file(tensors, path, metadata={"format": "pt", "decay": repr(self.decay)})
+        from .files import chmod_as_umask
+
+        chmod_as_umask(path)  # safetensors writes 0600: give what open() would
         return path
 
     def load(self, folder: str, working: nn.Module) -> None:

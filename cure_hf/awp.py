@@ -22,15 +22,12 @@ Under DDP every process must perturb the same way, so the proxy's gradient is av
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 __all__ = [
-    "AWPDefaults",
-    "AWP_DEFAULTS",
     "AdversarialWeightPerturbation",
     "perturbed_weights",
     "weight_perturbation",
@@ -39,28 +36,6 @@ __all__ = [
 
 # The reference's guard against a zero gradient (utils_awp.py: EPS = 1E-20).
 _EPS = 1e-20
-
-
-@dataclass(frozen=True)
-class AWPDefaults:
-    """`awp_gamma=True` and an unset `awp_warmup_epochs` take these, per method."""
-
-    gamma: float
-    warmup_epochs: float
-    source: str
-
-
-AWP_DEFAULTS: Dict[str, AWPDefaults] = {
-    "pgd": AWPDefaults(1e-2, 0.0, "AWP paper and AT_AWP/train_cifar10.py: --awp_gamma 0.01, --awp_warmup 0"),
-    "fgsm_rs": AWPDefaults(1e-2, 0.0, "the AT_AWP script's own defaults for its --attack fgsm mode (same CE loss "
-                                      "as PGD-AT)"),
-    "trades": AWPDefaults(5e-3, 10.0, "AWP paper and TRADES_AWP/train_trades_cifar.py: --awp-gamma 0.005, "
-                                      "--awp-warmup 10"),
-    "mart": AWPDefaults(5e-3, 10.0, "TRADES-AWP's values: MART's loss is also a CE term plus a beta-weighted KL "
-                                    "term"),
-    "cure": AWPDefaults(5e-3, 10.0, "TRADES-AWP's values: CURE attacks with TRADES' KL, adds KL consistency terms "
-                                    "and fine-tunes a natural model, as TRADES-AWP's smaller gamma suits"),
-}
 
 
 def perturbed_weights(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:

@@ -53,12 +53,15 @@ from .hub import (
     push_folder,
     save_pretrained,
 )
-from .methods import METHODS
+from .components import Component, component_switch_values, components_for, method_argument_names, \
+    resolved_conservation, resolved_revision
+from .methods import get_method
 from .modelcard import card_value, write_model_card
 from .models import unwrap_normalized
 from .runtime import full_precision_forward, refuse_unsupported_parallelism
 from .safety import (
-    NonFiniteGuard,
+    TRAINER_STATE_NAME,
+    TRAINING_ARGS_JSON,
     OutputDirInUseError,
     OutputDirLock,
     check_class_labels,
@@ -81,8 +84,6 @@ logger = logging.getLogger(__name__)
 
 ROBUST_EVAL_HISTORY_NAME = "robust_eval_history.json"
 ROBUST_OVERFITTING_NAME = "robust_overfitting.json"
-TRAINING_ARGS_JSON = "training_args.json"
-TRAINER_STATE_NAME = "trainer_state.json"
 
 
 class RobustTrainer(Trainer):
@@ -112,37 +113,78 @@ class RobustTrainer(Trainer):
         # CPU batch in the collator, so the step itself never waits for the device.
         self.speed = SpeedRuntime(args, args.device)
         self.data_collator = self.speed.checking_collator(self.data_collator)
-        self.method = METHODS[args.adv_method]
+        self.method = get_method(args.adv_method)
         self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)  # per-step parts, flushed by log()
         self._attacking_in_evaluation = False
         self._robust_eval_history: List[Dict[str, Any]] = []
         self._hooked_optimizer: Optional[torch.optim.Optimizer] = None
-        self.weight_average: Optional[WeightAverage] = None  # created with the optimizer, or from a checkpoint
         self._output_dir_lock = OutputDirLock(args.output_dir)
-        # On a GPU, "stop" reads each step's verdict a step late, so that the step never waits for the device.
-        self.nonfinite_guard = NonFiniteGuard(args.nonfinite_policy, lambda: self.accelerator.unwrap_model(self.model),
-                                              self._divergence_context,
-                                              deferred=args.nonfinite_policy == "stop" and args.device.type == "cuda")
         if self.model is not None:
             self._check_model_up_front()
+        # The step's features, in the order their hooks run (cure_hf/components.py).
+        self.components: List[Component] = []
+        for component in components_for(args, self.method):
+            self.components.append(component(self))
+
+    # ------------------------------------------------------------------------------------ components
+    def component(self, name: str) -> Optional[Component]:
+        """The enabled component called ``name`` ("conservation", "revision", "awp", ...), or None."""
+        return next((c for c in self.components if c.name == name), None)
+
+    @property
+    def nonfinite_guard(self):
+        """The divergence guard (`cure_hf.safety.NonFiniteGuard`): its `skipped_steps`, its pending verdict."""
+        return self.component("divergence").guard
+
+    @property
+    def weight_average(self) -> Optional[WeightAverage]:
+        """The weight average (`weight_averaging`), once created; None when off."""
+        component = self.component("weight_average")
+        return component.average if component is not None else None
+
+    @property
+    def revision(self):
+        """The revision model (`cure_hf.revision.RevisionModel`) once the revision component created it, else None."""
+        component = self.component("revision")
+        return component.revision if component is not None else None
+
+    @property
+    def awp(self):
+        """The adversarial weight perturbation (`cure_hf.awp.AdversarialWeightPerturbation`), or None."""
+        component = self.component("awp")
+        return component.awp if component is not None else None
 
     def _check_model_up_front(self) -> None:
         """Refuse now, not at the first checkpoint or batch, a model that cannot be saved or whose logits are
-        ambiguous; one eval-mode forward on the first training (else evaluation) example, which the collator checks."""
+        ambiguous; one eval-mode forward on the first training (else evaluation) example, which the collator checks.
+
+        The model's class count (its logits' width) is remembered as `model_num_classes`, and the collator checks
+        every batch's labels against it on the CPU (`speed.checking_collator`): a label the model has no class for
+        stops with the fix, without a device sync in the step. Without the probe (an IterableDataset, or a first
+        example the collator cannot read here) the model's declared count stands in (timm's `num_classes`,
+        transformers' `config.num_labels`); a model declaring none gets no label check."""
         model = self.accelerator.unwrap_model(self.model)
         check_model_saveable(model)
         dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
         if isinstance(dataset, dict):
             dataset = next(iter(dataset.values()), None)
-        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset):
-            return
-        with preserved_random_state():  # a random transform must not shift the run's random stream
-            try:
-                batch = self.data_collator([dataset[0]])
-            except (TypeError, KeyError, IndexError, NotImplementedError, ValueError):
-                return  # not indexable, or data the collator refuses: that error comes with the first batch
-        device = next(model.parameters()).device
-        check_model_output(model, batch["pixel_values"].to(device), _num_classes(dataset))
+        outputs, batch = None, None
+        if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
+            with preserved_random_state():  # a random transform must not shift the run's random stream
+                try:
+                    batch = self.data_collator([dataset[0]])
+                except (TypeError, KeyError, IndexError, NotImplementedError, ValueError):
+                    pass  # not indexable, or data the collator refuses: that error comes with the first batch
+        if batch is not None:
+            device = next(model.parameters()).device
+            outputs = check_model_output(model, batch["pixel_values"].to(device), _num_classes(dataset))
+        if type(outputs) is not int:  # no probe: the count the model declares, if any
+            inner, _ = unwrap_normalized(model)
+            declared = (getattr(inner, "num_classes", None), getattr(getattr(inner, "config", None), "num_labels", None))
+            outputs = next((n for n in declared if type(n) is int and n > 0), None)
+        self.model_num_classes: Optional[int] = outputs
+        if outputs is not None:
+            self.data_collator = self.speed.checking_collator(self.data_collator, num_classes=outputs)
 
     def _divergence_context(self) -> Dict[str, Any]:
         """What the divergence error names: the step, the learning rate in use, the precision, the last checkpoint."""
@@ -181,29 +223,31 @@ class RobustTrainer(Trainer):
         they run exactly once per optimizer step (after gradient accumulation), and the weight average started.
         The divergence guard is the first pre-step hook: it reads the gradient before any other hook changes it."""
         optimizer = super().create_optimizer(model)
-        self.nonfinite_guard.attach(optimizer)
         self._attach_optimizer_hooks(optimizer)
-        decay = self.args.weight_averaging_decay
-        if decay is not None and self.weight_average is None:
-            self.weight_average = WeightAverage(self._unwrapped_model(), decay)
+        for component in self.components:
+            component.on_optimizer_created(optimizer)
         return optimizer
 
     def _attach_optimizer_hooks(self, optimizer: torch.optim.Optimizer) -> None:
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         if self._hooked_optimizer is inner:
             return
-        inner.register_step_pre_hook(lambda *_: self._before_optimizer_step())
-        inner.register_step_post_hook(lambda *_: self._after_optimizer_step())
+        inner.register_step_pre_hook(lambda opt, *_: self._before_optimizer_step(opt))
+        inner.register_step_post_hook(lambda opt, *_: self._after_optimizer_step(opt))
         self._hooked_optimizer = inner
 
-    def _before_optimizer_step(self) -> None:
-        """Between the accumulated gradient and the optimizer step (nothing here; the method's step adds to it)."""
+    def _before_optimizer_step(self, optimizer=None) -> None:
+        """Between the accumulated gradient and the optimizer step: every component's pre-step hook, in order."""
+        optimizer = optimizer if optimizer is not None else getattr(self.optimizer, "optimizer", self.optimizer)
+        for component in self.components:
+            component.before_optimizer_step(optimizer)
 
     @torch.no_grad()
-    def _after_optimizer_step(self) -> None:
-        """Weight averaging: fold the new weights and BatchNorm statistics into the average."""
-        if self.weight_average is not None:
-            self.weight_average.update_(self._unwrapped_model())
+    def _after_optimizer_step(self, optimizer=None) -> None:
+        """After the optimizer step: every component's post-step hook, in order."""
+        optimizer = optimizer if optimizer is not None else getattr(self.optimizer, "optimizer", self.optimizer)
+        for component in self.components:
+            component.after_optimizer_step(optimizer)
 
     def _unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -476,17 +520,10 @@ class RobustTrainer(Trainer):
         return folder
 
     def _checkpoint_rules(self) -> Dict[str, Any]:
-        """What a checkpoint of this run must hold besides the Trainer's files: the weight average's state when
-        weight averaging is on (the checkpoint's model file is then the average, not the working weights), and the
-        revision model of a method that has one, once the natural warm-up (if any) is over."""
-        rules: Dict[str, Any] = {}
-        if self.args.weight_averaging_decay is not None:
-            rules["required_files"] = [WEIGHT_AVERAGE_NAME]
-        if self.method.uses_revision:
-            from .revision import REVISION_WEIGHTS_NAME
-
-            rules.update(revision_file=REVISION_WEIGHTS_NAME, revision_from_epoch=float(self.args.natural_warmup_epochs))
-        return rules
+        """What a checkpoint of this run must hold besides the Trainer's files: each component's own files (the
+        weight average's state, whose model file is then the average; the revision model once the efficient
+        variant's warm-up, if any, is over)."""
+        return {"required_files": [entry for c in self.components for entry in c.checkpoint_files()]}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
         """Weights from the checkpoint's safetensors (the inverse of `_save`), then the method's own state; refused
@@ -502,7 +539,10 @@ class RobustTrainer(Trainer):
                 )
             logger.warning("allow_partial_resume=True: %s lacks %s; those start afresh", resume_from_checkpoint,
                            ", ".join(missing))
-        for warning in check_resume_arguments(resume_from_checkpoint, self.args.to_dict()):
+        current = {**self.args.to_dict(), **component_switch_values(self.args, self.method)}
+        for warning in check_resume_arguments(resume_from_checkpoint, current,
+                                              method_arguments=method_argument_names(self.args, self.method),
+                                              resolve=lambda saved: _resolved_switches(saved)):
             logger.warning("resume_from_checkpoint=%s: %s", resume_from_checkpoint, warning)
         load_weights_into(model if model is not None else self.model, resume_from_checkpoint)
         self._load_method_state(resume_from_checkpoint)
@@ -534,26 +574,21 @@ class RobustTrainer(Trainer):
         self._restart_weight_average()  # the checkpoint's weights are its average: evaluation and saving keep them
 
     def _save_method_state(self, folder: str) -> None:
-        """What resuming needs beyond the Trainer's checkpoint: with weight averaging, the average and the working
-        weights (the checkpoint's model file holds the average). Subclasses add their method's state."""
-        if self.weight_average is not None:
-            self.weight_average.save(folder, self._unwrapped_model())
+        """What resuming needs beyond the Trainer's checkpoint: each component's state (the weight average and the
+        working weights, the revision model with its step, generator and schedule)."""
+        for component in self.components:
+            component.save_state(folder)
 
     def _load_method_state(self, folder: str) -> None:
-        """The inverse of `_save_method_state`."""
-        decay = self.args.weight_averaging_decay
-        if os.path.isfile(os.path.join(folder, WEIGHT_AVERAGE_NAME)):
-            if decay is None:
-                raise ValueError(
-                    f"resume_from_checkpoint={folder!r} was written with weight averaging ({WEIGHT_AVERAGE_NAME}; its "
-                    "model.safetensors is the average, not the weights training continues from), but "
-                    "weight_averaging is off. Fix: resume with weight_averaging set (e.g. True)."
-                )
-            if self.weight_average is None:
-                self.weight_average = WeightAverage(self._unwrapped_model(), decay)
-            self.weight_average.load(folder, self._unwrapped_model())
-        elif decay is not None:
-            logger.warning("%s has no %s: weight averaging starts from its weights now", folder, WEIGHT_AVERAGE_NAME)
+        """The inverse of `_save_method_state`; a checkpoint written with weight averaging needs it on."""
+        if os.path.isfile(os.path.join(folder, WEIGHT_AVERAGE_NAME)) and self.component("weight_average") is None:
+            raise ValueError(
+                f"resume_from_checkpoint={folder!r} was written with weight averaging ({WEIGHT_AVERAGE_NAME}; its "
+                "model.safetensors is the average, not the weights training continues from), but "
+                "weight_averaging is off. Fix: resume with weight_averaging set (e.g. True)."
+            )
+        for component in self.components:
+            component.load_state(folder)
 
     def _export_image_size(self) -> Optional[tuple]:
         """The training image size, written to config.json so timm/transformers preprocessing resize to it."""
@@ -575,9 +610,12 @@ class RobustTrainer(Trainer):
         return dataset_preprocessing(self.eval_dataset, self.train_dataset)
 
     def _label_names(self) -> Optional[List[str]]:
-        features = getattr(self.train_dataset, "features", None) or {}
-        for key in ("labels", "label"):
-            names = getattr(features.get(key), "names", None) if hasattr(features, "get") else None
+        """The class names of the label column the training (else evaluation) set's transform reads (e.g.
+        CIFAR-100's `fine_label`; `cure_hf.data.dataset_label_feature`), for the saved config."""
+        from .data import dataset_label_feature
+
+        for dataset in (self.train_dataset, self.eval_dataset):
+            names = getattr(dataset_label_feature(dataset), "names", None)
             if names:
                 return list(names)
         return None
@@ -599,11 +637,7 @@ class RobustTrainer(Trainer):
         hyper_names = ["adv_method", "epsilon", "attack_step_size", "attack_steps", "learning_rate", "weight_decay",
                        "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
                        "optim", "seed", "label_smoothing_factor"]
-        if self.method.uses_revision:
-            hyper_names += ["conserve_fraction", "clean_weight", "consistency_weight", "revision_rate",
-                            "revision_decay", "prominence", "conservation"]
-        elif args.adv_method in ("trades", "mart"):
-            hyper_names += ["trades_beta"]
+        hyper_names += [name for name in self.method.hyperparameters if name not in hyper_names]
         model = self.accelerator.unwrap_model(self.model)
         exported = export_preprocessing(model, self._data_preprocessing(), self._export_image_size())
         info = {
@@ -629,19 +663,11 @@ class RobustTrainer(Trainer):
         return info
 
     def _add_beyond_paper_card_fields(self, info: Dict[str, Any]) -> None:
-        """Weight averaging (`info["weight_averaging"]`, the decay and its warm-up), AWP and the attack warm-up as
-        hyperparameters."""
-        args, hyper = self.args, info["hyperparameters"]
-        decay = args.weight_averaging_decay
-        if decay is not None:
-            info["weight_averaging"] = {"decay": decay, "decay_warmup": "min(decay, (1 + t) / (10 + t))",
-                                        "buffers_averaged": True}
-            hyper["weight_averaging"] = decay
-        if args.resolved_awp_gamma is not None:
-            hyper["awp_gamma"] = args.resolved_awp_gamma
-            hyper["awp_warmup_epochs"] = args.resolved_awp_warmup_epochs
-        if args.attack_warmup_epochs:
-            hyper["attack_warmup_epochs"] = args.attack_warmup_epochs
+        """Each component's card fields (conservation, revision, weight averaging, AWP) and the attack warm-up."""
+        for component in self.components:
+            component.card_fields(info)
+        if self.args.attack_warmup_epochs:
+            info["hyperparameters"]["attack_warmup_epochs"] = self.args.attack_warmup_epochs
 
     def _dataset_card_fields(self) -> Dict[str, Any]:
         """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`)."""
@@ -718,6 +744,9 @@ class RobustTrainer(Trainer):
     # -------------------------------------------------------------------------------------- logging
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         """A training log also carries the mean of each per-step loss part since the last log."""
+        if "loss" in logs:
+            for component in self.components:
+                component.log_metrics(logs)
         if "loss" in logs and self._metrics:
             for name, values in self._metrics.items():
                 logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
@@ -726,13 +755,12 @@ class RobustTrainer(Trainer):
 
 
 def _num_classes(dataset) -> Optional[int]:
-    """The number of classes of a `datasets` label column (a ClassLabel), else None."""
-    features = getattr(dataset, "features", None) or {}
-    for key in ("labels", "label"):
-        feature = features.get(key) if hasattr(features, "get") else None
-        if getattr(feature, "num_classes", None):
-            return int(feature.num_classes)
-    return None
+    """The number of classes of the label column the dataset's transform reads, when it is a `datasets` ClassLabel
+    (`cure_hf.data.dataset_label_feature`), else None."""
+    from .data import dataset_label_feature
+
+    feature = dataset_label_feature(dataset)
+    return int(feature.num_classes) if getattr(feature, "num_classes", None) else None
 
 
 @contextlib.contextmanager
@@ -749,3 +777,15 @@ def preserved_random_state():
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
+
+
+def _resolved_switches(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A checkpoint's `training_args.json` with its component switches resolved by its own method's defaults."""
+    from types import SimpleNamespace
+
+    try:
+        method = get_method(saved.get("adv_method"))
+    except ValueError:
+        return saved
+    args = SimpleNamespace(conservation=saved.get("conservation"), revision=saved.get("revision"))
+    return {**saved, "conservation": resolved_conservation(args, method), "revision": resolved_revision(args, method)}

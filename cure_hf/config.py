@@ -1,6 +1,7 @@
 """CURETrainingArguments: every knob of adversarial training, validated at construction."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import List, Optional, Union
@@ -8,13 +9,16 @@ from typing import List, Optional, Union
 import torch
 from transformers import TrainingArguments
 
-__all__ = ["CURETrainingArguments", "RobustEvaluationArguments", "parse_pixel_value", "ADV_METHODS", "EVAL_ATTACKS"]
+from .argument_types import check_field_types
 
-ADV_METHODS = ("clean", "pgd", "trades", "mart", "fgsm_rs", "cure")
+from .components import CONSERVATION_MODES, validate_components
+from .evaluation import ATTACK_KINDS
+from .methods import METHODS, get_method
+
+__all__ = ["CURETrainingArguments", "RobustEvaluationArguments", "parse_pixel_value"]
+
 PROMINENCE_MODES = ("loss", "paper")
-CONSERVATION_MODES = ("soft", "hard")
 REVISION_SCHEDULES = ("constant", "linear", "cosine")
-EVAL_ATTACKS = ("clean", "pgd", "cw", "autoattack")
 
 
 def parse_pixel_value(value: Union[str, float, int], name: str) -> float:
@@ -39,6 +43,12 @@ def _parse_optim_args(text: Optional[str]) -> dict:
 def _check(condition: bool, name: str, value, allowed: str, fix: str = "") -> None:
     if not condition:
         raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}." + (f" {fix}" if fix else ""))
+
+
+def _check_seed(name: str, value: Optional[int]) -> None:
+    if value is not None:
+        _check(0 <= value < 2**32, name, value, "an integer 0 <= seed < 2**32 (as TrainingArguments' seed)",
+               f"e.g. {name}=0.")
 
 
 def _check_pixel_size(name: str, value: float) -> None:
@@ -82,7 +92,7 @@ class RobustEvaluationArguments:
             With `autoattack_version="custom"`: comma-separated subset of apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square.
     """
 
-    eval_attacks: str = field(default="clean,pgd", metadata={"help": f"Comma-separated subset of {EVAL_ATTACKS}."})
+    eval_attacks: str = field(default="clean,pgd", metadata={"help": f"Comma-separated subset of {ATTACK_KINDS}."})
     eval_epsilon: Optional[str] = field(default=None, metadata={"help": "Evaluation eps (default: epsilon)."})
     eval_pgd_steps: int = field(default=20, metadata={"help": "Steps of the PGD/CW evaluation attacks."})
     eval_step_size: Optional[str] = field(default=None, metadata={"help": "Step of PGD/CW (default: eps / 4)."})
@@ -103,6 +113,7 @@ class RobustEvaluationArguments:
     )
 
     def __post_init__(self):
+        check_field_types(self)  # every field against its annotation, before any check reads it
         self._validate_evaluation_fields()
 
     def _validate_evaluation_fields(self) -> None:
@@ -113,6 +124,7 @@ class RobustEvaluationArguments:
                self.eval_pgd_steps, "an integer >= 1", "0 steps would make PGD and CW a no-op.")
         _check(isinstance(self.eval_restarts, int) and self.eval_restarts >= 1, "eval_restarts", self.eval_restarts,
                "an integer >= 1", "0 restarts would make PGD and CW a no-op.")
+        _check_seed("eval_seed", self.eval_seed)
         try:
             parse_attacks(self.eval_attack_list, default_steps=self.eval_pgd_steps)
         except ValueError as error:
@@ -210,9 +222,15 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         prominence (`str`, *optional*, defaults to `"loss"`):
             `loss`: |grad of the total loss| (released code); `paper`: alpha |dCE_nat/dw| + (1 - alpha) |dCE_adv/dw|
             from separate backward passes, with the TRADES (beta = 1) update loss.
-        conservation (`str`, *optional*, defaults to `"soft"`):
-            `soft` masks only the gradient (momentum and weight decay still move conserved weights, as the released
-            code); `hard` leaves conserved entries exactly unchanged by the step.
+        conservation (`str`, *optional*):
+            The conservation component (CURE's gradient prominence mask), for any method: `soft` masks only the
+            gradient (momentum and weight decay still move conserved weights, as the released code); `hard` leaves
+            conserved entries exactly unchanged by the step; `none` switches it off. Unset: `soft` for `cure`,
+            `none` for the other methods. `adv_method="trades", conservation="soft"` is TRADES with CURE's mask.
+        revision (`bool`, *optional*):
+            The revision component (CURE's revision model and its consistency term, weighted by
+            `consistency_weight`), for any method. Unset: on for `cure`, off for the other methods;
+            `adv_method="cure", revision=False` is the paper's "mask only" ablation.
         head_modules (`list[str]`, *optional*):
             Names of the classifier-head modules, never masked; auto-detected when unset.
         validation_fraction (`float`, *optional*, defaults to 0.0):
@@ -280,7 +298,8 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """
 
-    adv_method: str = field(default="cure", metadata={"help": f"Training method, one of {ADV_METHODS}."})
+    adv_method: str = field(default="cure", metadata={"help": f"Training method: a registered method, built in "
+                                                              f"{sorted(METHODS)}."})
     epsilon: str = field(default="8/255", metadata={"help": "L-inf radius of the training attack, pixels in [0, 1]."})
     attack_step_size: str = field(default="2/255", metadata={"help": "Step size of the training attack."})
     attack_steps: int = field(default=10, metadata={"help": "Steps of the training attack (K)."})
@@ -296,7 +315,12 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     revision_seed: Optional[int] = field(default=None, metadata={"help": "Seed of the revision RNG (default: seed)."})
     revision_train_mode: bool = field(default=True, metadata={"help": "Revision model in train mode (as the code)."})
     prominence: str = field(default="loss", metadata={"help": f"Prominence score, one of {PROMINENCE_MODES}."})
-    conservation: str = field(default="soft", metadata={"help": f"One of {CONSERVATION_MODES}."})
+    conservation: Optional[str] = field(
+        default=None, metadata={"help": f"Conservation mask, one of {CONSERVATION_MODES} (unset: 'soft' for cure, "
+                                        "'none' for the other methods)."})
+    revision: Optional[bool] = field(
+        default=None, metadata={"help": "Revision model and its consistency term (unset: on for cure, off for the "
+                                        "other methods)."})
     head_modules: Optional[List[str]] = field(
         default=None, metadata={"help": "Classifier-head module names (never masked); auto-detected if unset."}
     )
@@ -424,15 +448,31 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
 
 
     def __post_init__(self):
+        check_field_types(self)  # every field (TrainingArguments' too) against its annotation, first
         self._validate_cure_fields()
         self._validate_evaluation_fields()
         self._validate_recipe_fields()
         self._validate_optimizer_fields()
         self._validate_safety_fields()
         self._validate_beyond_paper_fields()
+        validate_components(self)  # each component's own checks; arguments nothing in this run reads are refused
+        self._validate_trainer_step_fields()
         self._default_model_selection()
         self._validate_speed_fields()  # before TrainingArguments': the preset sets bf16/torch_compile, which it checks
         super(RobustEvaluationArguments, self).__post_init__()  # TrainingArguments'
+
+    def _validate_trainer_step_fields(self) -> None:
+        """The Trainer's step features that cannot work with an adversarial step are refused, not ignored."""
+        optim = str(getattr(self.optim, "value", self.optim))
+        if optim in ("lomo", "adalomo"):
+            raise ValueError(
+                f"optim={optim!r} is invalid for CURETrainer: LOMO fuses the backward and the update, so the update "
+                "happens inside the backward, before the optimizer-step hooks that conserve, restore AWP's weights and "
+                "revise can run. Fix: use optim='sgd' or 'adamw_torch' (or another optimizer with a step())."
+            )
+        # Pinned memory only speeds copies to a GPU; on a CPU run torch warns about it at every loader.
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            self.dataloader_pin_memory = False
 
     def _validate_speed_fields(self) -> None:
         from .speed import apply_speed_preset
@@ -446,7 +486,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             self.accelerator_config = {**(config or {}), "non_blocking": True}
 
     def _validate_cure_fields(self) -> None:
-        _check(self.adv_method in ADV_METHODS, "adv_method", self.adv_method, f"one of {ADV_METHODS}")
+        get_method(self.adv_method)  # an unknown name lists the registered methods
         self.epsilon = parse_pixel_value(self.epsilon, "epsilon")
         self.attack_step_size = parse_pixel_value(self.attack_step_size, "attack_step_size")
         _check_pixel_size("epsilon", self.epsilon)
@@ -456,17 +496,24 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                    "Use adv_method='clean' for natural training.")
             _check(self.attack_step_size > 0, "attack_step_size", self.attack_step_size, "> 0")
         _check(self.attack_steps >= 1, "attack_steps", self.attack_steps, "an integer >= 1")
-        _check(self.trades_beta >= 0, "trades_beta", self.trades_beta, ">= 0")
+        _check(math.isfinite(self.trades_beta) and self.trades_beta >= 0, "trades_beta", self.trades_beta,
+               "a finite beta >= 0", "e.g. trades_beta=6.0 (the TRADES paper).")
         _check(0.0 <= self.conserve_fraction < 1.0, "conserve_fraction", self.conserve_fraction, "0 <= p < 1")
         _check(0.0 <= self.clean_weight <= 1.0, "clean_weight", self.clean_weight, "0 <= alpha <= 1")
-        _check(self.consistency_weight >= 0.0, "consistency_weight", self.consistency_weight, "gamma >= 0")
+        _check(math.isfinite(self.consistency_weight) and self.consistency_weight >= 0.0, "consistency_weight",
+               self.consistency_weight, "a finite gamma >= 0")
         _check(0.0 <= self.revision_rate <= 1.0, "revision_rate", self.revision_rate, "0 <= r <= 1")
         _check(0.0 <= self.revision_decay < 1.0, "revision_decay", self.revision_decay, "0 <= d < 1")
         _check(self.revision_rate_schedule in REVISION_SCHEDULES, "revision_rate_schedule",
                self.revision_rate_schedule, f"one of {REVISION_SCHEDULES}")
+        _check_seed("revision_seed", self.revision_seed)
         _check(self.prominence in PROMINENCE_MODES, "prominence", self.prominence, f"one of {PROMINENCE_MODES}")
-        _check(self.conservation in CONSERVATION_MODES, "conservation", self.conservation,
-               f"one of {CONSERVATION_MODES}")
+        if self.conservation is not None:
+            _check(self.conservation in CONSERVATION_MODES, "conservation", self.conservation,
+                   f"one of {CONSERVATION_MODES} or None (the method's default)")
+        if self.revision is not None:
+            _check(isinstance(self.revision, bool), "revision", self.revision,
+                   "True, False or None (the method's default)")
         if self.head_modules is not None:
             _check(isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
                    "head_modules", self.head_modules, "a list of module names, e.g. ['head']")
@@ -488,7 +535,8 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                f"<= 64/255 = {MAX_EPSILON:.4f}", f"Did you mean {self.attack_step_size:g}/255?")
 
     def _validate_recipe_fields(self) -> None:
-        _check(self.natural_warmup_epochs >= 0, "natural_warmup_epochs", self.natural_warmup_epochs, ">= 0 epochs")
+        _check(math.isfinite(self.natural_warmup_epochs) and self.natural_warmup_epochs >= 0, "natural_warmup_epochs",
+               self.natural_warmup_epochs, "a finite number >= 0 of epochs")
         if self.natural_warmup_epochs > 0 and self.max_steps > 0:
             raise ValueError(
                 f"natural_warmup_epochs={self.natural_warmup_epochs} is counted in epochs, but max_steps="
@@ -549,7 +597,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             epochs = [float(e) for e in str(self.lr_step_epochs).replace(" ", "").split(",") if e]
         except ValueError:
             epochs = []
-        if not epochs or any(e <= 0 for e in epochs) or epochs != sorted(epochs):
+        if not epochs or any(not math.isfinite(e) or e <= 0 for e in epochs) or epochs != sorted(epochs):
             raise ValueError(f"lr_step_epochs={self.lr_step_epochs!r} is invalid: allowed increasing positive epochs "
                              "separated by commas, e.g. '100,150'")
         return epochs
@@ -573,7 +621,8 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         if self.awp_warmup_epochs is not None:
             _check(gamma is not None, "awp_warmup_epochs", self.awp_warmup_epochs, "only together with awp_gamma",
                    "Set awp_gamma (e.g. awp_gamma=True for the method's published value) or drop awp_warmup_epochs.")
-            _check(self.awp_warmup_epochs >= 0, "awp_warmup_epochs", self.awp_warmup_epochs, ">= 0 epochs")
+            _check(math.isfinite(self.awp_warmup_epochs) and self.awp_warmup_epochs >= 0, "awp_warmup_epochs",
+                   self.awp_warmup_epochs, "a finite number >= 0 of epochs")
         if gamma is not None:
             if self.fp16:
                 raise ValueError(
@@ -587,7 +636,8 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                     "forward must run at the perturbed weights, after the attack, so it cannot serve the attack. "
                     "Fix: set attack_reuse_clean_logits=False."
                 )
-        _check(self.attack_warmup_epochs >= 0, "attack_warmup_epochs", self.attack_warmup_epochs, ">= 0 epochs")
+        _check(math.isfinite(self.attack_warmup_epochs) and self.attack_warmup_epochs >= 0, "attack_warmup_epochs",
+               self.attack_warmup_epochs, "a finite number >= 0 of epochs")
         if self.attack_warmup_epochs > 0:
             _check(self.adv_method != "clean", "attack_warmup_epochs", self.attack_warmup_epochs,
                    "0 with adv_method='clean' (natural training has no attack to warm up)")
@@ -611,31 +661,33 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     @property
     def resolved_awp_gamma(self) -> Optional[float]:
         """AWP's gamma (`awp_gamma=True`: the method's published value), or None when off."""
-        from .awp import AWP_DEFAULTS
-
         allowed = "True (the method's published gamma), a number 0 < gamma < 1 such as 5e-3, or None/False/0 (off)"
         value = _switch_or_number(self.awp_gamma, "awp_gamma", allowed)
         if value is None or value == 0.0:
             return None
-        if self.adv_method not in AWP_DEFAULTS:
+        method = get_method(self.adv_method)
+        if method.attack is None:
             raise ValueError(
                 f"awp_gamma={self.awp_gamma!r} is invalid with adv_method={self.adv_method!r}: AWP perturbs the "
-                f"weights against an adversarial training loss, one of {sorted(AWP_DEFAULTS)}. Fix: drop awp_gamma "
+                f"weights against an adversarial training loss, which natural training does not have. Fix: drop awp_gamma "
                 "for natural training (e.g. a recipe's natural stage 0)."
             )
         if value is True:
-            return AWP_DEFAULTS[self.adv_method].gamma
+            if method.awp_defaults is None:
+                raise ValueError(
+                    f"awp_gamma=True is invalid with adv_method={self.adv_method!r}: the method declares no published "
+                    "AWP gamma (its awp_defaults). Fix: give a number, e.g. awp_gamma=5e-3."
+                )
+            return method.awp_defaults.gamma
         _check(0.0 < value < 1.0, "awp_gamma", self.awp_gamma, allowed)
         return value
 
     @property
     def resolved_awp_warmup_epochs(self) -> float:
         """Epochs before AWP starts: `awp_warmup_epochs`, else the method's published value."""
-        from .awp import AWP_DEFAULTS
-
         if self.awp_warmup_epochs is not None:
             return float(self.awp_warmup_epochs)
-        defaults = AWP_DEFAULTS.get(self.adv_method)
+        defaults = get_method(self.adv_method).awp_defaults
         return defaults.warmup_epochs if defaults is not None else 0.0
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 __all__ = ["load_digits_dataset", "load_image_dataset", "image_transform", "set_preprocessing",
-           "dataset_preprocessing", "dataset_card_fields", "collate_pixels", "check_pixel_range", "split_validation",
-           "DIGITS_DATASET_NAME"]
+           "dataset_preprocessing", "dataset_label_feature", "dataset_card_fields", "collate_pixels",
+           "check_pixel_range", "split_validation", "DIGITS_DATASET_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,33 @@ def dataset_preprocessing(*datasets):
     return None
 
 
+def dataset_label_feature(dataset):
+    """The ``datasets.ClassLabel`` of the label column that ``dataset``'s transform reads, else None.
+
+    The column is the one the transform records (``image_transform(..., label_column=...)`` keeps it as
+    ``transform.label_column``, e.g. CIFAR-100's ``fine_label``); without such a transform, ``labels`` then
+    ``label``. Dicts of datasets (a ``DatasetDict``) give their first split's that has one. Its ``names`` are the
+    class names, its ``num_classes`` the class count; None when that column is not a ``ClassLabel`` (or ``dataset``
+    has no ``datasets`` features, e.g. a torch Dataset).
+    """
+    from datasets import ClassLabel
+
+    candidates = dataset.values() if isinstance(dataset, dict) else [dataset]
+    for candidate in candidates:
+        features = getattr(candidate, "features", None)
+        if not hasattr(features, "get"):
+            continue
+        fmt = getattr(candidate, "format", None) or {}
+        transform = fmt.get("format_kwargs", {}).get("transform") if fmt.get("type") == "custom" else None
+        recorded = getattr(transform, "label_column", None)
+        # the transform's own column only: another ClassLabel column beside it (a coarse label) is not the target
+        for column in [recorded] if recorded else ["labels", "label"]:
+            feature = features.get(column)
+            if isinstance(feature, ClassLabel):
+                return feature
+    return None
+
+
 def dataset_card_fields(dataset) -> Dict[str, Any]:
     """The model card's ``dataset`` (a name) and ``dataset_id`` (a Hub id, only for Hub datasets) of a training set.
 
@@ -216,7 +243,8 @@ def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
 
     Accepts what it accepts (``labels``, or ``label``/``label_ids`` renamed to ``labels``; tensors, arrays or
     lists) and refuses, with the fix, what would otherwise train silently wrong or fail deep inside torch:
-    examples without ``pixel_values`` (raw ``image``/``img`` columns need a transform), non-integer labels
+    examples without ``pixel_values`` (raw ``image``/``img`` columns need a transform), labels that are strings
+    or other non-numbers (checked before ``default_data_collator``, which would drop them), non-integer labels
     (a float label 3.7 would otherwise become class 3, or a soft target), and pixels that are not floats, NaN or
     infinite, or outside [0, 1] (checked here on the CPU batch, so the training step needs no device sync for it).
     """
@@ -233,12 +261,41 @@ def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
         raise ValueError(f"a training example needs 'pixel_values'; this one has the keys {sorted(first)}.{hint}")
     if not any(k in first for k in ("labels", "label", "label_ids")):
         raise ValueError(f"a training example needs 'labels' (or 'label'); this one has the keys {sorted(first)}")
+    _refuse_non_numeric_labels(examples)  # before default_data_collator, which silently drops string labels
     kept = [{k: v for k, v in e.items() if k in ("pixel_values", "labels", "label", "label_ids")} for e in examples]
     batch = default_data_collator(kept, return_tensors="pt")
     labels = check_class_labels(batch["labels"])
     pixels = torch.as_tensor(batch["pixel_values"])
     check_pixel_values(pixels)
     return {"pixel_values": pixels, "labels": labels}
+
+
+def _is_numeric_label(value) -> bool:
+    """A class index or something ``default_data_collator`` turns into numbers (floats are judged after it)."""
+    if isinstance(value, (bool, int, float, np.integer, np.floating, np.bool_)):
+        return True
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        return value.dtype != object and getattr(value.dtype, "kind", "i") not in "USO"
+    if isinstance(value, (list, tuple)):
+        return all(_is_numeric_label(v) for v in value)
+    return False
+
+
+def _refuse_non_numeric_labels(examples: List[Dict]) -> None:
+    """Refuse, with the fix, labels that are not class indices (strings such as "cat", None, objects)."""
+    key = next(k for k in ("labels", "label", "label_ids") if k in examples[0])
+    bad = [e.get(key) for e in examples if not _is_numeric_label(e.get(key))]
+    if not bad:
+        return
+    samples = list(dict.fromkeys(repr(v) for v in bad))[:3]
+    kind = "strings" if all(isinstance(v, str) for v in bad) else "values that are not numbers"
+    raise ValueError(
+        f"the label column {key!r} holds {kind} ({len(bad)} of {len(examples)} examples in this batch, e.g. "
+        f"{', '.join(samples)}; type {type(bad[0]).__name__}); training needs integer class indices "
+        "0..num_classes-1. Fix: encode the dataset's label column as classes before setting its transform, e.g. "
+        "dataset = dataset.class_encode_column(\"label\") (with the name of your label column; it becomes a "
+        "datasets ClassLabel with the sorted names, which the saved model keeps as its label names), or load the data with cure_hf.data.load_image_dataset, which does it"
+    )
 
 
 def check_pixel_range(pixel_values: torch.Tensor) -> None:
@@ -295,6 +352,11 @@ def load_image_dataset(
 
     ``test_split``: the split to evaluate on; a named split that does not exist is refused. Unset (None), it is
     "test"; a dataset without a "test" split then gives up a seeded 10% of the training split (said in the log).
+
+    A label column of strings ("cat", "dog": CSV/JSON/parquet metadata) is class-encoded in both splits: it becomes
+    a ``datasets.ClassLabel`` with the sorted names (as ``Dataset.class_encode_column`` makes them), so
+    ``num_classes`` counts them and ``dataset_label_feature(data["train"]).names`` (which the saved model keeps as
+    its label names) lists them.
     """
     from datasets import ClassLabel, DatasetDict, load_dataset
 
@@ -339,6 +401,7 @@ def load_image_dataset(
     names = list(train.column_names)
     image_column = _pick_column(names, image_column, ("image", "img", "pixel_values"), "image")
     label_column = _pick_column(names, label_column, ("label", "labels", "fine_label"), "label")
+    train, test = _class_encode_strings(train, test, label_column)
     feature = train.features[label_column]
     num_classes = feature.num_classes if isinstance(feature, ClassLabel) else len(set(train[label_column]))
     if max_train_samples is not None:
@@ -354,6 +417,30 @@ def load_image_dataset(
     train.set_transform(image_transform(preprocessing, train=True, **common))
     test.set_transform(image_transform(preprocessing, train=False, **common))
     return DatasetDict(train=train, test=test), num_classes
+
+
+def _class_encode_strings(train, test, column: str):
+    """String labels ("cat", "dog": CSV/JSON/parquet metadata) as a ``ClassLabel`` shared by both splits.
+
+    The names are what ``datasets.Dataset.class_encode_column`` gives (the sorted distinct strings; missing values
+    stay missing), taken over both splits so that a class the test split alone has keeps one index in both.
+    Other columns are returned unchanged."""
+    from datasets import ClassLabel, Value
+
+    def is_string(split):
+        feature = split.features.get(column)
+        return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
+
+    if not is_string(train):
+        return train, test
+    values = set(train.unique(column)) | (set(test.unique(column)) if is_string(test) else set())
+    feature = ClassLabel(names=sorted(str(value) for value in values if value is not None))
+    logger.info("the label column %r holds strings: encoded as %d classes %s (sorted)", column, feature.num_classes,
+                feature.names if feature.num_classes <= 20 else feature.names[:20] + ["..."])
+    train = train.cast_column(column, feature)
+    if is_string(test):
+        test = test.cast_column(column, feature)
+    return train, test
 
 
 def _record_name(splits, dataset_name: str) -> None:

@@ -366,6 +366,7 @@ def evaluate_robustness(
     ``step_size`` of PGD/CW defaults to eps / 4. ``gather`` (e.g. ``accelerator.gather_for_metrics``)
     collects per-example predictions from all processes so each example counts once; ``max_examples``
     caps the examples of this process (cap the dataset instead when running on several processes).
+    ``progress``: a tqdm bar over the batches, cleared when done; none where stderr is not a terminal (a log file).
     """
     specs = parse_attacks(attacks, default_steps=steps)
     autoattack = autoattack or AutoAttackConfig()
@@ -386,7 +387,9 @@ def evaluate_robustness(
     if progress:
         from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="robust eval", leave=False)
+        # disable=None: no bar where the stream is not a terminal (a log file), where a bar nested under the
+        # Trainer's would leave its cursor moves ("\x1b[A") behind; in a terminal or notebook it shows and is cleared.
+        iterator = tqdm(batches, desc="robust eval", leave=False, disable=None)
     for batch in iterator:
         x, y = batch["pixel_values"], batch["labels"]
         if device is not None:

@@ -35,12 +35,14 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from .files import chmod_as_umask
 from .modelcard import MODEL_CARD_MARKER, MODEL_CARD_NAME, write_model_card
 from .models import (
     _height_width,
     _in_model_normalisation,
     conform_image_processor,
     load_model,
+    logits_index,
     model_data_config,
     model_preprocessing,
     unwrap_normalized,
@@ -78,7 +80,8 @@ def save_pretrained(
 
     ``model`` is a :class:`PixelNormalized` (or bare) timm model, a ``TimmWrapperForImageClassification``,
     or another transformers image-classification model (saved with its own ``save_pretrained``: transformers
-    and cure_hf load it, timm has no such architecture).
+    and cure_hf load it, timm has no such architecture), optionally inside a :class:`cure_hf.models.SelectLogits`
+    (the network inside is saved; config.json records the logits index for :func:`load_model`).
 
     The folder records the preprocessing: ``preprocessing`` (what the data pipeline did, e.g.
     ``cure_hf.data.dataset_preprocessing(train)``: a timm data config or an image processor), else the model's own
@@ -114,8 +117,9 @@ def save_pretrained(
         info = {**card_fields(model, (library, exported)), **(card or {})}
         write_model_card(staging, info)
         files = sorted(os.listdir(staging))
-        _mark_export(staging, files)
+        _mark_export(staging, files, logits_index(model))
         for name in files:
+            chmod_as_umask(os.path.join(staging, name))  # safetensors writes 0600: give what open() would
             os.replace(os.path.join(staging, name), os.path.join(output_dir, name))
     for name in sorted(set(previous) - set(files)):
         os.remove(os.path.join(output_dir, name))  # e.g. weight shards of an earlier, larger save
@@ -262,11 +266,13 @@ def _write_config(folder: str, config: Dict[str, Any]) -> None:
         json.dump(config, f, indent=2)
 
 
-def _mark_export(folder: str, files: List[str]) -> None:
+def _mark_export(folder: str, files: List[str], index: Optional[int] = None) -> None:
     from . import __version__
 
     config = read_config(folder)
     config[EXPORT_MARKER] = {"version": __version__, "files": files}
+    if index is not None:  # a SelectLogits: cure_hf.load_model wraps the loaded network in one again
+        config[EXPORT_MARKER]["logits_index"] = index
     _write_config(folder, config)
 
 
@@ -315,6 +321,7 @@ def copy_export(source_folder: str, output_dir: str) -> List[str]:
     files = export_files(source_folder)
     for name in files:
         shutil.copy(os.path.join(source_folder, name), os.path.join(output_dir, name))
+        chmod_as_umask(os.path.join(output_dir, name))  # not the source's mode (an older save's may be 0600)
     for name in sorted(set(previous) - set(files)):
         os.remove(os.path.join(output_dir, name))  # e.g. weight shards of an earlier, larger save
     return files

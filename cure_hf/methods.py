@@ -1,9 +1,16 @@
-"""The training methods: one table that says, per method, which attack crafts its adversarial batch,
-which forward passes it needs, its loss and its paper.
+"""Training methods as objects, and the registry that finds them by name.
 
-A loss reads the logits of the clean batch (``z_nat``), the adversarial batch (``z_adv``) and, for CURE,
-the revision model's logits on both (``r_nat``, ``r_adv``), and returns ``(loss, parts)``; ``parts`` are
-detached scalars for logging.
+A method (a subclass of :class:`AdversarialMethod`) owns every fact about itself: its name and title, its paper
+(citation, arXiv id), its training attack (one :class:`AttackSpec`: the objective, the start, FGSM or PGD), the
+argument fields its loss reads (``hyperparameters``), its loss, its published AWP defaults, and the components it
+runs with by default (CURE: conservation and revision). The model card, the resume check, the CLI's choices and
+the benchmark ask the method object; nothing else lists methods. Register one with :func:`register_method`; the
+built-in methods are registered exactly so, and installed packages can add theirs through the
+``cure_hf.methods`` entry-point group (docs/extending.md).
+
+A loss reads :class:`LossInputs`: the logits of the clean batch (``z_nat``), of the adversarial batch (``z_adv``)
+and, when the revision component is on, the revision model's logits on both (``r_nat``, ``r_adv``). It returns
+``(loss, parts)``; ``parts`` are detached scalars for logging.
 
 Label smoothing (``TrainingArguments.label_smoothing_factor``) applies to the cross-entropy terms against
 the labels, and only to them: the clean CE of natural training, TRADES and CURE, the adversarial CE of
@@ -12,8 +19,10 @@ MART's weighted KL, CURE's consistency) compare two distributions of the model's
 """
 from __future__ import annotations
 
+import logging
+import types
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +30,16 @@ import torch.nn.functional as F
 from .attacks import fgsm_rs, kl_divergence, pgd
 
 __all__ = [
-    "Method",
-    "METHODS",
-    "LossInputs",
+    "AdversarialMethod",
+    "AttackSpec",
     "AttackSettings",
+    "AWPDefaults",
+    "LossInputs",
+    "METHODS",
+    "ENTRY_POINT_GROUP",
+    "register_method",
+    "get_method",
+    "registered_methods",
     "warmed_up_attack",
     "method_loss",
     "smoothed_cross_entropy",
@@ -32,9 +47,15 @@ __all__ = [
     "pgd_at_loss",
     "trades_loss",
     "mart_loss",
+    "consistency_loss",
+    "with_consistency",
+    "cure_update_loss",
+    "cure_paper_update_loss",
     "cure_loss",
     "cure_paper_loss",
 ]
+
+logger = logging.getLogger(__name__)
 
 Parts = Dict[str, torch.Tensor]
 
@@ -77,45 +98,61 @@ def mart_loss(z_nat, z_adv, labels, beta: float, smoothing: float = 0.0) -> Tupl
     return boosted_ce + beta * robust, {"ce_adv": boosted_ce.detach(), "kl_adv": robust.detach()}
 
 
-def _consistency(z_nat, z_adv, r_nat, r_adv) -> torch.Tensor:
-    """The revision term: KL(softmax r_nat || softmax z_nat) + KL(softmax r_adv || softmax z_adv)."""
-    return kl_divergence(z_nat, r_nat) + kl_divergence(z_adv, r_adv)
+def consistency_loss(z_nat, z_adv, r_nat, r_adv) -> torch.Tensor:
+    """CURE's revision term: KL(softmax r_nat || softmax z_nat) + KL(softmax r_adv || softmax z_adv).
+
+    A pass the step does not have (``z_adv`` is None in natural training) contributes no term."""
+    terms = [kl_divergence(z, r) for z, r in ((z_nat, r_nat), (z_adv, r_adv)) if z is not None]
+    if not terms:
+        raise ValueError("the consistency term needs the clean or the adversarial logits")
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def cure_update_loss(z_nat, z_adv, labels, alpha: float, smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
+    """CURE's update loss without the revision term (the released code): alpha * CE_nat + (1 - alpha) * CE_adv."""
+    ce_nat = smoothed_cross_entropy(z_nat, labels, smoothing)
+    ce_adv = smoothed_cross_entropy(z_adv, labels, smoothing)
+    return alpha * ce_nat + (1.0 - alpha) * ce_adv, {"ce_nat": ce_nat.detach(), "ce_adv": ce_adv.detach()}
+
+
+def cure_paper_update_loss(z_nat, z_adv, labels, smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
+    """The paper's update loss without the revision term: TRADES with beta = 1, CE_nat + KL(z_nat || z_adv)."""
+    ce_nat = smoothed_cross_entropy(z_nat, labels, smoothing)
+    kl = kl_divergence(z_adv, z_nat)
+    return ce_nat + kl, {"ce_nat": ce_nat.detach(), "kl_adv": kl.detach()}
+
+
+def with_consistency(loss_and_parts: Tuple[torch.Tensor, Parts], z_nat, z_adv, r_nat, r_adv,
+                     gamma: float) -> Tuple[torch.Tensor, Parts]:
+    """A method's loss plus gamma times the revision consistency term (the revision component's addition)."""
+    loss, parts = loss_and_parts
+    consistency = consistency_loss(z_nat, z_adv, r_nat, r_adv)
+    return loss + gamma * consistency, {**parts, "consistency": consistency.detach()}
 
 
 def cure_loss(z_nat, z_adv, r_nat, r_adv, labels, alpha: float, gamma: float,
               smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
     """The released code: alpha * CE_nat + (1 - alpha) * CE_adv + gamma * consistency."""
-    ce_nat = smoothed_cross_entropy(z_nat, labels, smoothing)
-    ce_adv = smoothed_cross_entropy(z_adv, labels, smoothing)
-    consistency = _consistency(z_nat, z_adv, r_nat, r_adv)
-    loss = alpha * ce_nat + (1.0 - alpha) * ce_adv + gamma * consistency
-    return loss, {"ce_nat": ce_nat.detach(), "ce_adv": ce_adv.detach(), "consistency": consistency.detach()}
+    return with_consistency(cure_update_loss(z_nat, z_adv, labels, alpha, smoothing), z_nat, z_adv, r_nat, r_adv,
+                            gamma)
 
 
 def cure_paper_loss(z_nat, z_adv, r_nat, r_adv, labels, gamma: float,
                     smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
     """The paper: TRADES with beta = 1, CE_nat + KL(z_nat || z_adv), plus gamma * consistency."""
-    ce_nat = smoothed_cross_entropy(z_nat, labels, smoothing)
-    kl = kl_divergence(z_adv, z_nat)
-    consistency = _consistency(z_nat, z_adv, r_nat, r_adv)
-    loss = ce_nat + kl + gamma * consistency
-    return loss, {"ce_nat": ce_nat.detach(), "kl_adv": kl.detach(), "consistency": consistency.detach()}
+    return with_consistency(cure_paper_update_loss(z_nat, z_adv, labels, smoothing), z_nat, z_adv, r_nat, r_adv,
+                            gamma)
 
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Everything a method's loss may read: the logits of one step and the hyperparameters from the arguments."""
+    """The logits of one step that a method's loss may read (None where the step has no such pass)."""
 
     labels: torch.Tensor
     z_nat: Optional[torch.Tensor] = None
     z_adv: Optional[torch.Tensor] = None
     r_nat: Optional[torch.Tensor] = None
     r_adv: Optional[torch.Tensor] = None
-    beta: float = 6.0
-    alpha: float = 0.1
-    gamma: float = 1.0
-    prominence: str = "loss"
-    label_smoothing: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,23 +176,189 @@ def warmed_up_attack(settings: AttackSettings, epoch: float, warmup_epochs: floa
     return replace(settings, eps=settings.eps * fraction, step_size=settings.step_size * fraction)
 
 
-def _craft_pgd(loss: str, init: str) -> Callable:
-    def craft(model, x, labels, settings: AttackSettings, clean_logits=None, pgd_fn: Callable = pgd):
-        """``pgd_fn``: ``attacks.pgd`` or a drop-in with its signature (e.g. a CUDA-graph replay of the K steps)."""
+@dataclass(frozen=True)
+class AttackSpec:
+    """A method's training attack, declared once.
+
+    ``kind``: ``"pgd"`` (``steps`` steps of ``attack_step_size``) or ``"fgsm"`` (one step of 1.25 eps from a
+    uniform start: FGSM-RS). ``objective``: what the attack ascends, ``"ce"`` (cross-entropy with the labels),
+    ``"kl"`` (TRADES' KL from the clean prediction) or ``"margin"`` (CW). ``start``: the random start,
+    ``"uniform"`` in the eps-ball, ``"normal"`` (x + 0.001 N(0, I), TRADES' code) or ``"none"``;
+    ``attack_random_start=False`` turns it off.
+    """
+
+    kind: str = "pgd"
+    objective: str = "ce"
+    start: str = "uniform"
+
+    def __post_init__(self):
+        for name, value, allowed in (("kind", self.kind, ("pgd", "fgsm")),
+                                     ("objective", self.objective, ("ce", "kl", "margin")),
+                                     ("start", self.start, ("uniform", "normal", "none"))):
+            if value not in allowed:
+                raise ValueError(f"AttackSpec {name}={value!r} is invalid: allowed one of {allowed}")
+        if self.kind == "fgsm" and (self.objective, self.start) != ("ce", "uniform"):
+            raise ValueError("AttackSpec kind='fgsm' is FGSM-RS: objective='ce', start='uniform'")
+
+    @property
+    def starts_from_clean_logits(self) -> bool:
+        """Whether the attack's objective compares with the clean prediction (so it can reuse the clean logits)."""
+        return self.objective == "kl"
+
+    def describe(self) -> str:
+        """How people name it: "PGD (KL objective, normal start)", "FGSM-RS"."""
+        if self.kind == "fgsm":
+            return "FGSM-RS"
+        return f"PGD ({self.objective.upper()} objective, {self.start} start)"
+
+    def craft(self, model, x: torch.Tensor, labels: torch.Tensor, settings: AttackSettings,
+              clean_logits: Optional[torch.Tensor] = None, pgd_fn: Callable = pgd) -> torch.Tensor:
+        """The adversarial batch. ``pgd_fn``: ``attacks.pgd`` or a drop-in with its signature (e.g. a CUDA-graph
+        replay of the K steps)."""
+        if self.kind == "fgsm":
+            return fgsm_rs(model, x, labels, eps=settings.eps)
         return pgd_fn(model, x, labels, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
-                      loss=loss, init=init if settings.random_start else "none", clean_logits=clean_logits)
-
-    return craft
-
-
-def _craft_fgsm_rs(model, x, labels, settings: AttackSettings, clean_logits=None, pgd_fn: Callable = pgd):
-    return fgsm_rs(model, x, labels, eps=settings.eps)
+                      loss=self.objective, init=self.start if settings.random_start else "none",
+                      clean_logits=clean_logits)
 
 
-def _cure_step_loss(i: LossInputs) -> Tuple[torch.Tensor, Parts]:
-    if i.prominence == "paper":
-        return cure_paper_loss(i.z_nat, i.z_adv, i.r_nat, i.r_adv, i.labels, i.gamma, i.label_smoothing)
-    return cure_loss(i.z_nat, i.z_adv, i.r_nat, i.r_adv, i.labels, i.alpha, i.gamma, i.label_smoothing)
+@dataclass(frozen=True)
+class AWPDefaults:
+    """A method's published AWP settings: what `awp_gamma=True` and an unset `awp_warmup_epochs` take."""
+
+    gamma: float
+    warmup_epochs: float
+    source: str
+
+
+class AdversarialMethod:
+    """The base class of a training method. Subclass it, set the class attributes, write :meth:`loss`, and
+    register it with :func:`register_method`.
+
+    Class attributes:
+        name: the value of ``adv_method`` (lower case, no spaces).
+        title: as people write it ("TRADES").
+        citation: BibTeX of the method's paper (the model card cites it); ``paper_id``: its arXiv id.
+        attack: the training attack (:class:`AttackSpec`), or None for natural training.
+        uses_clean_pass: whether the loss reads ``z_nat`` (the clean batch's training forward).
+        hyperparameters: the names of the argument fields the loss reads (e.g. ``("trades_beta",)``); the card,
+            the resume check and the unused-argument check read them. ``label_smoothing_factor`` is read by every
+            method and need not be listed.
+        awp_defaults: the published AWP settings (:class:`AWPDefaults`), or None.
+        default_components: the components the method runs with unless switched off (``("conservation",
+            "revision")`` for CURE); any method can switch them on (docs/extending.md).
+    """
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    citation: ClassVar[Optional[str]] = None
+    paper_id: ClassVar[Optional[str]] = None
+    attack: ClassVar[Optional[AttackSpec]] = None
+    uses_clean_pass: ClassVar[bool] = True
+    hyperparameters: ClassVar[Tuple[str, ...]] = ()
+    awp_defaults: ClassVar[Optional[AWPDefaults]] = None
+    default_components: ClassVar[Tuple[str, ...]] = ()
+
+    def loss(self, inputs: LossInputs, hp: Mapping[str, Any]) -> Tuple[torch.Tensor, Parts]:
+        """``(loss, parts)`` from the step's logits and ``hp`` (the values of :attr:`hyperparameters` and
+        ``label_smoothing_factor``, by field name)."""
+        raise NotImplementedError(f"{type(self).__name__}.loss")
+
+    def validate(self, args) -> None:
+        """Refuse, at construction, arguments this method cannot train with (the base class refuses nothing)."""
+
+    def hyperparameter_values(self, args) -> Dict[str, Any]:
+        """The values the loss reads, from the arguments."""
+        names = tuple(self.hyperparameters) + ("label_smoothing_factor",)
+        return {name: getattr(args, name) for name in names}
+
+    def __repr__(self) -> str:
+        return f"<method {self.name!r}: {self.title}>"
+
+
+ENTRY_POINT_GROUP = "cure_hf.methods"
+_REGISTRY: Dict[str, AdversarialMethod] = {}
+# The registry as a read-only mapping, always current: `METHODS["cure"]`, `sorted(METHODS)`.
+METHODS: Mapping[str, AdversarialMethod] = types.MappingProxyType(_REGISTRY)
+_entry_points_loaded = False
+
+
+def _check_method(method: AdversarialMethod) -> None:
+    cls = type(method)
+    name = getattr(method, "name", "")
+    if not isinstance(name, str) or not name or name != name.strip().lower() or " " in name or "," in name:
+        raise ValueError(f"{cls.__name__}.name={name!r} is invalid: a non-empty lower-case name without spaces or "
+                         "commas, e.g. name = 'alp'")
+    if not getattr(method, "title", ""):
+        raise ValueError(f"{cls.__name__} (method {name!r}) needs a title, e.g. title = 'ALP'")
+    if method.attack is not None and not isinstance(method.attack, AttackSpec):
+        raise TypeError(f"{cls.__name__}.attack must be an AttackSpec or None, got {type(method.attack).__name__}")
+    if cls.loss is AdversarialMethod.loss:
+        raise TypeError(f"{cls.__name__} (method {name!r}) must define loss(self, inputs, hp)")
+    if not isinstance(method.hyperparameters, tuple) or not all(isinstance(h, str) for h in method.hyperparameters):
+        raise TypeError(f"{cls.__name__}.hyperparameters must be a tuple of argument field names")
+    unknown = [c for c in method.default_components if c not in ("conservation", "revision")]
+    if unknown:
+        raise ValueError(f"{cls.__name__}.default_components={method.default_components!r}: unknown {unknown}; "
+                         "allowed 'conservation', 'revision'")
+
+
+def register_method(method: Union[Type[AdversarialMethod], AdversarialMethod, None] = None, *,
+                    replace: bool = False):
+    """Register a method class (or instance) under its ``name``; usable as a decorator. A second method of the
+    same name is refused unless ``replace=True``. Returns what it was given, so the class stays importable."""
+
+    def add(target):
+        instance = target() if isinstance(target, type) else target
+        if not isinstance(instance, AdversarialMethod):
+            raise TypeError(f"register_method takes an AdversarialMethod subclass or instance, got {target!r}")
+        _check_method(instance)
+        existing = _REGISTRY.get(instance.name)
+        if existing is not None and not replace and type(existing) is not type(instance):
+            raise ValueError(f"a method named {instance.name!r} is already registered ({type(existing).__name__}); "
+                             "choose another name, or register_method(..., replace=True)")
+        _REGISTRY[instance.name] = instance
+        return target
+
+    return add if method is None else add(method)
+
+
+def _load_entry_points() -> None:
+    """Register the methods of installed packages (entry-point group ``cure_hf.methods``), once per process."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            loaded = entry.load()
+        except Exception as error:  # a broken plug-in must not break cure_hf: say which and why
+            logger.warning("cure_hf: the method entry point %r (%s) failed to load: %s", entry.name, entry.value,
+                           error)
+            continue
+        if (isinstance(loaded, type) and issubclass(loaded, AdversarialMethod)) or isinstance(loaded,
+                                                                                                AdversarialMethod):
+            name = loaded.name
+            if name not in _REGISTRY:
+                register_method(loaded)
+        # a module whose import registered its methods (with the decorator) needs nothing more
+
+
+def registered_methods() -> Mapping[str, AdversarialMethod]:
+    """Every registered method by name, installed packages' included."""
+    _load_entry_points()
+    return METHODS
+
+
+def get_method(name: str) -> AdversarialMethod:
+    """The registered method called ``name``; an unknown name lists the registered ones."""
+    methods = registered_methods()
+    if name not in methods:
+        raise ValueError(f"adv_method={name!r} is invalid: allowed one of {sorted(methods)} (the registered methods; "
+                         "register your own with cure_hf.register_method, docs/extending.md)")
+    return methods[name]
 
 
 CURE_CITATION = (
@@ -185,43 +388,95 @@ FGSM_RS_CITATION = (
 )
 
 
-@dataclass(frozen=True)
-class Method:
-    """A training method: which attack crafts the adversarial batch, which passes it needs, its loss, its paper."""
+# ------------------------------------------------------------------------------------- built-in methods
+@register_method
+class NaturalTraining(AdversarialMethod):
+    name, title = "clean", "natural training"
+    attack = None
 
-    name: str
-    title: str  # as people write it: "PGD-AT", "TRADES", ...
-    attack: Optional[str]  # "pgd_ce", "pgd_kl", "fgsm_rs" or None (clean training)
-    attack_init: str  # random start of the attack: "uniform", "normal" or "none"
-    uses_clean_pass: bool
-    uses_revision: bool
-    craft: Optional[Callable]  # craft(model, x, labels, AttackSettings, clean_logits=None, pgd_fn=pgd) -> x_adv
-    loss: Callable[[LossInputs], Tuple[torch.Tensor, Parts]]
-    citation: Optional[str] = None  # BibTeX of the method's paper (the model card cites it)
-    paper_id: Optional[str] = None  # arXiv id
+    def loss(self, inputs, hp):
+        return clean_loss(inputs.z_nat, inputs.labels, hp["label_smoothing_factor"])
 
 
-METHODS: Dict[str, Method] = {
-    m.name: m for m in (
-        Method("clean", "natural training", None, "none", True, False, None,
-               lambda i: clean_loss(i.z_nat, i.labels, i.label_smoothing)),
-        Method("pgd", "PGD-AT", "pgd_ce", "uniform", False, False, _craft_pgd("ce", "uniform"),
-               lambda i: pgd_at_loss(i.z_adv, i.labels, i.label_smoothing), PGD_AT_CITATION, "1706.06083"),
-        Method("trades", "TRADES", "pgd_kl", "normal", True, False, _craft_pgd("kl", "normal"),
-               lambda i: trades_loss(i.z_nat, i.z_adv, i.labels, i.beta, i.label_smoothing), TRADES_CITATION,
-               "1901.08573"),
-        Method("mart", "MART", "pgd_ce", "normal", True, False, _craft_pgd("ce", "normal"),
-               lambda i: mart_loss(i.z_nat, i.z_adv, i.labels, i.beta, i.label_smoothing), MART_CITATION, None),
-        Method("fgsm_rs", "FGSM-RS", "fgsm_rs", "uniform", False, False, _craft_fgsm_rs,
-               lambda i: pgd_at_loss(i.z_adv, i.labels, i.label_smoothing), FGSM_RS_CITATION, "2001.03994"),
-        Method("cure", "CURE", "pgd_kl", "normal", True, True, _craft_pgd("kl", "normal"), _cure_step_loss,
-               CURE_CITATION, "2401.14948"),
-    )
-}
+@register_method
+class PGDAT(AdversarialMethod):
+    name, title = "pgd", "PGD-AT"
+    citation, paper_id = PGD_AT_CITATION, "1706.06083"
+    attack = AttackSpec("pgd", "ce", "uniform")
+    uses_clean_pass = False
+    awp_defaults = AWPDefaults(1e-2, 0.0, "AWP paper and AT_AWP/train_cifar10.py: --awp_gamma 0.01, --awp_warmup 0")
+
+    def loss(self, inputs, hp):
+        return pgd_at_loss(inputs.z_adv, inputs.labels, hp["label_smoothing_factor"])
 
 
-def method_loss(method: str, labels: torch.Tensor, **kwargs) -> Tuple[torch.Tensor, Parts]:
-    """The loss of ``method`` from keyword logits and hyperparameters (the fields of :class:`LossInputs`)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHODS)}")
-    return METHODS[method].loss(LossInputs(labels=labels, **kwargs))
+@register_method
+class TRADES(AdversarialMethod):
+    name, title = "trades", "TRADES"
+    citation, paper_id = TRADES_CITATION, "1901.08573"
+    attack = AttackSpec("pgd", "kl", "normal")
+    hyperparameters = ("trades_beta",)
+    awp_defaults = AWPDefaults(5e-3, 10.0, "AWP paper and TRADES_AWP/train_trades_cifar.py: --awp-gamma 0.005, "
+                                           "--awp-warmup 10")
+
+    def loss(self, inputs, hp):
+        return trades_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["trades_beta"], hp["label_smoothing_factor"])
+
+
+@register_method
+class MART(AdversarialMethod):
+    name, title = "mart", "MART"
+    citation = MART_CITATION
+    attack = AttackSpec("pgd", "ce", "normal")
+    hyperparameters = ("trades_beta",)
+    awp_defaults = AWPDefaults(5e-3, 10.0, "TRADES-AWP's values: MART's loss is also a CE term plus a beta-weighted "
+                                           "KL term")
+
+    def loss(self, inputs, hp):
+        return mart_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["trades_beta"], hp["label_smoothing_factor"])
+
+
+@register_method
+class FGSMRS(AdversarialMethod):
+    name, title = "fgsm_rs", "FGSM-RS"
+    citation, paper_id = FGSM_RS_CITATION, "2001.03994"
+    attack = AttackSpec("fgsm", "ce", "uniform")
+    uses_clean_pass = False
+    awp_defaults = AWPDefaults(1e-2, 0.0, "the AT_AWP script's own defaults for its --attack fgsm mode (same CE "
+                                          "loss as PGD-AT)")
+
+    def loss(self, inputs, hp):
+        return pgd_at_loss(inputs.z_adv, inputs.labels, hp["label_smoothing_factor"])
+
+
+@register_method
+class CURE(AdversarialMethod):
+    """CURE's update loss; its conservation and revision are components (on by default, each can be switched off:
+    the paper's ablations). ``prominence="paper"`` selects the paper's update loss (TRADES with beta = 1)."""
+
+    name, title = "cure", "CURE"
+    citation, paper_id = CURE_CITATION, "2401.14948"
+    attack = AttackSpec("pgd", "kl", "normal")
+    hyperparameters = ("clean_weight", "prominence")
+    awp_defaults = AWPDefaults(5e-3, 10.0, "TRADES-AWP's values: CURE attacks with TRADES' KL, adds KL consistency "
+                                           "terms and fine-tunes a natural model, as TRADES-AWP's smaller gamma suits")
+    default_components = ("conservation", "revision")
+
+    def loss(self, inputs, hp):
+        if hp["prominence"] == "paper":
+            return cure_paper_update_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["label_smoothing_factor"])
+        return cure_update_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["clean_weight"],
+                                hp["label_smoothing_factor"])
+
+
+def method_loss(method: str, labels: torch.Tensor, z_nat=None, z_adv=None, r_nat=None, r_adv=None, *,
+                beta: float = 6.0, alpha: float = 0.1, gamma: float = 1.0, prominence: str = "loss",
+                label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
+    """The loss of a built-in method with its default components from keyword logits and hyperparameters (the
+    paper's symbols): for CURE with the revision logits, its update loss plus gamma times the consistency term."""
+    spec = get_method(method)
+    hp = {"trades_beta": beta, "clean_weight": alpha, "prominence": prominence, "label_smoothing_factor": label_smoothing}
+    result = spec.loss(LossInputs(labels, z_nat, z_adv, r_nat, r_adv), hp)
+    if "revision" in spec.default_components and r_nat is not None:
+        result = with_consistency(result, z_nat, z_adv, r_nat, r_adv, gamma)
+    return result

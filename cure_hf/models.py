@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 
 __all__ = [
-    "PixelNormalized", "create_model", "load_model", "find_head_modules", "head_parameter_names",
-    "unwrap_normalized", "model_data_config", "model_preprocessing", "conform_image_processor",
+    "PixelNormalized", "SelectLogits", "create_model", "load_model", "find_head_modules", "head_parameter_names",
+    "unwrap_normalized", "logits_index", "model_data_config", "model_preprocessing", "conform_image_processor",
     "NON_SAFETENSORS_WEIGHTS",
 ]
 
@@ -59,6 +59,64 @@ class PixelNormalized(nn.Module):
     def forward(self, pixel_values: torch.Tensor, **kwargs):
         mean, std = self.mean.to(pixel_values.dtype), self.std.to(pixel_values.dtype)
         return self.model((pixel_values - mean) / std, **kwargs)
+
+
+class SelectLogits(nn.Module):
+    """``model(x)[index]``: the logits of a network whose forward returns several outputs, e.g. ``(features, logits)``.
+
+    CURETrainer, its attacks and its evaluation need a forward that returns the logits alone; wrap such a network::
+
+        from cure_hf.models import SelectLogits
+        model = cure_hf.PixelNormalized(SelectLogits(net, index=1), mean, std)  # or just SelectLogits(net, index=1)
+
+    It saves: checkpoints and :func:`cure_hf.hub.save_pretrained` write the network inside (``net``, e.g. a timm
+    model), in its own format and without a wrapper prefix, so ``timm.create_model("local-dir:<folder>",
+    pretrained=True)`` loads it as it was, returning all its outputs (transformers' ``TimmWrapper`` calls
+    ``forward_features``/``forward_head``, hence the logits). config.json records the index (``"cure_hf":
+    {"logits_index": 1}``) and :func:`load_model` wraps the loaded network in ``SelectLogits`` again, so
+    ``cure_hf.load_model(folder)`` returns the trained model's logits. ``index``: the position of the logits in the
+    output (negative counts from the end).
+    """
+
+    def __init__(self, model: nn.Module, index: int = 1):
+        super().__init__()
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"index={index!r}: give the position of the logits in the model's output, e.g. 1 for "
+                            "(features, logits)")
+        self.model = model
+        self.index = index
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        output = self.model(pixel_values, **kwargs)
+        if torch.is_tensor(output):  # indexing it would pick an example of the batch, not an output
+            raise TypeError(f"SelectLogits(index={self.index}): the model returns one tensor, not several outputs; "
+                            "use it without SelectLogits")
+        return output[self.index]
+
+    def extra_repr(self) -> str:
+        return f"index={self.index}"
+
+
+def logits_index(model: nn.Module) -> Optional[int]:
+    """The ``index`` of the :class:`SelectLogits` among ``model``'s wrappers, or None (the model returns its logits)."""
+    probe = model
+    while True:
+        if isinstance(probe, SelectLogits):
+            return probe.index
+        if isinstance(probe, PixelNormalized):
+            probe = probe.model
+        elif type(probe).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule") and isinstance(
+                getattr(probe, "module", None), nn.Module):
+            probe = probe.module
+        else:
+            return None
+
+
+def _saved_logits_index(config: Optional[Dict[str, Any]]) -> Optional[int]:
+    """The logits index a cure_hf save recorded in config.json (see :class:`SelectLogits`), or None."""
+    marker = (config or {}).get("cure_hf")
+    index = marker.get("logits_index") if isinstance(marker, dict) else None
+    return int(index) if index is not None else None
 
 
 def _height_width(size: Optional[ImageSize], name: str) -> Optional[Tuple[int, int]]:
@@ -168,9 +226,12 @@ def load_model(
         for key, value in _size_kwargs(name, config, image_size, patch_size).items():
             kwargs.setdefault(key, value)
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
+        cfg = model.pretrained_cfg
+        index = _saved_logits_index(config)
+        if index is not None:  # saved from a SelectLogits: the network returns several outputs
+            model = SelectLogits(model, index)
         if not normalize:
             return model
-        cfg = model.pretrained_cfg
         wrapped = PixelNormalized(model, cfg.get("mean", (0.5, 0.5, 0.5)) if mean is None else mean,
                                   cfg.get("std", (0.5, 0.5, 0.5)) if std is None else std, image_size)
         # the card's base_model: the Hub repo the weights came from (timm's own repo for a pretrained timm name)
@@ -180,7 +241,7 @@ def load_model(
             wrapped.source = cfg.get("hf_hub_id")
         return wrapped
     return _load_transformers(kind, location, num_classes, image_size=image_size, normalize=normalize, mean=mean,
-                              std=std, **kwargs)
+                              std=std, logits_index=_saved_logits_index(config), **kwargs)
 
 
 def _size_kwargs(name: str, config: Optional[Dict[str, Any]], image_size: Optional[ImageSize],
@@ -198,7 +259,7 @@ def _size_kwargs(name: str, config: Optional[Dict[str, Any]], image_size: Option
 
 def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, image_size: Optional[ImageSize],
                        normalize: bool, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
-                       **kwargs) -> nn.Module:
+                       logits_index: Optional[int] = None, **kwargs) -> nn.Module:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     if kind == "folder":
@@ -206,6 +267,8 @@ def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, 
     if num_classes is not None:
         kwargs.update(num_labels=num_classes, ignore_mismatched_sizes=True)
     model = AutoModelForImageClassification.from_pretrained(location, use_safetensors=True, **kwargs)
+    if logits_index is not None:  # saved from a SelectLogits
+        model = SelectLogits(model, logits_index)
     if not normalize:
         return model
     try:
@@ -412,7 +475,8 @@ def _require_safetensors(kind: str, location: str) -> None:
 
 
 def unwrap_normalized(model: nn.Module) -> Tuple[nn.Module, Optional[PixelNormalized]]:
-    """The network inside DDP/compile wrappers and :class:`PixelNormalized`, and that PixelNormalized (or None)."""
+    """The network inside DDP/compile wrappers, :class:`PixelNormalized` and :class:`SelectLogits`, and that
+    PixelNormalized (or None)."""
     inner, _ = _unwrap(model)
     normalized = None
     probe = model
@@ -420,16 +484,19 @@ def unwrap_normalized(model: nn.Module) -> Tuple[nn.Module, Optional[PixelNormal
         if isinstance(probe, PixelNormalized):
             normalized = probe
             probe = probe.model
+        elif isinstance(probe, SelectLogits):
+            probe = probe.model
         else:
             probe = probe.module
     return inner, normalized
 
 
 def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
-    """The inner model of known wrappers (DDP's .module, PixelNormalized's .model) and its name prefix."""
+    """The inner model of known wrappers (DDP's .module, PixelNormalized's and SelectLogits' .model) and its name
+    prefix."""
     prefix = ""
     while True:
-        if isinstance(model, PixelNormalized):
+        if isinstance(model, (PixelNormalized, SelectLogits)):
             model, prefix = model.model, prefix + "model."
         elif hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and type(model).__name__ in (
             "DistributedDataParallel", "DataParallel", "OptimizedModule"

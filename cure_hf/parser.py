@@ -19,17 +19,42 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser
 
-__all__ = ["ConfigArgumentParser", "read_config_file", "ModelArguments", "DatasetArguments", "DataTrainingArguments"]
+__all__ = ["ConfigArgumentParser", "DefaultsOnceHelpFormatter", "read_config_file", "ModelArguments",
+           "DatasetArguments", "DataTrainingArguments"]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Keys the config file itself uses: a dataclass field of the same name could not be told apart.
 _RESERVED_NAMES = ("config", "env")
+
+
+# A default the help text states itself: "(default: X)", "(default X, ...)", "(default)"; one level of nested brackets.
+_STATED_DEFAULT = re.compile(r"\s*\(default(?:[:\s][^()]*(?:\([^()]*\)[^()]*)*)?\)")
+
+
+class DefaultsOnceHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`ArgumentDefaultsHelpFormatter` that states each default once.
+
+    A help text that already says its default ("Step of PGD/CW (default: eps / 4).") is left as it is, rather
+    than getting a second "(default: None)". When a script's ``set_defaults`` (or a config file) has changed the
+    default, the help's own statement is no longer true: it is replaced by the value in force.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required:  # no default to state ("(default: None)" would read as optional)
+            return text
+        if not _STATED_DEFAULT.search(text):
+            return super()._get_help_string(action)
+        if not getattr(action, "_cure_default_changed", False) or action.default is argparse.SUPPRESS:
+            return text
+        return _STATED_DEFAULT.sub("", text) + " (default: %(default)s)"
 
 
 def read_config_file(path: str) -> Dict[str, Any]:
@@ -55,6 +80,7 @@ class ConfigArgumentParser(HfArgumentParser):
 
     def __init__(self, dataclass_types=None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", DefaultsOnceHelpFormatter)  # HfArgumentParser's would repeat defaults
         types = [] if dataclass_types is None else (
             [dataclass_types] if isinstance(dataclass_types, type) else list(dataclass_types))
         for dtype in types:
@@ -69,7 +95,11 @@ class ConfigArgumentParser(HfArgumentParser):
         )
 
     def set_defaults(self, **kwargs) -> None:
-        """argparse's ``set_defaults``; an argument that gets a default is no longer required."""
+        """argparse's ``set_defaults``; an argument that gets a default is no longer required, and its help shows
+        the new default."""
+        for action in self._actions:
+            if action.dest in kwargs and kwargs[action.dest] != action.default:
+                action._cure_default_changed = True  # noqa: SLF001 (read by DefaultsOnceHelpFormatter)
         super().set_defaults(**kwargs)
         for action in self._actions:
             if action.dest in kwargs:
@@ -177,7 +207,7 @@ class DataTrainingArguments(DatasetArguments):
 
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     test_split: Optional[str] = field(default=None, metadata={
-        "help": "Split to evaluate on; unset: 'test', or, for a dataset without one, a fixed 10% carved from the "
+        "help": "Split to evaluate on; unset: 'test', or, for a dataset without one, a fixed 10%% carved from the "
                 "training split (said in the log). A named split that does not exist is refused."})
     augment: str = field(default="none", metadata={
         "help": "'none', 'crop_flip' (4-pixel pad crop + horizontal flip, the paper's) or 'crop' (no flip: digits)."})

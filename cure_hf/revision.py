@@ -87,6 +87,9 @@ class RevisionModel(nn.Module):
                     "schedule": json.dumps(schedule or {})}
         path = os.path.join(folder, REVISION_WEIGHTS_NAME)
         safetensors.torch.save_file(tensors, path, metadata=metadata)
+        from .files import chmod_as_umask
+
+        chmod_as_umask(path)  # safetensors writes 0600: give what open() would
         return path
 
     @staticmethod

@@ -129,10 +129,13 @@ def check_class_labels(labels: torch.Tensor, num_classes: Optional[int] = None, 
     if num_classes is not None and labels.numel():
         low, high = (int(v) for v in torch.aminmax(labels))
         if low < 0 or high >= num_classes:
+            outside = torch.unique(labels[(labels < 0) | (labels >= num_classes)]).tolist()
+            shown = ", ".join(map(str, outside[:5])) + (", ..." if len(outside) > 5 else "")
             raise ValueError(
-                f"{where} range from {low} to {high}, but the model has {num_classes} classes (0..{num_classes - 1}); "
-                "give the model a head with as many outputs as the dataset has classes (create_model(name, "
-                "num_classes)), or map the labels to 0..num_classes-1"
+                f"{where} range from {low} to {high}, but the model has {num_classes} classes (0..{num_classes - 1}): "
+                f"{shown} {'is' if len(outside) == 1 else 'are'} no class of the model; give the model a head with as "
+                "many outputs as the dataset has classes (create_model(name, num_classes)), or map the labels to "
+                "0..num_classes-1"
             )
     return labels
 
@@ -174,7 +177,9 @@ def check_model_saveable(model: nn.Module) -> None:
         f"CURETrainer cannot save a {type(inner).__name__}: checkpoints and save_model write {_SAVEABLE}, which timm "
         "and transformers both load. Fix: build the network with cure_hf.create_model('resnet18', num_classes) (any "
         "timm name), register your architecture with timm's @register_model, or use a transformers "
-        "*ForImageClassification model; wrap it in cure_hf.PixelNormalized(model, mean, std) for normalisation"
+        "*ForImageClassification model; wrap it in cure_hf.PixelNormalized(model, mean, std) for normalisation, and "
+        "in cure_hf.models.SelectLogits(model, index=1) when its forward returns several outputs such as (features, "
+        "logits) (not in a wrapper of your own: SelectLogits saves the network inside)"
     )
 
 
@@ -196,9 +201,10 @@ def _logits_candidates(output) -> Tuple[Optional[torch.Tensor], str]:
 
 
 @torch.no_grad()
-def check_model_output(model: nn.Module, pixels: torch.Tensor, num_classes: Optional[int] = None) -> None:
+def check_model_output(model: nn.Module, pixels: torch.Tensor, num_classes: Optional[int] = None) -> int:
     """One eval-mode forward on ``pixels`` (a batch of one or a few examples): the logits must be unambiguous,
-    of shape (batch, classes), and cover ``num_classes`` (the dataset's, when known). Mode and RNG are restored."""
+    of shape (batch, classes), and cover ``num_classes`` (the dataset's, when known). Mode and RNG are restored.
+    Returns the model's number of outputs (classes), which training labels are then checked against."""
     was_training = model.training
     try:
         with torch.random.fork_rng(devices=[pixels.device] if pixels.device.type == "cuda" else []):
@@ -207,8 +213,17 @@ def check_model_output(model: nn.Module, pixels: torch.Tensor, num_classes: Opti
     finally:
         model.train(was_training)
     logits, how = _logits_candidates(output)
-    fix = ("Fix: wrap the model so that forward(pixel_values) returns only the logits, e.g. "
-           "class LogitsOnly(nn.Module): forward(self, x): return self.model(x)[1]")
+    if isinstance(output, (tuple, list)) and not hasattr(output, "logits"):
+        # the last (batch, n) tensor is the usual place of the logits, e.g. (features, logits)
+        batch = pixels.shape[0]
+        two_d = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.dim() == 2 and o.shape[0] == batch]
+        index = two_d[-1] if two_d else 1
+        fix = (f"Fix: wrap it in cure_hf.models.SelectLogits, which returns output[index] and is saved as the network "
+               f"inside (cure_hf.load_model restores the wrapper): from cure_hf.models import SelectLogits; "
+               f"model = SelectLogits(model, index={index})")
+    else:
+        fix = ("Fix: forward(pixel_values) must return the logits, of shape (batch, num_classes), or an output with "
+               ".logits: build the network with its classifier head, e.g. cure_hf.create_model(name, num_classes)")
     if logits is None:
         raise ValueError(f"cannot tell which part of the model's output is the logits: it returns {how}. {fix}")
     if logits.dim() != 2 or logits.shape[0] != pixels.shape[0]:
@@ -217,6 +232,7 @@ def check_model_output(model: nn.Module, pixels: torch.Tensor, num_classes: Opti
     if num_classes is not None and logits.shape[1] < num_classes:
         raise ValueError(f"the model has {logits.shape[1]} outputs but the training set has {num_classes} classes; "
                          f"build it with num_classes={num_classes} (e.g. cure_hf.create_model(name, {num_classes}))")
+    return int(logits.shape[1])
 
 
 def _nonfinite_names(named: Iterable[Tuple[str, torch.Tensor]], limit: int = 3) -> Tuple[int, List[str]]:
@@ -469,8 +485,14 @@ def _fsync_dir(folder: str) -> None:
 def publish_checkpoint(staged: str, final: str) -> None:
     """Make the fully written ``staged`` folder appear as ``final`` in one rename (after flushing it to disk).
 
-    An older folder of the same name (a previous run's) is moved aside first and removed afterwards.
+    An older folder of the same name (a previous run's) is moved aside first and removed afterwards. Every file gets
+    the permissions the umask allows (``open()``'s), also those a library wrote ``0o600`` (safetensors does).
     """
+    from .files import chmod_as_umask
+
+    for root, _, files in os.walk(staged):
+        for name in files:
+            chmod_as_umask(os.path.join(root, name))
     _fsync_tree(staged)
     old = None
     if os.path.exists(final):
@@ -496,11 +518,10 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def missing_checkpoint_parts(folder: str, *, revision_file: Optional[str] = None,
-                             revision_from_epoch: float = 0.0, required_files: Iterable[str] = ()) -> List[str]:
+def missing_checkpoint_parts(folder: str, *, required_files: Iterable[Any] = ()) -> List[str]:
     """What a checkpoint folder lacks to resume exactly: weights, trainer state, optimizer, scheduler, RNG state,
-    the method's ``revision_file`` when the checkpoint's epoch is at or past ``revision_from_epoch``, and
-    ``required_files`` (e.g. the weight average's state)."""
+    and ``required_files``: names, or ``(name, from_epoch)`` pairs for a file that a checkpoint holds only from that
+    epoch on (the revision model after the efficient variant's warm-up)."""
     if not os.path.isdir(folder):
         return ["the folder itself"]
     names = set(os.listdir(folder))
@@ -512,9 +533,10 @@ def missing_checkpoint_parts(folder: str, *, revision_file: Optional[str] = None
     if not any(n == "rng_state.pth" or (n.startswith("rng_state_") and n.endswith(".pth")) for n in names):
         missing.append("rng_state.pth")
     epoch = float((state or {}).get("epoch") or 0.0)
-    if revision_file and revision_file not in names and epoch >= revision_from_epoch - 1e-9:
-        missing.append(revision_file)
-    missing += [name for name in required_files if name not in names]
+    for entry in required_files:
+        name, from_epoch = (entry, 0.0) if isinstance(entry, str) else entry
+        if name not in names and epoch >= from_epoch - 1e-9:
+            missing.append(name)
     return missing
 
 
@@ -539,12 +561,6 @@ def resumable_checkpoints(run_dir: str, **rules) -> Tuple[Optional[str], Dict[st
 
 # The arguments a resume must keep: they define the method and its attack, so a checkpoint of one method resumed
 # with another would silently train a mixture (cure -> trades drops the revision model).
-METHOD_ARGUMENTS = (
-    "adv_method", "epsilon", "attack_step_size", "attack_steps", "attack_random_start", "trades_beta",
-    "conserve_fraction", "clean_weight", "consistency_weight", "revision_rate", "revision_decay",
-    "revision_rate_schedule", "revision_seed", "revision_train_mode", "prominence", "conservation", "head_modules",
-    "natural_warmup_epochs", "label_smoothing_factor", "lr_step_epochs", "lr_step_factor",
-)
 # Restored from the checkpoint's optimizer.pt/scheduler.pt whatever the arguments say: a changed value is not used.
 OPTIMIZER_ARGUMENTS = ("learning_rate", "lr_scheduler_type", "weight_decay", "optim", "sgd_momentum", "warmup_steps",
                        "warmup_ratio", "adam_beta1", "adam_beta2", "adam_epsilon")
@@ -558,14 +574,19 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def check_resume_arguments(folder: str, current: Dict[str, Any]) -> List[str]:
+def check_resume_arguments(folder: str, current: Dict[str, Any], method_arguments: Iterable[str],
+                           resolve: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> List[str]:
     """Compare a resume's arguments (``current``, as `TrainingArguments.to_dict()`) with the checkpoint's
-    ``training_args.json``: raise on a changed method argument, return warnings for changed optimizer arguments."""
+    ``training_args.json``: raise on a changed ``method_arguments`` entry (the method's and its components' fields,
+    `cure_hf.components.method_argument_names`), return warnings for changed optimizer arguments. ``resolve`` gives
+    the saved arguments' defaults that depend on the method (the component switches) their values."""
     saved = _read_json(os.path.join(folder, TRAINING_ARGS_JSON))
     if saved is None:
         return [f"{folder} has no readable {TRAINING_ARGS_JSON}: cannot check that this resume uses the checkpoint's "
                 "method and hyperparameters"]
-    changed = [f"{name}={current.get(name)!r} (checkpoint: {saved.get(name)!r})" for name in METHOD_ARGUMENTS
+    if resolve is not None:
+        saved = resolve(saved)
+    changed = [f"{name}={current.get(name)!r} (checkpoint: {saved.get(name)!r})" for name in method_arguments
                if name in saved and name in current and not _same(saved[name], current[name])]
     if changed:
         raise ValueError(

@@ -72,6 +72,26 @@ FAST_PRESET_FIELDS = {
     "logging_nan_inf_filter": False,  # the Trainer's isnan(loss) check reads the loss back every step
     "dataloader_drop_last": True,  # one batch shape: no recompilation, one captured attack graph
 }  # and accelerator_config.non_blocking=True unless the user's accelerator_config says otherwise
+# The preset's fields that pay off on a GPU only; on a CPU the preset leaves them as given (off by default):
+# torch.compile spends minutes compiling what runs in seconds, bf16 autocast is slower than fp32 on most CPUs, and
+# channels_last is for tensor cores.
+_GPU_ONLY_FIELDS = ("torch_compile", "bf16", "channels_last")
+
+
+def _trains_on_cpu(args) -> Optional[str]:
+    """Why the run trains on the CPU (``"use_cpu=True"``, ``"no GPU found"``), or None when it has an accelerator.
+    Called before ``TrainingArguments.__post_init__`` picks the device, so it asks torch as that will."""
+    if getattr(args, "use_cpu", False):
+        return "use_cpu=True"
+    if torch.cuda.is_available():
+        return None
+    accelerator = getattr(torch, "accelerator", None)  # XPU, MPS, ...: what the Trainer would train on
+    try:
+        if accelerator is not None and accelerator.is_available():
+            return None
+    except Exception:  # an accelerator backend that cannot even be queried: the Trainer falls back to the CPU too
+        pass
+    return "no GPU found"
 
 
 # ------------------------------------------------------------------------------------------- arguments
@@ -79,7 +99,9 @@ def apply_speed_preset(args) -> List[str]:
     """Validate the speed fields of ``CURETrainingArguments`` and expand ``speed_preset`` into the fields it sets.
 
     Runs before ``TrainingArguments.__post_init__`` (which then validates bf16 and torch_compile as usual). Returns
-    the settings the preset changed, as ``"name=value"`` strings. Contradictions raise ``ValueError``.
+    the settings the preset changed, as ``"name=value"`` strings. Contradictions raise ``ValueError``. On a CPU
+    (``use_cpu=True`` or no GPU) the GPU-only fields (``torch_compile``, ``bf16``, ``channels_last``) stay as given,
+    with a warning: set them explicitly to have them anyway.
     """
     preset = args.speed_preset
     if preset not in SPEED_PRESETS:
@@ -123,11 +145,22 @@ def apply_speed_preset(args) -> List[str]:
             "speed_preset='fast' trains under bf16 autocast, but fp16=True asks for fp16. Fix: drop fp16=True (bf16 "
             "needs no loss scaling), or set speed_preset='none' and choose the speed options one by one."
         )
-    changed = []
+    changed, kept_off = [], []
+    on_cpu = _trains_on_cpu(args)
     for name, value in FAST_PRESET_FIELDS.items():
         if getattr(args, name) != value:
+            if on_cpu and name in _GPU_ONLY_FIELDS:
+                kept_off.append(name)
+                continue
             setattr(args, name, value)
             changed.append(f"{name}={value}")
+    if kept_off:
+        logger.warning(
+            "speed_preset='fast' on a CPU (%s): %s left off. They speed up GPUs; on a CPU torch.compile spends minutes "
+            "compiling what trains in seconds. The preset still sets logging_nan_inf_filter=False and "
+            "dataloader_drop_last=True and keeps the training set in memory when it can. To have them anyway, set "
+            "%s yourself%s.", on_cpu, ", ".join(kept_off), ", ".join(f"{name}=True" for name in kept_off),
+            " (torch_compile=True compiles the model and the attack)" if "torch_compile" in kept_off else "")
     # Batches that stay in the DataLoader: copy them to the device without a host synchronisation (accelerate's
     # default is a blocking copy, which waits for the device every step).
     config = getattr(args, "accelerator_config", None)
@@ -380,19 +413,30 @@ def _attack_from_start(model, x, x_start, labels, clean_logits, *, eps, step_siz
 
 # --------------------------------------------------------------------------------------- pixel checks
 class CheckingCollator:
-    """A data collator that checks the batch's pixel range on the CPU, where reading it costs no device sync.
+    """A data collator that checks the batch's pixel range and, once the model's class count is known
+    (``num_classes``), its labels on the CPU, where reading them costs no device sync.
 
-    The training step then needs no check on the device (``check_pixel_range`` on a GPU tensor waits for the GPU).
+    The training step then needs no check on the device (``check_pixel_range`` on a GPU tensor waits for the GPU),
+    and a label the model has no class for (10 for a 10-class model) stops with the fix instead of torch's
+    ``IndexError: Target 10 is out of bounds`` (or a CUDA device-side assert). Only integer label tensors are range
+    checked: float labels (soft targets from a collator of your own) are left to it.
     """
 
-    def __init__(self, collator: Callable[[List[Any]], Dict[str, Any]]):
+    def __init__(self, collator: Callable[[List[Any]], Dict[str, Any]], num_classes: Optional[int] = None):
         self.collator = collator
+        self.num_classes = num_classes
 
     def __call__(self, examples: List[Any]) -> Dict[str, Any]:
+        from .safety import check_class_labels
+
         batch = self.collator(examples)
         pixels = batch.get("pixel_values") if isinstance(batch, Mapping) else None
         if isinstance(pixels, torch.Tensor):
             check_pixel_range(pixels)  # on the CPU, as collators make batches (a device tensor is checked too)
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if self.num_classes is not None and isinstance(labels, torch.Tensor) and not labels.is_floating_point() \
+                and labels.dtype != torch.bool:
+            check_class_labels(labels, self.num_classes, "labels")
         return batch
 
 
@@ -623,10 +667,16 @@ class SpeedRuntime:
         for note in self.plan.notes:
             logger.info(note)
 
-    def checking_collator(self, collator: Callable) -> Callable:
-        """Wrap the trainer's data collator so every batch is range-checked on the CPU (no device sync)."""
+    def checking_collator(self, collator: Callable, num_classes: Optional[int] = None) -> Callable:
+        """Wrap the trainer's data collator so every batch is range-checked on the CPU (no device sync): its pixels
+        always, its labels against ``num_classes`` (the model's outputs) when given. Rewrapping a
+        ``CheckingCollator`` with a ``num_classes`` gives a new one (the given one, maybe shared, is left as it is)."""
         self.pixels_checked_on_cpu = True
-        return collator if isinstance(collator, CheckingCollator) else CheckingCollator(collator)
+        if isinstance(collator, CheckingCollator):
+            if num_classes is None or collator.num_classes == num_classes:
+                return collator
+            return CheckingCollator(collator.collator, num_classes)
+        return CheckingCollator(collator, num_classes)
 
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         """The training step's range check: free when the batch was checked on the CPU already."""
