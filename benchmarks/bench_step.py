@@ -53,7 +53,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from cure_hf.attacks import logits_of, pgd  # noqa: E402
 from cure_hf.data import collate_pixels  # noqa: E402
-from cure_hf.methods import METHODS, method_loss  # noqa: E402
+from cure_hf.components import resolved_conservation, resolved_revision  # noqa: E402
+from cure_hf.config import CURETrainingArguments  # noqa: E402
+from cure_hf.methods import METHODS, AttackSettings, LossInputs, get_method, with_consistency  # noqa: E402
 from cure_hf.models import create_model, head_parameter_names  # noqa: E402
 from cure_hf.prominence import mask_gradients_, quantile_threshold  # noqa: E402
 from cure_hf.revision import RevisionModel  # noqa: E402
@@ -157,7 +159,16 @@ class PlainStep:
     def __init__(self, cfg, model, method: str, config: str):
         bf16, channels_last, compiled, graphs, _, _ = CONFIGS[config]
         device = cfg.device
-        self.cfg, self.device, self.method, self.spec = cfg, device, method, METHODS[method]
+        self.cfg, self.device, self.method, self.spec = cfg, device, method, get_method(method)
+        # The method's defaults, as CURETrainingArguments has them: the loss and its components as the trainer runs
+        # them, from the same method object (only the loop around them is written here).
+        defaults = _argument_defaults()
+        self.hyperparameters = {name: defaults[name] for name in self.spec.hyperparameters}
+        self.hyperparameters["label_smoothing_factor"] = 0.0
+        switches = type("Switches", (), {"conservation": None, "revision": None})()
+        self.conserves = resolved_conservation(switches, self.spec) != "none"
+        self.revises = resolved_revision(switches, self.spec)
+        self.consistency_weight = defaults["consistency_weight"]
         self.channels_last = channels_last
         self.module = model = prepare_module(model, device, bf16, channels_last)
         self.model = torch.compile(model, backend=cfg.compile_backend) if compiled else model
@@ -165,7 +176,7 @@ class PlainStep:
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         heads = head_parameter_names(model)
         self.maskable = [p for n, p in model.named_parameters() if n not in heads]
-        self.revision = RevisionModel(model, seed=0) if self.spec.uses_revision else None
+        self.revision = RevisionModel(model, seed=0) if self.revises else None
         self.attack = pgd
         if graphs:
             self.attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
@@ -191,32 +202,39 @@ class PlainStep:
                 x = x.contiguous(memory_format=torch.channels_last)
         model.train()
         x_adv = None
-        if spec.attack:
+        if spec.attack is not None:
             with self.part("attack", timed):
-                loss_name = "kl" if spec.attack == "pgd_kl" else "ce"
-                steps, step_size = (1, 1.25 * 8 / 255) if spec.attack == "fgsm_rs" else (self.cfg.attack_steps, 2 / 255)
-                x_adv = self.attack(self.attack_net, x, labels, eps=8 / 255, step_size=step_size, steps=steps,
-                                    loss=loss_name, init=spec.attack_init)
+                settings = AttackSettings(eps=8 / 255, step_size=2 / 255, steps=self.cfg.attack_steps)
+                x_adv = spec.attack.craft(self.attack_net, x, labels, settings, pgd_fn=self.attack)
         with self.part("forward f (clean, adv)", timed):
-            z_nat = logits_of(model(x)) if spec.uses_clean_pass else None
+            z_nat = logits_of(model(x)) if spec.uses_clean_pass or self.revises else None
             z_adv = logits_of(model(x_adv)) if x_adv is not None else None
         r_nat = r_adv = None
-        if spec.uses_revision:
+        if self.revises:
             with self.part("forward g (revision)", timed):
                 r_nat, r_adv = logits_of(self.revision(x)), logits_of(self.revision(x_adv))
         with self.part("loss", timed):
-            loss, _ = method_loss(self.method, labels, z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv)
+            loss, parts = spec.loss(LossInputs(labels, z_nat, z_adv, r_nat, r_adv), self.hyperparameters)
+            if self.revises:
+                loss, _ = with_consistency((loss, parts), z_nat, z_adv, r_nat, r_adv, self.consistency_weight)
         with self.part("backward", timed):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if spec.uses_revision:
+        if self.conserves:
             with self.part("mask", timed):
                 mask_gradients_(self.maskable, 0.3)
         with self.part("optimizer", timed):
             self.optimizer.step()
-        if spec.uses_revision:
+        if self.revises:
             with self.part("revision update", timed):
                 self.revision.step_(self.module)
+
+
+def _argument_defaults() -> Dict[str, Any]:
+    """CURETrainingArguments' field defaults (the hyperparameters a method reads, the consistency weight)."""
+    import dataclasses
+
+    return {f.name: f.default for f in dataclasses.fields(CURETrainingArguments)}
 
 
 def make_loader(cfg, dataset: TensorImageDataset, resident: bool, channels_last: bool):

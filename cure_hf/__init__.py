@@ -1,6 +1,8 @@
 """cure_hf: robust image classifiers with adversarial training (CURE, TRADES, PGD-AT, MART, FGSM-RS)
 inside the Hugging Face Trainer."""
 from .config import CURETrainingArguments
+from .components import Component
+from .methods import AdversarialMethod, AttackSpec, AWPDefaults, get_method, register_method, registered_methods
 from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset, set_preprocessing
 from . import cifar_models  # noqa: F401 (registers cifar_resnet18, cifar_preact_resnet18, cifar_wide_resnet34_10)
 from .models import PixelNormalized, create_model, find_head_modules, load_model
@@ -11,6 +13,13 @@ __version__ = "0.1.0"
 __all__ = [
     "CURETrainer",
     "CURETrainingArguments",
+    "AdversarialMethod",
+    "AttackSpec",
+    "AWPDefaults",
+    "Component",
+    "register_method",
+    "get_method",
+    "registered_methods",
     "PixelNormalized",
     "create_model",
     "load_model",

@@ -41,6 +41,7 @@ import types
 import typing
 from typing import Any, Dict, List, Literal, Optional, Union
 
+from transformers.debug_utils import DebugOption
 from transformers.training_args import OptimizerNames
 
 __all__ = ["ArgumentTypeError", "check_field_types", "field_types", "DOCUMENTED_TYPES", "PATH_FIELDS"]
@@ -66,6 +67,8 @@ DOCUMENTED_TYPES: Dict[str, Any] = {
     "awp_gamma": Optional[Union[bool, float, str]],
     # cure_hf: one milestone may be a bare number (YAML `lr_step_epochs: 100`); lr_step_milestones reads str(value).
     "lr_step_epochs": Optional[Union[str, float]],
+    # cure_hf: "name=value,..." or a mapping (AdversarialMethod.resolve_options reads both, e.g. a YAML mapping).
+    "method_options": Optional[Union[str, dict]],
     # TrainingArguments: documented `bool`, annotated `str | None`; it reads the legacy str / list of options and
     # __post_init__ sets it to True (so a copy of the arguments, dataclasses.replace, holds a bool).
     "fsdp": Optional[Union[bool, str, List[str]]],
@@ -73,7 +76,7 @@ DOCUMENTED_TYPES: Dict[str, Any] = {
     # __post_init__ turns it into an AcceleratorConfig.
     "accelerator_config": Optional[Union[dict, str, _AcceleratorConfig]],
     # TrainingArguments: `str | list[DebugOption]`, and its __post_init__ reads None as [].
-    "debug": Optional[Union[str, List[Any]]],
+    "debug": Optional[Union[str, List[DebugOption]]],
     # TrainingArguments: `OptimizerNames | str` (its __post_init__ converts the text), re-annotated `str` by
     # CURETrainingArguments to change the default.
     "optim": Union[OptimizerNames, str],
@@ -266,7 +269,7 @@ def _example(value: Any, tp: Any, default: Any) -> Optional[str]:
     """How the value is written in the expected type (as Python source), or None when there is no good one."""
     kinds = _alternatives(tp)
     wants_int, wants_float, wants_bool, wants_str = (int in kinds), (float in kinds), (bool in kinds), (str in kinds)
-    usable_default = default is not dataclasses.MISSING and default is not None and _matches(default, tp, "")
+    usable_default = default not in (dataclasses.MISSING, None, "") and _matches(default, tp, "")
     if isinstance(value, (list, tuple)) and len(value) == 1 and not any(
             typing.get_origin(k) in _SEQUENCES for k in kinds):
         return _example(value[0], tp, default)  # [0.3] for 0.3
@@ -292,8 +295,14 @@ def _example(value: Any, tp: Any, default: Any) -> Optional[str]:
             return repr(bool(value))
         if wants_str and not (usable_default and isinstance(default, str)):
             return repr(str(value))
-    elif isinstance(value, bool) and wants_str and not (usable_default and isinstance(default, str)):
-        return repr(str(value).lower())
+    elif isinstance(value, bool) and wants_str:
+        words = ("yes", "true", "on") if value else ("no", "false", "off")  # what YAML read as the bool
+        for e in _enums(tp):
+            named = [w for w in words if w in {m.value for m in e}]
+            if named:
+                return repr(named[0])  # save_strategy: no -> 'no'
+        if not (usable_default and isinstance(default, str)):
+            return repr(str(value).lower())
     return repr(default) if usable_default else None
 
 
@@ -303,11 +312,14 @@ def _hint(value: Any, tp: Any) -> Optional[str]:
     if value is None:
         return "leave the argument out for its default"
     if isinstance(value, str) and (numeric or bool in kinds):
-        hint = "a JSON/YAML value in quotes is read as text"
+        reads = _parse_number(value) is not None if numeric else False
+        reads = reads or (bool in kinds and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"))
+        if not reads:
+            return None
         if _yaml_reads_as_text(value):
-            hint += (f"; unquoted, PyYAML still reads {value} as text (it wants a decimal point and a signed "
-                     f"exponent), so write it as {_yaml_float(value)}")
-        return hint
+            return (f"PyYAML reads {value.strip()} as text, quoted or not (a YAML 1.1 float needs a decimal point and "
+                    f"a signed exponent): write {_yaml_float(value)}")
+        return "a JSON/YAML value in quotes is read as text"
     if isinstance(value, bool) and numeric:
         return "True/False is not a number here"
     if isinstance(value, numbers.Real) and type(value).__module__ == "numpy" and numeric:
@@ -316,7 +328,7 @@ def _hint(value: Any, tp: Any) -> Optional[str]:
         return "unquoted, YAML reads true/false, yes/no and on/off as True/False: put the value in quotes"
     if isinstance(value, float) and int in kinds and float not in kinds:
         return ("a whole number is written without a decimal point" if value.is_integer()
-                else "this is a count: a whole number")
+                else "this argument takes whole numbers only")
     if isinstance(value, numbers.Number) and not isinstance(value, bool) and bool in kinds and not numeric:
         return "write True or False (in YAML/JSON: true or false, unquoted)"
     if isinstance(value, numbers.Number) and str in kinds and not numeric:

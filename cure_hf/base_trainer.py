@@ -99,6 +99,12 @@ class RobustTrainer(Trainer):
                 "build it as CURETrainingArguments(output_dir=..., adv_method='cure', ...)"
             )
         kwargs.setdefault("data_collator", collate_pixels)
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func is invalid for CURETrainer: the training loss is the method's (adv_method), computed "
+                "on the clean and adversarial batches. Fix: write the loss as a method (cure_hf.AdversarialMethod, "
+                "docs/extending.md) and train it with adv_method=<its name>."
+            )
         refuse_unsupported_parallelism(args)
         pos, kwargs = self._with_validation_split(args, pos, kwargs)
         # The Trainer's LabelSmoother serves its own compute_loss, which no method here uses (each method smooths
@@ -656,6 +662,7 @@ class RobustTrainer(Trainer):
             "additional_data": False,
             "tags": [f"method-{args.adv_method}"] + list(self._tag_names),
         }
+        info["hyperparameters"].update(self.method.resolve_options(args.method_options))
         info.update(self._dataset_card_fields())
         self._add_beyond_paper_card_fields(info)
         info.update(self.card_overrides or {})

@@ -48,6 +48,7 @@ import torch.nn as nn
 from .attacks import logits_of
 from .methods import AdversarialMethod, LossInputs, get_method, registered_methods, smoothed_cross_entropy, \
     with_consistency
+from .prominence import mask_gradients_, paper_score
 
 __all__ = [
     "Component",
@@ -103,6 +104,7 @@ class Component:
 
     name: ClassVar[str] = ""
     fields: ClassVar[Tuple[str, ...]] = ()  # the argument fields this component owns
+    switch: ClassVar[Optional[str]] = None  # the field that turns it on (its "off" values are never refused)
     needs_clean_pass: bool = False  # whether it reads the clean batch's training forward (z_nat)
 
     def __init__(self, trainer):
@@ -184,6 +186,7 @@ class WeightPerturbation(Component):
     training loss (the same objective the step computes, components' terms included) on this batch; the
     perturbation stays for the step's other micro-batches and is removed right before the optimizer step."""
 
+    switch = "awp_gamma"
     name, fields = "awp", ("awp_gamma", "awp_warmup_epochs")
 
     @classmethod
@@ -228,6 +231,7 @@ class Conservation(Component):
     ``hard`` also restores the conserved entries after the step, bit for bit. ``prominence="paper"`` scores
     entries by alpha |dCE_nat/dw| + (1 - alpha) |dCE_adv/dw| from backward passes of their own."""
 
+    switch = "conservation"
     name = "conservation"
     fields = ("conservation", "conserve_fraction", "prominence", "clean_weight", "head_modules")
 
@@ -289,8 +293,6 @@ class Conservation(Component):
                 torch._foreach_add_(acc, new)
 
     def _paper_scores(self, params) -> List[torch.Tensor]:
-        from .prominence import paper_score
-
         if self._paper_grads is None:
             raise RuntimeError("prominence='paper' found no accumulated clean/adversarial gradients this step")
         clean, adv = self._paper_grads
@@ -309,8 +311,6 @@ class Conservation(Component):
 
     @torch.no_grad()
     def before_optimizer_step(self, optimizer):
-        from .prominence import mask_gradients_
-
         if self.trainer.in_natural_warmup:  # efficient variant: plain training until the switch, nothing conserved
             return
         params = self.maskable_parameters()
@@ -356,6 +356,7 @@ class Conservation(Component):
 class LayerTelemetryComponent(Component):
     """Per block, the fraction of entries the mask updates and the share of gradient magnitude (`telemetry/*`)."""
 
+    switch = "layer_telemetry"
     name, fields = "telemetry", ("layer_telemetry",)
 
     @classmethod
@@ -387,6 +388,7 @@ class Revision(Component):
     optimizer step, with probability r from a generator of its own, g <- m g + (1 - m) f. The revision model is
     created from the working weights at the first step (after the efficient variant's warm-up)."""
 
+    switch = "revision"
     name = "revision"
     fields = ("revision", "consistency_weight", "revision_rate", "revision_decay", "revision_rate_schedule",
               "revision_seed", "revision_train_mode")
@@ -502,6 +504,7 @@ class WeightAveraging(Component):
     """An exponential moving average of the weights and BatchNorm statistics after every optimizer step
     (:class:`cure_hf.averaging.WeightAverage`); evaluation, best-model selection, saving and pushing use it."""
 
+    switch = "weight_averaging"
     name, fields = "weight_average", ("weight_averaging",)
 
     @classmethod
@@ -565,7 +568,10 @@ def components_for(args, method: Optional[AdversarialMethod] = None) -> List[Typ
     return [c for c in COMPONENTS if c.enabled(args, method)]
 
 
-def _owned_fields() -> Dict[str, List[str]]:
+_SWITCHES = tuple(c.switch for c in COMPONENTS if c.switch)
+
+
+def owned_fields() -> Dict[str, List[str]]:
     """Every argument field that belongs to a method or a component: field -> the owners' names."""
     owners: Dict[str, List[str]] = {}
     for method in registered_methods().values():
@@ -589,14 +595,14 @@ def validate_components(args, method: Optional[AdversarialMethod] = None) -> Non
     for component in enabled:
         read.update(component.reads(args, method))
     defaults = {f.name: f.default for f in fields(args)}
-    for name, owners in _owned_fields().items():
+    for name, owners in owned_fields().items():
         if name in read or name not in defaults or getattr(args, name) == defaults[name]:
             continue
-        if name in ("conservation", "revision"):  # switches: "none"/False where off by default say the same
+        if name in _SWITCHES:  # a switch set to "off" where the component is off says the same thing twice
             continue
         raise ValueError(
             f"{name}={getattr(args, name)!r} is invalid with adv_method={method.name!r}: it is read by "
-            f"{' and '.join(owners[name])}, which this run does not use, so it would be silently ignored. Fix: "
+            f"{' and '.join(owners)}, which this run does not use, so it would be silently ignored. Fix: "
             f"drop {name}, or switch on what reads it ({_how_to_enable(name)})."
         )
 
@@ -619,7 +625,7 @@ def method_argument_names(args, method: Optional[AdversarialMethod] = None) -> T
     method = method or get_method(args.adv_method)
     names = ["adv_method", "epsilon", "attack_step_size", "attack_steps", "attack_random_start",
              "natural_warmup_epochs", "label_smoothing_factor", "lr_step_epochs", "lr_step_factor",
-             "conservation", "revision"]
+             "conservation", "revision", "method_options"]
     names += list(method.hyperparameters)
     for component in components_for(args, method):
         names += [n for n in component.reads(args, method) if n not in names]

@@ -48,7 +48,7 @@ def _check(condition: bool, name: str, value, allowed: str, fix: str = "") -> No
 def _check_seed(name: str, value: Optional[int]) -> None:
     if value is not None:
         _check(0 <= value < 2**32, name, value, "an integer 0 <= seed < 2**32 (as TrainingArguments' seed)",
-               f"e.g. {name}=0.")
+               f"Use e.g. {name}=0.")
 
 
 def _check_pixel_size(name: str, value: float) -> None:
@@ -227,6 +227,9 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             gradient (momentum and weight decay still move conserved weights, as the released code); `hard` leaves
             conserved entries exactly unchanged by the step; `none` switches it off. Unset: `soft` for `cure`,
             `none` for the other methods. `adv_method="trades", conservation="soft"` is TRADES with CURE's mask.
+        method_options (`str`, *optional*):
+            A registered method's own options (its `options`), as `"name=value,name=value"`; unset: the
+            method's defaults. The built-in methods have none. See docs/extending.md.
         revision (`bool`, *optional*):
             The revision component (CURE's revision model and its consistency term, weighted by
             `consistency_weight`), for any method. Unset: on for `cure`, off for the other methods;
@@ -318,6 +321,9 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     conservation: Optional[str] = field(
         default=None, metadata={"help": f"Conservation mask, one of {CONSERVATION_MODES} (unset: 'soft' for cure, "
                                         "'none' for the other methods)."})
+    method_options: Optional[str] = field(
+        default=None, metadata={"help": "The method's own options (a method of yours, docs/extending.md): "
+                                        "'name=value,name=value'; unset: the method's defaults."})
     revision: Optional[bool] = field(
         default=None, metadata={"help": "Revision model and its consistency term (unset: on for cure, off for the "
                                         "other methods)."})
@@ -486,7 +492,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             self.accelerator_config = {**(config or {}), "non_blocking": True}
 
     def _validate_cure_fields(self) -> None:
-        get_method(self.adv_method)  # an unknown name lists the registered methods
+        get_method(self.adv_method).resolve_options(self.method_options)  # an unknown name lists the registered
         self.epsilon = parse_pixel_value(self.epsilon, "epsilon")
         self.attack_step_size = parse_pixel_value(self.attack_step_size, "attack_step_size")
         _check_pixel_size("epsilon", self.epsilon)
@@ -566,6 +572,18 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                 f"(weight_decay={self.weight_decay}); set --weight_decay instead (and weight_decay_all_parameters)"
             )
 
+    def for_method(self, adv_method: str, **changes) -> "CURETrainingArguments":
+        """A copy for another method (e.g. a recipe's natural stage 0): every method hyperparameter and component
+        field back at its default, so that none of this run's method settings is carried over (and refused as
+        unused), then ``changes``."""
+        import dataclasses
+
+        from .components import owned_fields
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in owned_fields()}
+        defaults.update(weight_averaging=None, awp_gamma=None, awp_warmup_epochs=None, attack_warmup_epochs=0.0)
+        return dataclasses.replace(self, adv_method=adv_method, **{**defaults, **changes})
+
     @property
     def resolved_sgd_momentum(self) -> float:
         """The momentum that SGD gets: optim_args' momentum, else sgd_momentum, else 0.9 (the released code)."""
@@ -591,7 +609,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     @property
     def lr_step_milestones(self) -> List[float]:
         """The epochs of lr_step_epochs ('100,150' -> [100.0, 150.0]), increasing; [] when unset."""
-        if not self.lr_step_epochs:
+        if self.lr_step_epochs is None or self.lr_step_epochs == "":  # (a number 0 is an epoch, refused below)
             return []
         try:
             epochs = [float(e) for e in str(self.lr_step_epochs).replace(" ", "").split(",") if e]

@@ -201,10 +201,9 @@ def dataset_label_feature(dataset):
     ``transform.label_column``, e.g. CIFAR-100's ``fine_label``); without such a transform, ``labels`` then
     ``label``. Dicts of datasets (a ``DatasetDict``) give their first split's that has one. Its ``names`` are the
     class names, its ``num_classes`` the class count; None when that column is not a ``ClassLabel`` (or ``dataset``
-    has no ``datasets`` features, e.g. a torch Dataset).
+    has no ``datasets`` features, e.g. a torch Dataset). Needs no ``datasets`` import: a dataset without
+    ``features`` (a torch Dataset on a machine without ``datasets``) has no label feature.
     """
-    from datasets import ClassLabel
-
     candidates = dataset.values() if isinstance(dataset, dict) else [dataset]
     for candidate in candidates:
         features = getattr(candidate, "features", None)
@@ -216,7 +215,7 @@ def dataset_label_feature(dataset):
         # the transform's own column only: another ClassLabel column beside it (a coarse label) is not the target
         for column in [recorded] if recorded else ["labels", "label"]:
             feature = features.get(column)
-            if isinstance(feature, ClassLabel):
+            if type(feature).__name__ == "ClassLabel" and hasattr(feature, "names"):
                 return feature
     return None
 

@@ -244,6 +244,9 @@ class AdversarialMethod:
         hyperparameters: the names of the argument fields the loss reads (e.g. ``("trades_beta",)``); the card,
             the resume check and the unused-argument check read them. ``label_smoothing_factor`` is read by every
             method and need not be listed.
+        options: the method's own hyperparameters that are not argument fields, with their defaults (e.g.
+            ``{"pairing_weight": 0.5}``); a run sets them with ``method_options="pairing_weight=1.0"`` (or a dict),
+            and the loss reads them from ``hp`` like the fields.
         awp_defaults: the published AWP settings (:class:`AWPDefaults`), or None.
         default_components: the components the method runs with unless switched off (``("conservation",
             "revision")`` for CURE); any method can switch them on (docs/extending.md).
@@ -256,6 +259,7 @@ class AdversarialMethod:
     attack: ClassVar[Optional[AttackSpec]] = None
     uses_clean_pass: ClassVar[bool] = True
     hyperparameters: ClassVar[Tuple[str, ...]] = ()
+    options: ClassVar[Dict[str, Any]] = {}
     awp_defaults: ClassVar[Optional[AWPDefaults]] = None
     default_components: ClassVar[Tuple[str, ...]] = ()
 
@@ -268,12 +272,66 @@ class AdversarialMethod:
         """Refuse, at construction, arguments this method cannot train with (the base class refuses nothing)."""
 
     def hyperparameter_values(self, args) -> Dict[str, Any]:
-        """The values the loss reads, from the arguments."""
+        """The values the loss reads, from the arguments: its fields, ``label_smoothing_factor`` and its options."""
         names = tuple(self.hyperparameters) + ("label_smoothing_factor",)
-        return {name: getattr(args, name) for name in names}
+        values = {name: getattr(args, name) for name in names}
+        values.update(self.resolve_options(getattr(args, "method_options", None)))
+        return values
+
+    def resolve_options(self, given: Union[None, str, Mapping[str, Any]]) -> Dict[str, Any]:
+        """:attr:`options` with the values of ``method_options`` (``"name=value,name=value"`` or a dict), each
+        converted to its default's type; an unknown name or a value of the wrong kind is refused."""
+        if given is None or given == "" or given == {}:
+            pairs: Dict[str, Any] = {}
+        elif isinstance(given, Mapping):
+            pairs = dict(given)
+        else:
+            items = [item.split("=", 1) for item in str(given).replace(" ", "").split(",") if item]
+            if any(len(item) != 2 for item in items):
+                raise ValueError(f"method_options={given!r} is invalid: write name=value pairs separated by commas, "
+                                 f"e.g. {_example_options(self.options)}")
+            pairs = dict(items)
+        unknown = sorted(set(pairs) - set(self.options))
+        if unknown:
+            known = sorted(self.options) or "none"
+            raise ValueError(f"method_options={given!r} is invalid for adv_method={self.name!r}: unknown {unknown}; "
+                             f"the method's options are {known}")
+        values = dict(self.options)
+        for name, value in pairs.items():
+            values[name] = _as_type_of(self.options[name], value, name)
+        return values
 
     def __repr__(self) -> str:
         return f"<method {self.name!r}: {self.title}>"
+
+
+def _example_options(options: Mapping[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "(this method has no options)"
+
+
+def _as_type_of(default: Any, value: Any, name: str) -> Any:
+    """``value`` as the type of ``default`` (bool, int, float or str), from text or a number."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return text in ("true", "1", "yes", "on")
+    elif kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = kind(value) if kind is float else int(str(value)) if isinstance(value, str) else value
+            if kind is int and (not isinstance(number, int) or isinstance(number, bool)):
+                raise ValueError
+            return kind(number)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        return str(value)
+    else:
+        return value
+    raise ValueError(f"method_options {name}={value!r} is invalid: expected a {kind.__name__} like its default "
+                     f"{default!r}")
 
 
 ENTRY_POINT_GROUP = "cure_hf.methods"

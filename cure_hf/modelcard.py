@@ -13,7 +13,7 @@ import os
 import re
 from typing import Any, Dict, Optional
 
-from .methods import METHODS
+from .methods import registered_methods
 
 __all__ = ["write_model_card", "card_value", "escape_markdown", "MODEL_CARD_NAME", "MODEL_CARD_MARKER",
            "TEMPLATE_FILE"]
@@ -59,7 +59,7 @@ def _hub_id(value: Any) -> Optional[str]:
 def write_model_card(output_dir: str, info: Dict[str, Any]) -> str:
     """Write ``README.md``: YAML metadata with ``model-index`` results and RobustBench-like fields, then prose.
 
-    ``info`` keys (all optional): ``model_name``, ``architecture``, ``method`` (a key of ``cure_hf.methods.METHODS``:
+    ``info`` keys (all optional): ``model_name``, ``architecture``, ``method`` (the name of a registered method:
     the card cites that method's paper), ``hyperparameters`` (dict), ``dataset`` (name), ``dataset_id`` (Hub id:
     the card's ``datasets:``), ``dataset_split``, ``threat_model`` ("Linf"), ``eps`` ("8/255" or a float),
     ``clean_accuracy``, ``pgd20_accuracy``, ``autoattack_accuracy`` (fractions or percentages), ``pgd_steps``,
@@ -140,7 +140,7 @@ def _card_text(info: Dict[str, Any], robustness: Dict[str, Any], model_name: str
     pgd_key = next(k for k in robustness if k.startswith("pgd"))
     repo_id = _hub_id(info.get("repo_id"))
     size = info.get("image_size")
-    method = METHODS.get(robustness["method"])
+    method = registered_methods().get(robustness["method"])
     return {
         "marker": MODEL_CARD_MARKER,
         "model_name": escape_markdown(model_name),

@@ -11,7 +11,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from .methods import METHODS
+from .methods import METHODS, AttackSpec
 
 __all__ = [
     "refuse_unsupported_parallelism",
@@ -36,6 +36,11 @@ def refuse_unsupported_parallelism(args, accelerator=None) -> None:
     each parameter tensor's gradient quantile over the whole tensor, and the revision model copies whole weights.
     """
     found = []
+    if accelerator is not None and getattr(args, "n_gpu", 1) > 1:
+        # `python script.py` on a machine with several visible GPUs: the Trainer wraps the model in DataParallel,
+        # which splits each forward over the GPUs; the attack, the clean and adversarial passes and the revision
+        # model run on the unwrapped module on one GPU, and BatchNorm statistics would be those of one replica.
+        found.append(f"nn.DataParallel (n_gpu={args.n_gpu}: a plain `python` launch with several visible GPUs)")
     if getattr(args, "fsdp", None):
         found.append(f"fsdp={args.fsdp!r}")
     if getattr(args, "deepspeed", None):
@@ -52,10 +57,11 @@ def refuse_unsupported_parallelism(args, accelerator=None) -> None:
             f"CURETrainer does not support {', '.join(found)}: sharded parameters and gradients break the attack on "
             "the unwrapped model, CURE's per-tensor gradient mask and the revision copy. Supported: "
             f"{_SUPPORTED_PARALLELISM}. Fix: drop the FSDP/DeepSpeed settings (TrainingArguments or the accelerate "
-            "config) and launch with e.g. `accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml`."
+            "config), and launch several GPUs as DDP, e.g. `accelerate launch --config_file "
+            "recipes/accelerate_configs/multi_gpu.yaml` (or CUDA_VISIBLE_DEVICES=0 for one GPU)."
         )
     method = METHODS.get(getattr(args, "adv_method", None))
-    two_forwards = method is not None and method.uses_clean_pass and method.attack is not None
+    two_forwards = method is not None and method.attack is not None
     if two_forwards and getattr(args, "ddp_broadcast_buffers", None) and getattr(args, "world_size", 1) > 1:
         raise ValueError(
             f"ddp_broadcast_buffers=True is invalid for adv_method={args.adv_method!r} under DDP: the clean and the "
@@ -88,12 +94,13 @@ def full_precision_forward(module: nn.Module):
 
 
 # --- speed -------------------------------------------------------------------------------------
-def check_clean_logits_reusable(method_name: str, attack: Optional[str]) -> None:
+def check_clean_logits_reusable(method_name: str, attack: Optional[AttackSpec]) -> None:
     """``attack_reuse_clean_logits`` is exact only for a KL attack, which starts from the clean logits."""
-    if attack != "pgd_kl":
+    if attack is None or not attack.starts_from_clean_logits:
+        allowed = sorted(m.name for m in METHODS.values() if m.attack is not None and m.attack.starts_from_clean_logits)
         raise ValueError(
-            f"attack_reuse_clean_logits=True is invalid for adv_method={method_name!r}: allowed only for 'trades' and "
-            "'cure', whose attack starts from the clean logits. Fix: set attack_reuse_clean_logits=False."
+            f"attack_reuse_clean_logits=True is invalid for adv_method={method_name!r}: allowed only for methods whose "
+            f"attack starts from the clean logits (a KL objective: {allowed}). Fix: set attack_reuse_clean_logits=False."
         )
 
 

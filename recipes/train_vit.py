@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 import transformers
@@ -184,13 +184,12 @@ def main(argv=None):
 
     results = {}
     if plan.run_stage0:
-        natural_args = replace(
-            training_args, adv_method="clean", num_train_epochs=stage_args.natural_epochs,
+        natural_args = training_args.for_method(
+            "clean", num_train_epochs=stage_args.natural_epochs,
             optim=stage_args.natural_optim, learning_rate=stage_args.natural_learning_rate, max_steps=-1,
             warmup_steps=stage_args.natural_warmup_steps, weight_decay=stage_args.natural_weight_decay,
             max_grad_norm=stage_args.natural_max_grad_norm,
-            # the method's own extras belong to the method's stage, not to natural training
-            weight_averaging=None, awp_gamma=None, attack_warmup_epochs=0.0,
+            # (for_method: the method's own settings and components belong to the method's stage)
             output_dir=os.path.join(training_args.output_dir, STAGE0_DIR), push_to_hub=False,
         )
         _, results["natural"] = train_stage(model, natural_args, data, STAGE0_DIR, data_args.dataset_name,

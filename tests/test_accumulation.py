@@ -31,13 +31,13 @@ def _train(tiny_model, data, tmp_path, batch, accumulation, **fields):
     )
     trainer = CURETrainer(model=tiny_model("test_vit"), args=args, train_dataset=data)
     calls = []
-    conserve = trainer._conserve_and_update  # the optimizer pre-step hook calls it through the instance
+    conserve = trainer.component("conservation").before_optimizer_step  # the optimizer pre-step hook calls it through the instance
 
-    def counted():
-        calls.append(sum(float(p.grad.abs().sum()) for p in trainer._maskable_parameters()))
-        conserve()
+    def counted(*hook_args):
+        calls.append(sum(float(p.grad.abs().sum()) for p in trainer.component("conservation").maskable_parameters()))
+        conserve(*hook_args)
 
-    trainer._conserve_and_update = counted
+    trainer.component("conservation").before_optimizer_step = counted
     torch.manual_seed(0)  # the attacks' random starts: the same stream whether drawn as 2 x 8 or 1 x 16
     trainer.train()
     return trainer, calls

@@ -1,4 +1,5 @@
 """`attack_warmup_epochs`: the training attack's eps and step grow linearly from 0 over the first epochs."""
+import copy
 import dataclasses
 
 import pytest
@@ -29,14 +30,23 @@ def test_the_trainer_attacks_with_the_ramped_budget(tmp_path, method, one_thread
         report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1)
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train)
     seen = []
-    craft = trainer.method.craft
+    craft = trainer.method.attack.craft
 
     def craft_spy(model, x, labels, settings, clean_logits=None, **kwargs):
         x_adv = craft(model, x, labels, settings, clean_logits=clean_logits, **kwargs)
         seen.append((trainer.state.epoch, settings, (x_adv - x).abs().max().item()))
         return x_adv
 
-    trainer.method = dataclasses.replace(trainer.method, craft=craft_spy)
+    method, spec = copy.copy(trainer.method), trainer.method.attack
+
+    class SpyAttack:  # the method's attack spec, with its craft recorded
+        def __getattr__(self, name):
+            return getattr(spec, name)
+
+        craft = staticmethod(craft_spy)
+
+    method.attack = SpyAttack()
+    trainer.method = method
     trainer.train()
     assert [round(epoch, 3) for epoch, _, _ in seen] == [0.0, 0.5, 1.0, 1.5]  # 2 steps per epoch
     for epoch, settings, distance in seen:

@@ -177,13 +177,13 @@ def test_hard_conservation_keeps_the_unperturbed_values(tmp_path, small_train, o
     trainer, spy, _, perturbations = _spied_trainer(tmp_path, small_train, adv_method="cure", conservation="hard",
                                                     max_steps=1)
     conserved = []
-    conserve = trainer._conserve_and_update
+    conserve = trainer.component("conservation").before_optimizer_step
 
-    def conserve_spy():
-        conserve()
-        conserved.extend((p, saved.clone()) for p, saved in trainer._conserved)
+    def conserve_spy(*hook_args):
+        conserve(*hook_args)
+        conserved.extend((p, saved.clone()) for p, saved in trainer.component("conservation")._conserved)
 
-    trainer._conserve_and_update = conserve_spy
+    trainer.component("conservation").before_optimizer_step = conserve_spy
     trainer.train()
     net = trainer.accelerator.unwrap_model(trainer.model)
     names = {id(p): n for n, p in net.named_parameters()}

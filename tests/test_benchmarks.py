@@ -122,14 +122,14 @@ def test_hard_conservation_restores_conserved_entries_and_channels_last(tmp_path
     convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
-    params = trainer._maskable_parameters()
+    params = trainer.component("conservation").maskable_parameters()
     generator = torch.Generator().manual_seed(0)
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator)
     scores = [p.grad.abs().clone() for p in params]
     before = [p.detach().clone() for p in params]
-    trainer._ensure_revision()
-    trainer._conserve_and_update()
+    trainer.component("revision").ensure()
+    trainer.component("conservation").before_optimizer_step(None)
     with torch.no_grad():  # stands in for an optimizer step that moves every entry (as weight decay does)
         for p in params:
             p.add_(1.0)
@@ -138,7 +138,7 @@ def test_hard_conservation_restores_conserved_entries_and_channels_last(tmp_path
         conserved = conserve_mask(score, args.conserve_fraction)
         assert torch.equal(p.detach()[conserved], old[conserved])  # bit-identical
         assert torch.equal(p.detach()[~conserved], old[~conserved] + 1.0)
-    assert trainer._conserved == []  # the parameter-sized buffer is released after the step
+    assert trainer.component("conservation")._conserved == []  # the parameter-sized buffer is released after the step
 
 
 def test_reused_clean_logits_give_the_same_attack_on_a_batchnorm_free_model():

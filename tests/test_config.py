@@ -18,7 +18,11 @@ def test_defaults_follow_the_spec():
     assert args.attack_steps == 10
     assert (args.conserve_fraction, args.clean_weight, args.consistency_weight) == (0.3, 0.1, 1.0)
     assert (args.revision_rate, args.revision_decay) == (0.2, 0.999)
-    assert (args.prominence, args.conservation) == ("loss", "soft")
+    from cure_hf.components import resolved_conservation, resolved_revision
+
+    assert (args.prominence, resolved_conservation(args), resolved_revision(args)) == ("loss", "soft", True)
+    trades = make(adv_method="trades")
+    assert (resolved_conservation(trades), resolved_revision(trades)) == ("none", False)
     assert args.optim == "sgd" and args.learning_rate == 0.1 and args.weight_decay == 5e-4
     assert args.max_grad_norm == 0.0 and args.ddp_broadcast_buffers is False
     assert args.resolved_eval_step_size == pytest.approx(2 / 255)
@@ -102,9 +106,11 @@ def test_clean_training_allows_zero_epsilon():
 def test_hf_argument_parser_flags_and_yaml(tmp_path):
     parser = HfArgumentParser(CURETrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--epsilon", "4/255", "--adv_method", "trades", "--head_modules", "head", "fc"]
+        ["--output_dir", str(tmp_path), "--epsilon", "4/255", "--adv_method", "trades", "--conservation", "soft",
+         "--head_modules", "head", "fc", "--revision", "true"]
     )
     assert args.epsilon == pytest.approx(4 / 255) and args.adv_method == "trades" and args.head_modules == ["head", "fc"]
+    assert args.conservation == "soft" and args.revision is True
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path}\nepsilon: 2/255\nconservation: hard\nreport_to: none\n")
     (args,) = parser.parse_yaml_file(str(config))

@@ -110,8 +110,8 @@ def tiny_train():
 
 @pytest.mark.parametrize("method", ["clean", "pgd", "trades", "mart", "fgsm_rs", "cure", "cure_paper", "natural_warmup"])
 def test_the_factor_reaches_every_cross_entropy_from_the_trainer(tmp_path, tiny_train, monkeypatch, method, one_thread):
+    import cure_hf.components
     import cure_hf.methods
-    import cure_hf.trainer
 
     calls = []
     original = cure_hf.methods.smoothed_cross_entropy
@@ -121,7 +121,7 @@ def test_the_factor_reaches_every_cross_entropy_from_the_trainer(tmp_path, tiny_
         return original(logits, labels, smoothing)
 
     monkeypatch.setattr(cure_hf.methods, "smoothed_cross_entropy", spy)
-    monkeypatch.setattr(cure_hf.trainer, "smoothed_cross_entropy", spy)  # paper prominence, natural warm-up
+    monkeypatch.setattr(cure_hf.components, "smoothed_cross_entropy", spy)  # the paper's prominence
     overrides = {"adv_method": method}
     if method == "cure_paper":
         overrides = {"adv_method": "cure", "prominence": "paper"}

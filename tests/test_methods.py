@@ -95,7 +95,11 @@ def test_gradients_flow_to_both_views_but_never_to_revision(logits):
 
 
 def test_registry_and_unknown_method(logits):
-    assert set(METHODS) == {"clean", "pgd", "trades", "mart", "fgsm_rs", "cure"}
-    assert METHODS["cure"].attack == "pgd_kl" and METHODS["cure"].uses_revision
-    with pytest.raises(ValueError, match="unknown method"):
+    from cure_hf.methods import AttackSpec
+
+    assert {"clean", "pgd", "trades", "mart", "fgsm_rs", "cure"} <= set(METHODS)
+    assert METHODS["cure"].attack == AttackSpec("pgd", "kl", "normal")
+    assert METHODS["cure"].default_components == ("conservation", "revision")
+    assert METHODS["clean"].attack is None and METHODS["fgsm_rs"].attack.kind == "fgsm"
+    with pytest.raises(ValueError, match=r"adv_method='awp' is invalid: allowed one of \[.*'cure'"):
         method_loss("awp", logits["labels"], z_nat=logits["z_nat"])

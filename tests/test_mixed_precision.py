@@ -35,8 +35,9 @@ def _trainer(tiny_model, data, tmp_path, use_cpu=True, **fields):
     train, test = data
     args = CURETrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=STEPS, attack_steps=2,
-        learning_rate=0.05, revision_rate=1.0, eval_pgd_steps=1, save_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=use_cpu, seed=0, **fields,
+        learning_rate=0.05, eval_pgd_steps=1, save_strategy="no", report_to=[],
+        disable_tqdm=True, use_cpu=use_cpu, seed=0,
+        **({"revision_rate": 1.0} if fields.get("adv_method", "cure") == "cure" else {}), **fields,
     )
     model = tiny_model("test_resnet")
     return CURETrainer(model=model, args=args, train_dataset=train, eval_dataset=test), model
@@ -132,17 +133,17 @@ def test_fp16_scaler_skipped_step_runs_no_mask_and_no_revision(tiny_model, data,
     counter = _CountSkippedSteps(trainer)
     trainer.add_callback(counter)
     masks = []
-    conserve = trainer._conserve_and_update
+    conserve = trainer.component("conservation").before_optimizer_step
 
-    def counted():  # returns None, as an optimizer pre-step hook must
+    def counted(*hook_args):  # returns None, as an optimizer pre-step hook must
         masks.append(trainer.state.global_step)
-        conserve()
+        conserve(*hook_args)
 
-    trainer._conserve_and_update = counted
+    trainer.component("conservation").before_optimizer_step = counted
     trainer.train()
     assert trainer.state.global_step == STEPS and counter.skipped >= 1 and 0 not in masks
     taken = STEPS - counter.skipped
     assert len(masks) == trainer.revision.step == taken, "mask and revision must run on taken steps only"
-    assert trainer._paper_grads is None, "the paper scores' gradient sums must be consumed by the step"
+    assert trainer.component("conservation")._paper_grads is None, "the paper scores' gradient sums must be consumed by the step"
     assert {dtype for _, dtype in seen} == {torch.float16}
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -186,11 +186,11 @@ def test_revision_rate_schedules_decay_from_the_switch(tmp_path):
     rates = []
     for step in (2, 6, 10):
         trainer.state.global_step = step
-        rates.append(trainer._revision_rate())
+        rates.append(trainer.component("revision").rate())
     assert rates == pytest.approx([0.2, 0.1, 0.0], abs=1e-9)
     trainer.args.revision_rate_schedule = "linear"
     trainer.state.global_step = 4
-    assert trainer._revision_rate() == pytest.approx(0.2 * 0.75)
+    assert trainer.component("revision").rate() == pytest.approx(0.2 * 0.75)
     with pytest.raises(ValueError, match="lr_step_epochs"):
         CURETrainingArguments(output_dir=str(tmp_path), lr_step_epochs="150,100", report_to="none")
     with pytest.raises(ValueError, match="natural_warmup_epochs"):

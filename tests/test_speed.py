@@ -33,11 +33,15 @@ def _images(n=20, size=8, seed=0):
 
 
 # --------------------------------------------------------------------------------------------- the preset
-def test_fast_preset_sets_its_fields_and_plans_for_the_cpu(tmp_path):
+def test_fast_preset_sets_its_fields_and_plans_for_the_cpu(tmp_path, monkeypatch):
     args = _args(tmp_path, speed_preset="fast")
-    assert args.bf16 and args.channels_last and args.torch_compile
+    assert not (args.bf16 or args.channels_last or args.torch_compile)  # GPU-only: left off on a CPU (warned)
     assert args.logging_nan_inf_filter is False and args.dataloader_drop_last is True
-    assert "bf16=True" in args.speed_preset_changed
+    monkeypatch.setattr("cure_hf.speed._trains_on_cpu", lambda args: None)  # what the preset does on a GPU
+    on_gpu = _args(tmp_path, speed_preset="fast")
+    assert on_gpu.bf16 and on_gpu.channels_last and on_gpu.torch_compile
+    assert "bf16=True" in on_gpu.speed_preset_changed
+    monkeypatch.undo()
     plan = plan_speed(args, torch.device("cpu"))
     assert plan.attack_cuda_graph is False and any("attack_cuda_graph is off" in n for n in plan.notes)
     assert plan.device_resident_data and not plan.resident_required and plan.cudnn_benchmark is None
@@ -307,7 +311,9 @@ def test_fast_preset_step_matches_the_fp32_step(tmp_path, one_thread, method):
     images, labels = _images(n=16, size=32, seed=1)
     dataset = TensorImageDataset(images, labels, augment="crop_flip", seed=0)
     results = {}
-    for name, fields in (("fp32", {}), ("fast", dict(speed_preset="fast", torch_compile_backend="aot_eager"))):
+    # on a CPU the preset leaves its GPU-only fields off: this test sets them, to check their numbers
+    fast = dict(speed_preset="fast", torch_compile_backend="aot_eager", bf16=True, channels_last=True, torch_compile=True)
+    for name, fields in (("fp32", {}), ("fast", fast)):
         for attack in ("fixed", "own"):
             torch._dynamo.reset()
             model = make_tiny_model("test_resnet", seed=3)

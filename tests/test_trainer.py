@@ -32,7 +32,7 @@ def test_conservation_after_sgd_step_with_momentum_and_weight_decay(tmp_path, di
     trainer = CURETrainer(model, make_args(tmp_path, conservation=conservation, learning_rate=0.1),
                           train_dataset=digits["train"])
     trainer.create_optimizer()
-    trainer._ensure_revision()
+    trainer.component("revision").ensure()
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert trainer.optimizer.defaults["momentum"] == 0.9
     decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
@@ -40,7 +40,7 @@ def test_conservation_after_sgd_step_with_momentum_and_weight_decay(tmp_path, di
     named = dict(model.named_parameters())
     for step in range(2):  # the second step has a non-zero momentum buffer
         _random_grads(model, seed=step)
-        conserved = {n: conserve_mask(p.grad.abs(), 0.3) for n, p in named.items() if n not in trainer.head_names}
+        conserved = {n: conserve_mask(p.grad.abs(), 0.3) for n, p in named.items() if n not in trainer.component("conservation").head_names}
         before = {n: p.detach().clone() for n, p in named.items()}
         trainer.optimizer.step()
         for name, mask in conserved.items():
@@ -57,13 +57,13 @@ def test_conservation_after_sgd_step_with_momentum_and_weight_decay(tmp_path, di
 def test_head_is_never_masked_and_fraction_is_p(tmp_path, digits):
     model = make_tiny_model("test_vit")
     trainer = CURETrainer(model, make_args(tmp_path, conserve_fraction=0.4), train_dataset=digits["train"])
-    assert trainer.head_names == {"model.head.weight", "model.head.bias"}
+    assert trainer.component("conservation").head_names == {"model.head.weight", "model.head.bias"}
     _random_grads(model)
-    head_before = {n: p.grad.clone() for n, p in model.named_parameters() if n in trainer.head_names}
-    trainer._conserve_and_update()
+    head_before = {n: p.grad.clone() for n, p in model.named_parameters() if n in trainer.component("conservation").head_names}
+    trainer.component("conservation").before_optimizer_step(None)
     for name, p in model.named_parameters():
         zeros = int((p.grad == 0).sum())
-        if name in trainer.head_names:
+        if name in trainer.component("conservation").head_names:
             assert torch.equal(p.grad, head_before[name])
         else:
             assert abs(zeros - 0.4 * p.numel()) <= 1.0, name
@@ -109,7 +109,7 @@ def test_paper_prominence_and_revision_counter(tmp_path, digits):
     trainer = CURETrainer(model, args, train_dataset=digits["train"].select(range(48)))
     trainer.train()
     assert trainer.revision.step == 3
-    assert trainer._paper_grads is None  # consumed by the mask at every step
+    assert trainer.component("conservation")._paper_grads is None  # consumed by the mask at every step
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -124,7 +124,7 @@ def test_transformers_image_classification_model(tmp_path, digits):
     model = PixelNormalized(ViTForImageClassification(config), (0.5,) * 3, (0.5,) * 3)
     trainer = CURETrainer(model, make_args(tmp_path, max_steps=2, eval_max_examples=16, eval_pgd_steps=2),
                           train_dataset=digits["train"].select(range(32)), eval_dataset=digits["test"])
-    assert trainer.head_names == {"model.classifier.weight", "model.classifier.bias"}
+    assert trainer.component("conservation").head_names == {"model.classifier.weight", "model.classifier.bias"}
     trainer.train()
     assert trainer.revision.step == 2
     assert trainer.evaluate()["eval_n_examples"] == 16

@@ -194,8 +194,8 @@ class _Spies:
 
         def training_step(model, inputs, *rest):
             self.batches.append(inputs["pixel_values"].detach().clone())
-            if trainer.revision is None and trainer.method.uses_revision:
-                trainer._ensure_revision()
+            if trainer.revision is None and trainer.component("revision") is not None:
+                trainer.component("revision").ensure()
             if trainer.revision is not None and not getattr(trainer.revision, "_spied", False):
                 trainer.revision.module.register_forward_hook(
                     lambda m, i, o: self.revision_forwards.append((i[0].detach().clone(), o.detach().clone())))
@@ -206,13 +206,15 @@ class _Spies:
         model = trainer.model  # (the revision model is a deep copy, hooks included: count this module's calls only)
         model.register_forward_hook(lambda m, i, o: self.forwards.append((i[0].detach().clone(), o.detach().clone()))
                                     if m is model and m.training else None)
-        loss = trainer.method.loss
+        method = copy.copy(trainer.method)  # an instance attribute shadows the class's loss for this trainer only
+        loss = method.loss
 
-        def spy_loss(inputs):
-            self.loss_inputs.append(inputs)
-            return loss(inputs)
+        def spy_loss(inputs, hp):
+            self.loss_inputs.append((inputs, dict(hp)))
+            return loss(inputs, hp)
 
-        trainer.method = dataclasses.replace(trainer.method, loss=spy_loss)
+        method.loss = spy_loss
+        trainer.method = method
 
     def output_for(self, forwards, x):
         matches = [out for inp, out in forwards if inp.shape == x.shape and torch.equal(inp, x)]
@@ -220,15 +222,30 @@ class _Spies:
         return matches[0]
 
 
+_OWN_HYPERPARAMETERS = {"pgd": {}, "fgsm_rs": {}, "trades": {"trades_beta": 4.5}, "mart": {"trades_beta": 4.5},
+                        "cure": {"clean_weight": 0.37, "consistency_weight": 0.55}}
+
+
 @pytest.mark.parametrize("method", ["pgd", "trades", "mart", "fgsm_rs", "cure"])
 def test_every_method_trains_on_x_adv_within_eps_and_hands_its_hyperparameters_to_the_loss(tmp_path, tiny_train,
-                                                                                           one_thread, method):
-    args = _args(tmp_path, adv_method=method, trades_beta=4.5, clean_weight=0.37, consistency_weight=0.55,
-                 label_smoothing_factor=0.05, attack_step_size="3/255")
+                                                                                           one_thread, method,
+                                                                                           monkeypatch):
+    import cure_hf.components as components
+
+    consistency_weights = []
+    with_consistency = components.with_consistency
+
+    def consistency_spy(result, z_nat, z_adv, r_nat, r_adv, gamma):
+        consistency_weights.append((gamma, z_nat, z_adv, r_nat, r_adv))
+        return with_consistency(result, z_nat, z_adv, r_nat, r_adv, gamma)
+
+    monkeypatch.setattr(components, "with_consistency", consistency_spy)
+    args = _args(tmp_path, adv_method=method, label_smoothing_factor=0.05, attack_step_size="3/255",
+                 **_OWN_HYPERPARAMETERS[method])
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
     spies = _Spies(trainer)
     trainer.train()
-    (x,), (inputs,) = spies.batches, spies.loss_inputs
+    (x,), ((inputs, hp),) = spies.batches, spies.loss_inputs
     train_inputs = [inp for inp, _ in spies.forwards]
     adversarial = [inp for inp in train_inputs if not torch.equal(inp, x)]
     assert len(adversarial) == 1, "exactly one adversarial training forward"
@@ -242,21 +259,26 @@ def test_every_method_trains_on_x_adv_within_eps_and_hands_its_hyperparameters_t
         assert torch.equal(inputs.z_nat, spies.output_for(spies.forwards, x))
     else:
         assert inputs.z_nat is None
-    assert (inputs.beta, inputs.alpha, inputs.gamma, inputs.label_smoothing) == (4.5, 0.37, 0.55, 0.05)
-    assert inputs.prominence == "loss"
+    expected = {k: v for k, v in _OWN_HYPERPARAMETERS[method].items() if k != "consistency_weight"}
+    if method == "cure":
+        expected["prominence"] = "loss"
+    assert hp == {**expected, "label_smoothing_factor": 0.05}  # exactly the method's own fields, with their values
     if method == "cure":  # the revision logits paired with the right view: g(x) with z_nat, g(x_adv) with z_adv
         assert len(spies.revision_forwards) == 2
-        assert torch.equal(inputs.r_nat, spies.output_for(spies.revision_forwards, x))
-        assert torch.equal(inputs.r_adv, spies.output_for(spies.revision_forwards, x_adv))
+        ((gamma, z_nat, z_adv, r_nat, r_adv),) = consistency_weights
+        assert gamma == 0.55 and z_nat is inputs.z_nat and z_adv is inputs.z_adv
+        assert torch.equal(r_nat, spies.output_for(spies.revision_forwards, x))
+        assert torch.equal(r_adv, spies.output_for(spies.revision_forwards, x_adv))
+        assert torch.equal(inputs.r_nat, r_nat) and torch.equal(inputs.r_adv, r_adv)
     else:
-        assert inputs.r_nat is None and inputs.r_adv is None
+        assert inputs.r_nat is None and inputs.r_adv is None and not consistency_weights
 
 
 def test_paper_prominence_scores_come_from_separate_clean_and_adversarial_gradients(tmp_path, tiny_train, one_thread,
                                                                                      monkeypatch):
     """The mask's scores are alpha |dCE(f(x))/dw| + (1 - alpha) |dCE(f(x_adv))/dw|, recomputed here apart from the
     trainer on a copy of the model taken before the step."""
-    import cure_hf.trainer as trainer_module
+    import cure_hf.components as trainer_module
 
     args = _args(tmp_path, adv_method="cure", prominence="paper", clean_weight=0.3, conserve_fraction=0.4)
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
@@ -283,7 +305,7 @@ def test_paper_prominence_scores_come_from_separate_clean_and_adversarial_gradie
     x = spies.batches[0]
     x_adv = next(inp for inp, _ in spies.forwards if not torch.equal(inp, x))
     model = before[0].train()
-    names = [n for n, p in model.named_parameters() if n not in trainer.head_names]
+    names = [n for n, p in model.named_parameters() if n not in trainer.component("conservation").head_names]
     grads = []
     for view in (x, x_adv):
         net = copy.deepcopy(model)
@@ -360,13 +382,13 @@ def test_cpu_grad_scaler_skipped_step_runs_no_mask_no_revision_and_is_not_diverg
     model = trainer.model
     next(model.parameters()).register_hook(lambda g: g * float("inf") if trainer.state.global_step == 0 else g)
     masks, skipped = [], []
-    conserve = trainer._conserve_and_update
+    conserve = trainer.component("conservation").before_optimizer_step
 
-    def counted():  # returns None, as an optimizer pre-step hook must
+    def counted(*hook_args):  # returns None, as an optimizer pre-step hook must
         masks.append(trainer.state.global_step)
-        conserve()
+        conserve(*hook_args)
 
-    trainer._conserve_and_update = counted
+    trainer.component("conservation").before_optimizer_step = counted
     step_end = trainer.callback_handler.on_step_end
 
     def on_step_end(*a, **k):
@@ -379,7 +401,7 @@ def test_cpu_grad_scaler_skipped_step_runs_no_mask_no_revision_and_is_not_diverg
     assert masks == [1], "the mask ran on the taken step only"
     assert trainer.revision.step == 1, "the revision counted the taken step only"
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** 3, "the scaler backed off once"
-    assert trainer._paper_grads is None
+    assert trainer.component("conservation")._paper_grads is None
     assert trainer.nonfinite_guard.skipped_steps == []
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -498,7 +520,7 @@ def test_paper_scores_without_accumulated_gradients_name_the_problem(tmp_path, t
     trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", prominence="paper"),
                           train_dataset=tiny_train)
     with pytest.raises(RuntimeError, match="prominence='paper' found no accumulated clean/adversarial gradients"):
-        trainer._paper_scores(trainer._maskable_parameters())
+        trainer.component("conservation")._paper_scores(trainer.component("conservation").maskable_parameters())
 
 
 def test_cure_losses_smooth_their_cross_entropy_terms_and_name_their_parts():
@@ -526,9 +548,9 @@ def test_the_revision_model_gets_its_settings_from_the_arguments(tmp_path, tiny_
     args = _args(tmp_path, adv_method="cure", revision_rate=0.35, revision_decay=0.77, revision_seed=11,
                  revision_train_mode=False)
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
-    revision = trainer._ensure_revision()
+    revision = trainer.component("revision").ensure()
     assert (revision.rate, revision.decay, revision.train_mode, revision.module.training) == (0.35, 0.77, False, False)
     assert torch.equal(revision.generator.get_state(), torch.Generator().manual_seed(11).get_state())
-    assert trainer._ensure_revision() is revision
+    assert trainer.component("revision").ensure() is revision
     net = trainer.accelerator.unwrap_model(trainer.model)
     assert all(torch.equal(a, b) for a, b in zip(revision.module.parameters(), net.parameters()))

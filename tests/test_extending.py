@@ -1,0 +1,404 @@
+"""The method API: a method written in a user's file (or an installed package) trains, saves, resumes and is carded
+like a built-in one; conservation and revision compose with every method; the Trainer's own step features work."""
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_model, stop_after_save
+from cure_hf import AdversarialMethod, AttackSpec, CURETrainer, CURETrainingArguments, register_method
+from cure_hf import methods as methods_module
+from cure_hf.methods import METHODS, get_method
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEST_CITATION = "@misc{scaled2026,\n  title={A scheduled-beta TRADES of this test file},\n  year={2026}\n}"
+
+
+class ScaledTRADES(AdversarialMethod):
+    """TRADES with beta = trades_beta * beta_scale: a method with a field it reads and an option of its own."""
+
+    name, title = "scaled_trades", "Scaled TRADES"
+    citation, paper_id = TEST_CITATION, None
+    attack = AttackSpec("pgd", "kl", "normal")
+    hyperparameters = ("trades_beta",)
+    options = {"beta_scale": 1.0}
+
+    def loss(self, inputs, hp):
+        ce = F.cross_entropy(inputs.z_nat.float(), inputs.labels, label_smoothing=hp["label_smoothing_factor"])
+        kl = F.kl_div(F.log_softmax(inputs.z_adv.float(), 1), F.softmax(inputs.z_nat.float(), 1),
+                      reduction="batchmean")
+        return ce + hp["trades_beta"] * hp["beta_scale"] * kl, {"ce_nat": ce.detach(), "kl_adv": kl.detach()}
+
+
+@pytest.fixture
+def registered():
+    register_method(ScaledTRADES, replace=True)
+    yield get_method("scaled_trades")
+    methods_module._REGISTRY.pop("scaled_trades", None)
+
+
+@pytest.fixture(scope="module")
+def small_train():
+    from cure_hf.data import image_transform, load_digits_dataset
+
+    train = load_digits_dataset()["train"].select(range(32))
+    train.set_transform(image_transform(16, train=True))
+    return train
+
+
+def _args(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, attack_steps=1,
+                    learning_rate=0.05, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+                    dataloader_num_workers=0)
+    return CURETrainingArguments(**{**defaults, **kwargs})
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+
+def test_a_method_from_a_test_file_trains_saves_resumes_bit_identically_and_is_carded(registered, tmp_path,
+                                                                                     small_train, one_thread):
+    assert "scaled_trades" in METHODS and registered.options == {"beta_scale": 1.0}
+    common = dict(adv_method="scaled_trades", trades_beta=2.0, method_options="beta_scale=0.5", max_steps=4,
+                  save_strategy="steps", save_steps=2)
+    full = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "full", **common), train_dataset=small_train)
+    full.train()
+    # interrupted after its step-2 checkpoint, then resumed from it
+    first = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "cut", **common), train_dataset=small_train,
+                        callbacks=[stop_after_save(2)])
+    first.train()
+    assert first.state.global_step == 2
+    resumed = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "cut", **common), train_dataset=small_train)
+    resumed.train(resume_from_checkpoint=True)
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run is not bit-identical"
+    full.save_model()
+    card = open(os.path.join(str(tmp_path / "full"), "README.md"), encoding="utf-8").read()
+    assert "Scaled TRADES" in card and "scheduled2026" in card and "method-scaled_trades" in card
+    assert "beta_scale" in card and "trades_beta" in card
+    # a resume with another option value is refused: the option is part of the method's settings
+    changed = CURETrainer(make_tiny_model("test_resnet"),
+                          _args(tmp_path / "cut", **{**common, "method_options": "beta_scale=0.25"}),
+                          train_dataset=small_train)
+    with pytest.raises(ValueError, match="method_options"):
+        changed.train(resume_from_checkpoint=os.path.join(str(tmp_path / "cut"), "checkpoint-2"))
+
+
+def test_method_options_are_checked_against_the_methods_declared_options(registered, tmp_path):
+    assert registered.resolve_options("beta_scale=2") == {"beta_scale": 2.0}
+    assert registered.resolve_options(None) == {"beta_scale": 1.0}
+    with pytest.raises(ValueError, match=r"unknown \['scale'\]; the method's options are \['beta_scale'\]"):
+        _args(tmp_path, adv_method="scaled_trades", method_options="scale=2")
+    with pytest.raises(ValueError, match="expected a float like its default 1.0"):
+        _args(tmp_path, adv_method="scaled_trades", method_options="beta_scale=big")
+    with pytest.raises(ValueError, match="the method's options are none"):
+        _args(tmp_path, adv_method="trades", method_options="beta_scale=2")
+
+
+def test_registration_refuses_bad_methods_and_unknown_names_list_the_registered_ones(tmp_path):
+    class NoLoss(AdversarialMethod):
+        name, title = "no_loss", "No loss"
+
+    with pytest.raises(TypeError, match="must define loss"):
+        register_method(NoLoss)
+
+    class BadName(ScaledTRADES):
+        name = "Bad Name"
+
+    with pytest.raises(ValueError, match="lower-case name without spaces"):
+        register_method(BadName)
+
+    class Clash(ScaledTRADES):
+        name = "trades"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method(Clash)
+    assert type(METHODS["trades"]).__name__ == "TRADES"
+    with pytest.raises(ValueError, match=r"adv_method='nope' is invalid: allowed one of \[.*'cure'.*'trades'"):
+        _args(tmp_path, adv_method="nope")
+
+
+PLUGIN = textwrap.dedent('''
+    import torch.nn.functional as F
+    from cure_hf import AdversarialMethod, AttackSpec
+
+    class PluginPGD(AdversarialMethod):
+        name, title = "plugin_pgd", "Plugin PGD"
+        citation = "@misc{plugin, title={Plugin}}"
+        attack = AttackSpec("pgd", "ce", "uniform")
+        uses_clean_pass = False
+
+        def loss(self, inputs, hp):
+            loss = F.cross_entropy(inputs.z_adv.float(), inputs.labels)
+            return loss, {"ce_adv": loss.detach()}
+''')
+
+
+def _install_plugin(root):
+    """A package `cure_plugin` with an entry point in the group cure_hf.methods, as pip would install it."""
+    package = root / "cure_plugin"
+    package.mkdir()
+    (package / "__init__.py").write_text(PLUGIN)
+    info = root / "cure_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cure-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[cure_hf.methods]\nplugin_pgd = cure_plugin:PluginPGD\n")
+    return root
+
+
+def test_an_installed_package_registers_its_method_through_the_entry_point_group(tmp_path, monkeypatch):
+    _install_plugin(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(methods_module, "_entry_points_loaded", False)
+    try:
+        method = get_method("plugin_pgd")
+        assert method.title == "Plugin PGD" and type(method).__module__ == "cure_plugin"
+    finally:
+        methods_module._REGISTRY.pop("plugin_pgd", None)
+
+
+def test_the_recipe_trains_an_installed_method_by_name(tmp_path):
+    plugin = _install_plugin(tmp_path / "site")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), ROOT]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "recipes", "train_vit.py"), "--adv_method", "plugin_pgd",
+         "--natural_epochs", "0", "--max_steps", "2", "--num_train_epochs", "1", "--attack_steps", "1",
+         "--per_device_train_batch_size", "16", "--eval_max_examples", "16", "--output_dir", str(out),
+         "--eval_strategy", "no", "--save_strategy", "no", "--cpu_threads", "1"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "Plugin PGD" in card and "@misc{plugin" in card
+
+
+def test_the_docs_example_method_trains_and_cites_its_paper(tmp_path):
+    out = tmp_path / "alp"
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    example = os.path.join(ROOT, "docs", "examples", "logit_pairing.py")
+    assert sum(1 for _ in open(example, encoding="utf-8")) <= 70  # "one user file of about 60 lines"
+    result = subprocess.run([sys.executable, example, str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "ALP" in card and "kannan2018adversarial" in card and "pairing_weight" in card
+
+
+# ------------------------------------------------------------------------------ methods x components
+COMPONENT_SETTINGS = {
+    "conservation": {"conservation": "soft"},
+    "revision": {"revision": True},
+    "awp": {"awp_gamma": "5e-3", "awp_warmup_epochs": 0},
+    "wa": {"weight_averaging": "0.9"},
+}
+SUBSETS = [tuple(name for i, name in enumerate(COMPONENT_SETTINGS) if mask >> i & 1) for mask in range(16)]
+
+
+def _expected_refusal(method, subset):
+    if method == "clean" and "awp" in subset:
+        return "natural training does not have"
+    return None
+
+
+@pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: "+".join(s) or "alone")
+@pytest.mark.parametrize("method", ["clean", "pgd", "trades", "mart", "fgsm_rs", "cure"])
+def test_every_method_with_every_combination_of_components_trains_or_is_refused(tmp_path, small_train, method, subset,
+                                                                                one_thread):
+    settings = {k: v for name in subset for k, v in COMPONENT_SETTINGS[name].items()}
+    if method == "cure":  # CURE's own two are on by default: the subset says which stay on
+        settings.setdefault("conservation", "none")
+        settings.setdefault("revision", False)
+    refusal = _expected_refusal(method, subset)
+    if refusal:
+        with pytest.raises(ValueError, match=refusal):
+            _args(tmp_path, adv_method=method, **settings)
+        return
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method=method, **settings),
+                          train_dataset=small_train)
+    names = {c.name for c in trainer.components}
+    assert ("conservation" in names) == ("conservation" in subset)
+    assert ("revision" in names) == ("revision" in subset)
+    assert ("awp" in names) == ("awp" in subset) and ("weight_average" in names) == ("wa" in subset)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if "revision" in subset:
+        assert trainer.revision is not None and trainer.revision.step == 2
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert ("consistency" in logged) == ("revision" in subset)
+
+
+def test_combinations_that_cannot_work_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="layer_telemetry=True is invalid: it records what the conservation mask"):
+        _args(tmp_path, adv_method="trades", layer_telemetry=True)
+    with pytest.raises(ValueError, match="prominence='paper' is invalid: .*'clean' has no adversarial batch"):
+        _args(tmp_path, adv_method="clean", conservation="soft", prominence="paper")
+    with pytest.raises(ValueError, match="conserve_fraction=0.5 is invalid with adv_method='trades': it is read by "
+                                         "the conservation component"):
+        _args(tmp_path, adv_method="trades", conserve_fraction=0.5)
+    with pytest.raises(ValueError, match="revision_rate=0.9 is invalid with adv_method='cure'.*revision=True"):
+        _args(tmp_path, adv_method="cure", revision=False, revision_rate=0.9)
+    with pytest.raises(ValueError, match="trades_beta=3.0 is invalid with adv_method='cure'"):
+        _args(tmp_path, adv_method="cure", trades_beta=3.0)
+    _args(tmp_path, adv_method="trades", conservation="hard", conserve_fraction=0.5)  # on: read, so accepted
+
+
+# --------------------------------------------------------------------------------- the paper's ablations
+class _StepRecorder:
+    """Records the first step's logits, loss and (before the mask) gradient; then whether the mask zeroed any."""
+
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, {}
+        step = trainer.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = step(model, inputs, return_outputs, num_items_in_batch)
+            if "loss" not in self.seen:
+                batch = trainer._batch
+                self.seen.update(loss=loss.detach().double(), labels=batch.labels, x=batch.x, x_adv=batch.x_adv,
+                                 r_nat=batch.r_nat, r_adv=batch.r_adv)
+            return loss
+
+        trainer.compute_loss = compute_loss
+
+
+def _hand_computed_cure_loss(model, seen, alpha, gamma, with_revision):
+    """alpha CE(f(x)) + (1 - alpha) CE(f(x_adv)) [+ gamma (KL(g(x) || f(x)) + KL(g(x_adv) || f(x_adv)))], in
+    float64 from a fresh forward of a copy of the model taken before the step (same train-mode BatchNorm)."""
+    def kl(student, teacher):
+        p = F.softmax(teacher.double(), 1)
+        return (p * (F.log_softmax(teacher.double(), 1) - F.log_softmax(student.double(), 1))).sum(1).mean()
+
+    with torch.no_grad():
+        z_nat, z_adv = model(seen["x"]).double(), model(seen["x_adv"]).double()
+    y = seen["labels"]
+    loss = alpha * F.cross_entropy(z_nat, y) + (1 - alpha) * F.cross_entropy(z_adv, y)
+    if with_revision:
+        loss = loss + gamma * (kl(z_nat, seen["r_nat"]) + kl(z_adv, seen["r_adv"]))
+    return float(loss)
+
+
+@pytest.mark.parametrize("ablation", ["without_revision", "without_conservation"])
+def test_the_papers_ablations_match_hand_computed_expectations(tmp_path, small_train, ablation, one_thread):
+    import copy
+
+    switch = {"without_revision": {"revision": False}, "without_conservation": {"conservation": "none"}}[ablation]
+    args = _args(tmp_path, adv_method="cure", max_steps=1, clean_weight=0.2, consistency_weight=0.7,
+                 conserve_fraction=0.4, **switch)
+    model = make_tiny_model("test_resnet")
+    trainer = CURETrainer(model, args, train_dataset=small_train)
+    before = copy.deepcopy(model)
+    recorder = _StepRecorder(trainer)
+    grads = {}
+    before_step = trainer._before_optimizer_step
+
+    def record_masked(optimizer=None):  # after every pre-step component, the mask included
+        before_step(optimizer)
+        grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    trainer._before_optimizer_step = record_masked
+    trainer.train()
+    seen = recorder.seen
+    expected = _hand_computed_cure_loss(before.train(), seen, 0.2, 0.7, with_revision=ablation != "without_revision")
+    assert math.isclose(float(seen["loss"]), expected, rel_tol=1e-5), (float(seen["loss"]), expected)
+    from cure_hf.models import head_parameter_names
+
+    head = head_parameter_names(model)
+    body = [g for n, g in grads.items() if n not in head and g.numel() >= 10]
+    zero_fraction = sum(int((g == 0).sum()) for g in body) / sum(g.numel() for g in body)
+    if ablation == "without_revision":
+        assert trainer.revision is None and seen["r_nat"] is None
+        assert 0.35 <= zero_fraction <= 0.45, zero_fraction  # p = 0.4 of each tensor conserved
+    else:
+        assert trainer.revision is not None and trainer.component("conservation") is None
+        assert zero_fraction < 0.05, zero_fraction  # nothing masked
+
+
+# ----------------------------------------------------------------------------------- the Trainer's step
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_the_trainers_step_divides_the_batch_mean_loss_by_the_accumulation_steps(tmp_path, small_train, one_thread,
+                                                                                family):
+    """The method's loss is a batch mean, so the Trainer must divide it by the accumulation steps; a transformers
+    model's forward takes loss kwargs, for which the Trainer would instead expect a loss summed over
+    `num_items_in_batch` and skip the division: CURETrainer tells it the model computes no loss."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = make_tiny_model("test_resnet") if family == "timm" else ViTForImageClassification(ViTConfig(
+        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        num_labels=10))
+    trainer = CURETrainer(model, _args(tmp_path, adv_method="pgd", gradient_accumulation_steps=2, max_steps=1),
+                          train_dataset=small_train)
+    assert trainer.model_accepts_loss_kwargs is False
+    seen, returned = [], []
+    compute_loss, training_step = trainer.compute_loss, trainer.training_step
+
+    def loss_spy(model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        seen.append((float(loss), num_items_in_batch))
+        return loss
+
+    def step_spy(*args, **kwargs):
+        loss = training_step(*args, **kwargs)
+        returned.append(float(loss))
+        return loss
+
+    trainer.compute_loss, trainer.training_step = loss_spy, step_spy
+    trainer.train()
+    assert len(seen) == 2 and all(n is None for _, n in seen)  # 2 micro-batches; no per-item normalisation asked
+    for (loss, _), back in zip(seen, returned):
+        assert back == pytest.approx(loss / 2, rel=1e-6)  # the Trainer's own accumulation scaling
+
+
+def test_a_compute_loss_func_is_refused_because_the_loss_is_the_methods(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func is invalid for CURETrainer"):
+        CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path), compute_loss_func=lambda *a, **k: 0.0)
+
+
+def test_torch_empty_cache_steps_reaches_the_trainers_cache_clearing(tmp_path, small_train, monkeypatch, one_thread):
+    import transformers.trainer as hf_trainer
+
+    calls = []
+    monkeypatch.setattr(hf_trainer, "clear_device_cache", lambda *a, **k: calls.append(1))
+    trainer = CURETrainer(make_tiny_model("test_resnet"),
+                          _args(tmp_path, adv_method="pgd", torch_empty_cache_steps=1, max_steps=2),
+                          train_dataset=small_train)
+    trainer.train()
+    assert len(calls) >= 2
+
+
+def test_a_schedule_free_optimizer_is_put_in_train_mode_by_the_trainers_step(tmp_path, small_train, one_thread):
+    class TrainModeSGD(torch.optim.SGD):  # the schedule_free_* optimizers' interface: train() / eval()
+        train_calls = 0
+
+        def train(self):
+            TrainModeSGD.train_calls += 1
+
+        def eval(self):
+            pass
+
+    model = make_tiny_model("test_resnet")
+    optimizer = TrainModeSGD(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = CURETrainer(model, _args(tmp_path, adv_method="trades"), train_dataset=small_train,
+                          optimizers=(optimizer, scheduler))
+    trainer.train()
+    assert TrainModeSGD.train_calls >= 2
+
+
+def test_lomo_and_data_parallel_are_refused_with_the_reason(tmp_path):
+    from types import SimpleNamespace
+
+    from cure_hf.runtime import refuse_unsupported_parallelism
+
+    with pytest.raises(ValueError, match="optim='lomo' is invalid for CURETrainer: LOMO fuses the backward"):
+        _args(tmp_path, optim="lomo")
+    args = SimpleNamespace(n_gpu=2, fsdp="", deepspeed=None, adv_method="cure", ddp_broadcast_buffers=False,
+                           world_size=1)
+    with pytest.raises(ValueError, match=r"nn.DataParallel \(n_gpu=2"):
+        refuse_unsupported_parallelism(args, accelerator=SimpleNamespace(distributed_type="NO"))
