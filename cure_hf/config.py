@@ -503,7 +503,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             _check(self.attack_step_size > 0, "attack_step_size", self.attack_step_size, "> 0")
         _check(self.attack_steps >= 1, "attack_steps", self.attack_steps, "an integer >= 1")
         _check(math.isfinite(self.trades_beta) and self.trades_beta >= 0, "trades_beta", self.trades_beta,
-               "a finite beta >= 0", "e.g. trades_beta=6.0 (the TRADES paper).")
+               "a finite beta >= 0", "Use e.g. trades_beta=6.0 (the TRADES paper).")
         _check(0.0 <= self.conserve_fraction < 1.0, "conserve_fraction", self.conserve_fraction, "0 <= p < 1")
         _check(0.0 <= self.clean_weight <= 1.0, "clean_weight", self.clean_weight, "0 <= alpha <= 1")
         _check(math.isfinite(self.consistency_weight) and self.consistency_weight >= 0.0, "consistency_weight",

@@ -91,7 +91,38 @@ def parse_arguments(argv):
     """The recipe's dataclasses from ``argv``: a config file (first, or ``--config``), then flags that override it."""
     parser = ConfigArgumentParser((ModelArguments, DataTrainingArguments, NaturalStageArguments, CURETrainingArguments))
     parser.set_defaults(**RECIPE_DEFAULTS)
+    parser.set_defaults(**_defaults_for_the_chosen_method(argv))
     return parser.parse_args_and_config(argv)
+
+
+def _defaults_for_the_chosen_method(argv) -> dict:
+    """The recipe's revision decay is CURE's (its revision model); a run whose method has no revision model gets
+    the field's own default, as a value nothing reads would be refused. The method and the revision switch are read
+    as the parser will read them: a flag, else the config file, else the recipe's default."""
+    import argparse
+    import dataclasses
+
+    from cure_hf.components import resolved_revision
+    from cure_hf.parser import read_config_file
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path, rest = ConfigArgumentParser._take_config_path(list(argv))
+    chosen = {"adv_method": RECIPE_DEFAULTS["adv_method"], "revision": None}
+    if path is not None:
+        chosen.update({k: v for k, v in read_config_file(path).items() if k in chosen})
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--adv_method", "--adv-method")
+    peek.add_argument("--revision")
+    flags, _ = peek.parse_known_args(rest)
+    chosen.update({k: v for k, v in vars(flags).items() if v is not None})
+    if isinstance(chosen["revision"], str):
+        chosen["revision"] = chosen["revision"].strip().lower() in ("true", "1", "yes", "y")
+    try:
+        revises = resolved_revision(argparse.Namespace(**chosen))
+    except ValueError:
+        return {}  # an unknown method: CURETrainingArguments names the registered ones
+    field_default = next(f.default for f in dataclasses.fields(CURETrainingArguments) if f.name == "revision_decay")
+    return {} if revises else {"revision_decay": field_default}
 
 
 STAGE0_DIR = "stage0_natural"
@@ -206,12 +237,15 @@ def main(argv=None):
         steps = training_args.eval_pgd_steps
         print("\n" + "=" * 64)
         print(f"{'stage':<18}{'clean acc':>12}{f'PGD-{steps} acc':>14}{'train s':>10}")
+        # with a validation split the test set's metrics are eval_test_*
+        prefix = "eval_test_" if "eval_test_accuracy" in results[training_args.adv_method] else "eval_"
         for stage, m in results.items():
-            robust = m.get(f"eval_pgd{steps}_accuracy")  # absent when eval_attacks has no pgd
+            robust = m.get(f"{prefix}pgd{steps}_accuracy")  # absent when eval_attacks has no pgd
             robust = f"{robust:>14.4f}" if robust is not None else f"{'-':>14}"
-            print(f"{stage:<18}{m['eval_accuracy']:>12.4f}{robust}{m['train_seconds']:>10.1f}")
+            print(f"{stage:<18}{m[prefix + 'accuracy']:>12.4f}{robust}{m['train_seconds']:>10.1f}")
         print(f"eps = {training_args.resolved_eval_epsilon:.5f} (L-inf, pixels in [0, 1]); "
-              f"{results[training_args.adv_method]['eval_n_examples']} test examples; model saved to {training_args.output_dir}")
+              f"{results[training_args.adv_method][prefix + 'n_examples']} test examples; model saved to "
+              f"{training_args.output_dir}")
         print("=" * 64)
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
