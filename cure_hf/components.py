@@ -81,7 +81,7 @@ class TrainingBatch:
 
 def resolved_conservation(args, method: Optional[AdversarialMethod] = None) -> str:
     """``conservation`` with its default: "soft" for a method that conserves by default (CURE), else "none"."""
-    if args.conservation is not None:
+    if getattr(args, "conservation", None) is not None:
         return args.conservation
     method = method or get_method(args.adv_method)
     return "soft" if "conservation" in method.default_components else "none"
@@ -89,7 +89,7 @@ def resolved_conservation(args, method: Optional[AdversarialMethod] = None) -> s
 
 def resolved_revision(args, method: Optional[AdversarialMethod] = None) -> bool:
     """``revision`` with its default: on for a method that revises by default (CURE), else off."""
-    if args.revision is not None:
+    if getattr(args, "revision", None) is not None:
         return bool(args.revision)
     method = method or get_method(args.adv_method)
     return "revision" in method.default_components
@@ -569,6 +569,13 @@ def components_for(args, method: Optional[AdversarialMethod] = None) -> List[Typ
 
 
 _SWITCHES = tuple(c.switch for c in COMPONENTS if c.switch)
+
+
+def runs_clean_pass(args, method: Optional[AdversarialMethod] = None) -> bool:
+    """Whether the step runs the clean training forward: the method's loss or an enabled component reads z_nat."""
+    method = method or get_method(args.adv_method)
+    return method.uses_clean_pass or resolved_revision(args, method) or (
+        resolved_conservation(args, method) != "none" and getattr(args, "prominence", "loss") == "paper")
 
 
 def owned_fields() -> Dict[str, List[str]]:

@@ -190,8 +190,26 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     to the paper's step schedule.
 
     Parameters:
+        > The method (`cure_hf.methods`)
+
         adv_method (`str`, *optional*, defaults to `"cure"`):
-            One of `clean` (natural training), `pgd` (PGD-AT), `trades`, `mart`, `fgsm_rs`, `cure`.
+            A registered method: built in, `clean` (natural training), `pgd` (PGD-AT), `trades`, `mart`, `fgsm_rs`,
+            `cure`; or your own (`cure_hf.register_method`, or an installed package's `cure_hf.methods` entry point;
+            docs/extending.md). An argument that neither the method nor an enabled component reads is refused.
+        trades_beta (`float`, *optional*, defaults to 6.0):
+            beta of TRADES and MART.
+        clean_weight (`float`, *optional*, defaults to 0.1):
+            alpha: CURE's weight of the clean CE term (1 - alpha on the adversarial term); with `prominence="paper"`
+            also the weight of the clean gradient in the conservation component's score.
+        prominence (`str`, *optional*, defaults to `"loss"`):
+            `loss`: |grad of the total loss| (released code); `paper`: alpha |dCE_nat/dw| + (1 - alpha) |dCE_adv/dw|
+            from separate backward passes, with the TRADES (beta = 1) update loss.
+        method_options (`str`, *optional*):
+            A registered method's own options (its `options`), as `"name=value,name=value"`; unset: the
+            method's defaults. The built-in methods have none. See docs/extending.md.
+
+        > The training attack (the method's attack spec, with this budget)
+
         epsilon (`str` or `float`, *optional*, defaults to `"8/255"`):
             L-inf radius of the training attack (eps).
         attack_step_size (`str` or `float`, *optional*, defaults to `"2/255"`):
@@ -200,12 +218,31 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             Steps of the training attack (K).
         attack_random_start (`bool`, *optional*, defaults to `True`):
             Uniform start in the eps-ball for PGD-AT/FGSM-RS; x + 0.001 N(0, I) for TRADES/MART/CURE.
-        trades_beta (`float`, *optional*, defaults to 6.0):
-            beta of TRADES and MART.
+        attack_warmup_epochs (`float`, *optional*, defaults to 0):
+            Ramp the training attack's `epsilon` (and `attack_step_size` with it) linearly from 0 to their values
+            over the first this many epochs (the eps warm-up of robust ViT training, Debenedetti et al., 2023).
+        attack_reuse_clean_logits (`bool`, *optional*, defaults to `False`):
+            TRADES/CURE: the attack reuses the clean training forward's logits. Only for models whose train and eval
+            forwards agree; the trainer compares the two forwards on the first batch and refuses otherwise.
+
+        > The conservation component (CURE's gradient prominence mask)
+
+        conservation (`str`, *optional*):
+            The conservation component (CURE's gradient prominence mask), for any method: `soft` masks only the
+            gradient (momentum and weight decay still move conserved weights, as the released code); `hard` leaves
+            conserved entries exactly unchanged by the step; `none` switches it off. Unset: `soft` for `cure`,
+            `none` for the other methods. `adv_method="trades", conservation="soft"` is TRADES with CURE's mask.
         conserve_fraction (`float`, *optional*, defaults to 0.3):
             p: fraction of every parameter tensor's entries conserved (gradient zeroed) per step.
-        clean_weight (`float`, *optional*, defaults to 0.1):
-            alpha: weight of the clean CE term (1 - alpha on the adversarial term).
+        head_modules (`list[str]`, *optional*):
+            Names of the classifier-head modules, never masked; auto-detected when unset.
+
+        > The revision component (CURE's revision model and consistency term)
+
+        revision (`bool`, *optional*):
+            The revision component (CURE's revision model and its consistency term, weighted by
+            `consistency_weight`), for any method. Unset: on for `cure`, off for the other methods;
+            `adv_method="cure", revision=False` is the paper's "mask only" ablation.
         consistency_weight (`float`, *optional*, defaults to 1.0):
             gamma: weight of the revision consistency KL terms.
         revision_rate (`float`, *optional*, defaults to 0.2):
@@ -219,73 +256,9 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             Seed of the revision generator (default: `seed`); identical on every process.
         revision_train_mode (`bool`, *optional*, defaults to `True`):
             Run the revision model in train mode, as the released code does.
-        prominence (`str`, *optional*, defaults to `"loss"`):
-            `loss`: |grad of the total loss| (released code); `paper`: alpha |dCE_nat/dw| + (1 - alpha) |dCE_adv/dw|
-            from separate backward passes, with the TRADES (beta = 1) update loss.
-        conservation (`str`, *optional*):
-            The conservation component (CURE's gradient prominence mask), for any method: `soft` masks only the
-            gradient (momentum and weight decay still move conserved weights, as the released code); `hard` leaves
-            conserved entries exactly unchanged by the step; `none` switches it off. Unset: `soft` for `cure`,
-            `none` for the other methods. `adv_method="trades", conservation="soft"` is TRADES with CURE's mask.
-        method_options (`str`, *optional*):
-            A registered method's own options (its `options`), as `"name=value,name=value"`; unset: the
-            method's defaults. The built-in methods have none. See docs/extending.md.
-        revision (`bool`, *optional*):
-            The revision component (CURE's revision model and its consistency term, weighted by
-            `consistency_weight`), for any method. Unset: on for `cure`, off for the other methods;
-            `adv_method="cure", revision=False` is the paper's "mask only" ablation.
-        head_modules (`list[str]`, *optional*):
-            Names of the classifier-head modules, never masked; auto-detected when unset.
-        validation_fraction (`float`, *optional*, defaults to 0.0):
-            Hold out this fraction of the training set (`trainer.validation_dataset`). `evaluate()` then reports it
-            as `eval_validation_*` beside the test set's `eval_test_*`, and `metric_for_best_model` refers to it, so the
-            test set never picks the checkpoint.
-        eval_mixed_precision (`bool`, *optional*, defaults to `False`):
-            Run `evaluate()`'s attacks under the training's bf16/fp16 autocast (default: fp32; fp16 attacks are weaker).
-        channels_last (`bool`, *optional*, defaults to `False`):
-            Model and batches in channels_last memory format.
-        attack_reuse_clean_logits (`bool`, *optional*, defaults to `False`):
-            TRADES/CURE: the attack reuses the clean training forward's logits. Only for models whose train and eval
-            forwards agree; the trainer compares the two forwards on the first batch and refuses otherwise.
-        natural_warmup_epochs (`float`, *optional*, defaults to 0):
-            The efficient variant: clean loss for this many epochs, then the method in the same run.
-        lr_step_epochs (`str`, *optional*):
-            The paper's step schedule, e.g. `"100,150"`: the learning rate times `lr_step_factor` at these epochs.
-        lr_step_factor (`float`, *optional*, defaults to 0.1):
-            Factor of the step schedule.
-        layer_telemetry (`bool`, *optional*, defaults to `False`):
-            CURE: log per block the fraction of entries updated and the share of gradient magnitude (`telemetry/*`).
-        speed_preset (`str`, *optional*, defaults to `"none"`):
-            `"fast"`: bf16 autocast through the whole step (attack included, losses in fp32), channels_last,
-            torch_compile, and where the device allows a CUDA-graph attack (`attack_cuda_graph`), `cudnn_benchmark`
-            and `device_resident_data`; each also stands alone. See docs/benchmarks.md ("GPU fast path").
-        attack_cuda_graph (`bool`, *optional*):
-            Capture the training attack's K steps as a CUDA graph and replay it (CUDA only; None: the preset decides).
-        device_resident_data (`bool`, *optional*):
-            The whole training set on the device, shuffled and augmented there (None: the preset decides).
-        device_augment (`str`, *optional*, defaults to `"none"`):
-            Augmentation of device-resident data: `none` or `crop_flip` (pad-4 random crop + horizontal flip).
-        cudnn_benchmark (`bool`, *optional*):
-            Set `torch.backends.cudnn.benchmark` (None: on under the preset on CUDA, else unchanged).
-        sgd_momentum (`float`, *optional*):
-            Momentum of `optim="sgd"` when `optim_args` does not set it; 0.9 (the released code) when unset. Refused
-            with another optimizer.
-        weight_decay_all_parameters (`bool`, *optional*, defaults to `True`):
-            Weight decay on biases and norm weights too (the released code); `False` gives the Trainer's grouping.
-        nonfinite_policy (`str`, *optional*, defaults to `"stop"`):
-            What a NaN or infinite gradient does (one check per optimizer step): `stop` raises
-            `cure_hf.safety.NonFiniteTrainingError` naming the step and the likely cause, before the step is applied;
-            `skip` drops that optimizer step (no parameter, momentum or weight-decay change) with a warning and goes
-            on. Steps the fp16 GradScaler skips are the scaler's business and never count.
-        allow_partial_resume (`bool`, *optional*, defaults to `False`):
-            Resume from a checkpoint that lacks its optimizer, scheduler, RNG or revision state, with a warning,
-            starting those afresh. By default such a resume is refused (it would silently restart the schedule).
-        weight_averaging (`bool`, `float` or `str`, *optional*):
-            An exponential moving average of the weights and BatchNorm statistics after every optimizer step, with
-            the decay warmed up as min(decay, (1 + t) / (10 + t)) (as a reproduction of Gowal et al., 2020). `True`
-            for decay 0.999, or a decay such as `0.998`; unset or `False`: none. Evaluation, best-model selection,
-            saving, the model card and pushing use the average; training continues from the working weights. See
-            docs/beyond.md.
+
+        > The AWP component
+
         awp_gamma (`bool`, `float` or `str`, *optional*):
             Adversarial weight perturbation (Wu et al., 2020): before each update the conv/linear weights are moved
             by gamma * ||w|| along the gradient of the method's loss, and put back exactly before the optimizer
@@ -294,9 +267,68 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         awp_warmup_epochs (`float`, *optional*):
             Epochs of training without AWP before it starts; default: the method's published value (0 for `pgd`
             and `fgsm_rs`, 10 for `trades`, `mart` and `cure`). Only with `awp_gamma`.
-        attack_warmup_epochs (`float`, *optional*, defaults to 0):
-            Ramp the training attack's `epsilon` (and `attack_step_size` with it) linearly from 0 to their values
-            over the first this many epochs (the eps warm-up of robust ViT training, Debenedetti et al., 2023).
+
+        > The weight-averaging component
+
+        weight_averaging (`bool`, `float` or `str`, *optional*):
+            An exponential moving average of the weights and BatchNorm statistics after every optimizer step, with
+            the decay warmed up as min(decay, (1 + t) / (10 + t)) (as a reproduction of Gowal et al., 2020). `True`
+            for decay 0.999, or a decay such as `0.998`; unset or `False`: none. Evaluation, best-model selection,
+            saving, the model card and pushing use the average; training continues from the working weights. See
+            docs/beyond.md.
+
+        > The layer-telemetry component
+
+        layer_telemetry (`bool`, *optional*, defaults to `False`):
+            CURE: log per block the fraction of entries updated and the share of gradient magnitude (`telemetry/*`).
+
+        > The divergence guard and resuming
+
+        nonfinite_policy (`str`, *optional*, defaults to `"stop"`):
+            What a NaN or infinite gradient does (one check per optimizer step): `stop` raises
+            `cure_hf.safety.NonFiniteTrainingError` naming the step and the likely cause, before the step is applied;
+            `skip` drops that optimizer step (no parameter, momentum or weight-decay change) with a warning and goes
+            on. Steps the fp16 GradScaler skips are the scaler's business and never count.
+        allow_partial_resume (`bool`, *optional*, defaults to `False`):
+            Resume from a checkpoint that lacks its optimizer, scheduler, RNG or revision state, with a warning,
+            starting those afresh. By default such a resume is refused (it would silently restart the schedule).
+
+        > Schedule, optimizer and model selection
+
+        natural_warmup_epochs (`float`, *optional*, defaults to 0):
+            The efficient variant: clean loss for this many epochs, then the method in the same run.
+        lr_step_epochs (`str`, *optional*):
+            The paper's step schedule, e.g. `"100,150"`: the learning rate times `lr_step_factor` at these epochs.
+        lr_step_factor (`float`, *optional*, defaults to 0.1):
+            Factor of the step schedule.
+        sgd_momentum (`float`, *optional*):
+            Momentum of `optim="sgd"` when `optim_args` does not set it; 0.9 (the released code) when unset. Refused
+            with another optimizer.
+        weight_decay_all_parameters (`bool`, *optional*, defaults to `True`):
+            Weight decay on biases and norm weights too (the released code); `False` gives the Trainer's grouping.
+        validation_fraction (`float`, *optional*, defaults to 0.0):
+            Hold out this fraction of the training set (`trainer.validation_dataset`). `evaluate()` then reports it
+            as `eval_validation_*` beside the test set's `eval_test_*`, and `metric_for_best_model` refers to it, so the
+            test set never picks the checkpoint.
+        eval_mixed_precision (`bool`, *optional*, defaults to `False`):
+            Run `evaluate()`'s attacks under the training's bf16/fp16 autocast (default: fp32; fp16 attacks are weaker).
+
+        > Speed
+
+        speed_preset (`str`, *optional*, defaults to `"none"`):
+            `"fast"`: bf16 autocast through the whole step (attack included, losses in fp32), channels_last,
+            torch_compile, and where the device allows a CUDA-graph attack (`attack_cuda_graph`), `cudnn_benchmark`
+            and `device_resident_data`; each also stands alone. See docs/benchmarks.md ("GPU fast path").
+        channels_last (`bool`, *optional*, defaults to `False`):
+            Model and batches in channels_last memory format.
+        attack_cuda_graph (`bool`, *optional*):
+            Capture the training attack's K steps as a CUDA graph and replay it (CUDA only; None: the preset decides).
+        device_resident_data (`bool`, *optional*):
+            The whole training set on the device, shuffled and augmented there (None: the preset decides).
+        device_augment (`str`, *optional*, defaults to `"none"`):
+            Augmentation of device-resident data: `none` or `crop_flip` (pad-4 random crop + horizontal flip).
+        cudnn_benchmark (`bool`, *optional*):
+            Set `torch.backends.cudnn.benchmark` (None: on under the preset on CUDA, else unchanged).
 
     Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """

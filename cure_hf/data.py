@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["load_digits_dataset", "load_image_dataset", "image_transform", "set_preprocessing",
            "dataset_preprocessing", "dataset_label_feature", "dataset_card_fields", "collate_pixels",
-           "check_pixel_range", "split_validation", "DIGITS_DATASET_NAME"]
+           "split_validation", "DIGITS_DATASET_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -295,19 +295,6 @@ def _refuse_non_numeric_labels(examples: List[Dict]) -> None:
         "dataset = dataset.class_encode_column(\"label\") (with the name of your label column; it becomes a "
         "datasets ClassLabel with the sorted names, which the saved model keeps as its label names), or load the data with cure_hf.data.load_image_dataset, which does it"
     )
-
-
-def check_pixel_range(pixel_values: torch.Tensor) -> None:
-    """Raise unless the pixels are finite floats in [0, 1] (a normaliser outside the model, 0..255 intensities,
-    uint8, NaN each get the error with its fix: ``cure_hf.safety.check_pixel_values``).
-
-    It reads the minimum and maximum back to the host: free on a CPU tensor, a wait for the device on a GPU tensor.
-    So CURETrainer checks batches on the CPU, in its data collator (``cure_hf.speed.CheckingCollator``) or once
-    over the whole set for device-resident data, and the training step never waits for it.
-    """
-    from .safety import check_pixel_values
-
-    check_pixel_values(pixel_values)
 
 
 def _pick_column(names, wanted: Optional[str], candidates, what: str) -> str:

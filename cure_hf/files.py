@@ -1,4 +1,5 @@
-"""Files cure_hf writes get the permissions ``open()`` would give them: ``0o666 & ~umask`` (folders ``0o777``).
+"""Small file helpers. Files cure_hf writes get the permissions ``open()`` would give them: ``0o666 & ~umask``
+(folders ``0o777``); :func:`read_json` reads the JSON files of saved folders and checkpoints.
 
 safetensors' ``save_file`` (and so transformers' ``save_pretrained``) creates its files ``0o600`` whatever the
 umask, so a checkpoint on a shared file system could not be read by colleagues or a serving process.
@@ -6,11 +7,25 @@ umask, so a checkpoint on a shared file system could not be read by colleagues o
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
-from typing import Optional
+from typing import Any, Dict, Optional
 
-__all__ = ["current_umask", "chmod_as_umask"]
+__all__ = ["current_umask", "chmod_as_umask", "read_json"]
+
+_REQUIRED = object()
+
+
+def read_json(path: str, default: Any = _REQUIRED) -> Dict[str, Any]:
+    """The JSON object in ``path``; with ``default``, that instead of an error for a missing or unreadable file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        if default is _REQUIRED:
+            raise
+        return default
 
 _umask_lock = threading.Lock()
 

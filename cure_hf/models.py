@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .files import read_json
+
 __all__ = [
     "PixelNormalized", "SelectLogits", "create_model", "load_model", "find_head_modules", "head_parameter_names",
     "unwrap_normalized", "logits_index", "model_data_config", "model_preprocessing", "conform_image_processor",
@@ -389,11 +391,6 @@ def _rounded(values):
     return None if values is None else [round(float(v), 6) for v in values]
 
 
-def _read_json(path: str) -> Dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _is_timm_config(config: Optional[Dict[str, Any]]) -> bool:
     """timm's config.json: an ``architecture`` (singular) and no transformers model type but timm_wrapper."""
     return config is not None and "architecture" in config and config.get("model_type", "timm_wrapper") == "timm_wrapper"
@@ -411,7 +408,7 @@ def _resolve_source(spec: str) -> Tuple[str, str, Optional[Dict[str, Any]]]:
                 f"model={spec!r}: {config_file} not found; a model folder needs config.json and model.safetensors "
                 "(as written by cure_hf.hub.save_pretrained, timm's save_for_hf or transformers' save_pretrained)"
             )
-        return "folder", folder, _read_json(config_file)
+        return "folder", folder, read_json(config_file)
     if spec.startswith("hf-hub:"):
         return "hub", spec[len("hf-hub:"):], _hub_config(spec[len("hf-hub:"):])
     if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
@@ -435,7 +432,7 @@ def _hub_config(repo: str) -> Dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     repo_id, _, revision = repo.partition("@")
-    return _read_json(hf_hub_download(repo_id, "config.json", revision=revision or None))
+    return read_json(hf_hub_download(repo_id, "config.json", revision=revision or None))
 
 
 def _require_safetensors(kind: str, location: str) -> None:

@@ -11,6 +11,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
+from .components import runs_clean_pass
 from .methods import METHODS, AttackSpec
 
 __all__ = [
@@ -61,7 +62,7 @@ def refuse_unsupported_parallelism(args, accelerator=None) -> None:
             "recipes/accelerate_configs/multi_gpu.yaml` (or CUDA_VISIBLE_DEVICES=0 for one GPU)."
         )
     method = METHODS.get(getattr(args, "adv_method", None))
-    two_forwards = method is not None and method.attack is not None
+    two_forwards = method is not None and method.attack is not None and runs_clean_pass(args, method)
     if two_forwards and getattr(args, "ddp_broadcast_buffers", None) and getattr(args, "world_size", 1) > 1:
         raise ValueError(
             f"ddp_broadcast_buffers=True is invalid for adv_method={args.adv_method!r} under DDP: the clean and the "

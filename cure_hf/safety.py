@@ -510,14 +510,6 @@ def _has_weights(folder: str) -> bool:
         os.path.join(folder, "model.safetensors.index.json"))
 
 
-def _read_json(path: str) -> Optional[Dict[str, Any]]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def missing_checkpoint_parts(folder: str, *, required_files: Iterable[Any] = ()) -> List[str]:
     """What a checkpoint folder lacks to resume exactly: weights, trainer state, optimizer, scheduler, RNG state,
     and ``required_files``: names, or ``(name, from_epoch)`` pairs for a file that a checkpoint holds only from that
@@ -526,7 +518,9 @@ def missing_checkpoint_parts(folder: str, *, required_files: Iterable[Any] = ())
         return ["the folder itself"]
     names = set(os.listdir(folder))
     missing = [] if _has_weights(folder) else ["model.safetensors"]
-    state = _read_json(os.path.join(folder, TRAINER_STATE_NAME))
+    from .files import read_json
+
+    state = read_json(os.path.join(folder, TRAINER_STATE_NAME), None)
     if state is None:
         missing.append(TRAINER_STATE_NAME)
     missing += [name for name in (OPTIMIZER_NAME, SCHEDULER_NAME) if name not in names]
@@ -580,7 +574,9 @@ def check_resume_arguments(folder: str, current: Dict[str, Any], method_argument
     ``training_args.json``: raise on a changed ``method_arguments`` entry (the method's and its components' fields,
     `cure_hf.components.method_argument_names`), return warnings for changed optimizer arguments. ``resolve`` gives
     the saved arguments' defaults that depend on the method (the component switches) their values."""
-    saved = _read_json(os.path.join(folder, TRAINING_ARGS_JSON))
+    from .files import read_json
+
+    saved = read_json(os.path.join(folder, TRAINING_ARGS_JSON), None)
     if saved is None:
         return [f"{folder} has no readable {TRAINING_ARGS_JSON}: cannot check that this resume uses the checkpoint's "
                 "method and hyperparameters"]

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import attack_mode, clean_logits_of, pgd, pgd_steps, random_start
-from .data import check_pixel_range
+from .safety import check_pixel_values
 
 __all__ = [
     "SPEED_PRESETS",
@@ -416,7 +416,7 @@ class CheckingCollator:
     """A data collator that checks the batch's pixel range and, once the model's class count is known
     (``num_classes``), its labels on the CPU, where reading them costs no device sync.
 
-    The training step then needs no check on the device (``check_pixel_range`` on a GPU tensor waits for the GPU),
+    The training step then needs no check on the device (``check_pixel_values`` on a GPU tensor waits for the GPU),
     and a label the model has no class for (10 for a 10-class model) stops with the fix instead of torch's
     ``IndexError: Target 10 is out of bounds`` (or a CUDA device-side assert). Only integer label tensors are range
     checked: float labels (soft targets from a collator of your own) are left to it.
@@ -432,7 +432,7 @@ class CheckingCollator:
         batch = self.collator(examples)
         pixels = batch.get("pixel_values") if isinstance(batch, Mapping) else None
         if isinstance(pixels, torch.Tensor):
-            check_pixel_range(pixels)  # on the CPU, as collators make batches (a device tensor is checked too)
+            check_pixel_values(pixels)  # on the CPU, as collators make batches (a device tensor is checked too)
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
         if self.num_classes is not None and isinstance(labels, torch.Tensor) and not labels.is_floating_point() \
                 and labels.dtype != torch.bool:
@@ -525,7 +525,7 @@ def resident_arrays(dataset, collate_fn: Callable, batch_size: int = 512, num_wo
     """
     if isinstance(dataset, TensorImageDataset):
         if dataset.images.dtype != torch.uint8:
-            check_pixel_range(dataset.images)
+            check_pixel_values(dataset.images)
         return dataset.images, dataset.labels
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
         raise TypeError(f"device_resident_data needs a map-style dataset with a length, got {type(dataset).__name__}")
@@ -545,7 +545,7 @@ def resident_arrays(dataset, collate_fn: Callable, batch_size: int = 512, num_wo
         pixels.append(batch["pixel_values"].float())
         labels.append(torch.as_tensor(batch["labels"], dtype=torch.long))
     images = torch.cat(pixels)
-    check_pixel_range(images)
+    check_pixel_values(images)
     if images.dim() != 4:
         raise ValueError(f"device_resident_data needs images (C, H, W); got pixel_values of shape {tuple(images.shape[1:])}")
     scaled = images * 255.0
@@ -681,7 +681,7 @@ class SpeedRuntime:
     def check_pixels(self, pixel_values: torch.Tensor) -> None:
         """The training step's range check: free when the batch was checked on the CPU already."""
         if pixel_values.device.type == "cpu" or not self.pixels_checked_on_cpu:
-            check_pixel_range(pixel_values)  # on a device tensor this waits for the device: only when unchecked
+            check_pixel_values(pixel_values)  # on a device tensor this waits for the device: only when unchecked
 
     def pgd(self, model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``attacks.pgd``, replayed from a CUDA graph when ``attack_cuda_graph`` is on."""

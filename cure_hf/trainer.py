@@ -141,7 +141,7 @@ class CURETrainer(RobustTrainer):
         """Steps 2 and 3: the training forwards and the method's loss with the components' terms, on the batch
         that `training_step` prepared. A batch mean: the Trainer divides it by the accumulation steps."""
         batch = self._batch
-        if batch is None or batch.x is not inputs["pixel_values"]:
+        if batch is None:
             raise RuntimeError("CURETrainer.compute_loss runs inside CURETrainer.training_step, which crafts the "
                                "adversarial batch first; call trainer.training_step(model, inputs)")
         if batch.natural:  # efficient variant: clean training until the switch

@@ -56,7 +56,7 @@ def small_train():
 def _args(tmp_path, **kwargs):
     defaults = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, attack_steps=1,
                     learning_rate=0.05, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
-                    dataloader_num_workers=0)
+                    dataloader_num_workers=0, logging_steps=1)
     return CURETrainingArguments(**{**defaults, **kwargs})
 
 

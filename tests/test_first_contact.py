@@ -230,3 +230,46 @@ def test_fast_preset_without_a_gpu_counts_as_a_cpu(monkeypatch):
         use_cpu = False
 
     assert _trains_on_cpu(Fields()) == "no GPU found"
+
+
+# ------------------------------------------------------------------------------ arguments of another method
+def test_cure_arguments_given_to_trades_switch_on_what_reads_them_or_are_refused(tmp_path):
+    """The reported run: TRADES with conservation='hard', conserve_fraction=0.5 and revision_rate=0.9 trained plain
+    TRADES without a word. Conservation is a component now: conservation='hard' switches CURE's mask on for TRADES
+    (and conserve_fraction is then read); revision_rate is read only by a revision model, which is off: refused."""
+    from cure_hf import CURETrainingArguments
+    from cure_hf.components import components_for
+
+    common = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, adv_method="trades")
+    with pytest.raises(ValueError, match=r"revision_rate=0.9 is invalid with adv_method='trades': it is read by the "
+                                         r"revision component, which this run does not use.*revision=True"):
+        CURETrainingArguments(conservation="hard", conserve_fraction=0.5, revision_rate=0.9, **common)
+    args = CURETrainingArguments(conservation="hard", conserve_fraction=0.5, **common)
+    assert "conservation" in [c.name for c in components_for(args)]
+    with pytest.raises(ValueError, match="conserve_fraction=0.5 is invalid with adv_method='trades'"):
+        CURETrainingArguments(conserve_fraction=0.5, **common)  # the mask is off for TRADES unless switched on
+
+
+def test_a_cpu_run_does_not_pin_memory(tmp_path):
+    """torch warns at every DataLoader that pins memory without an accelerator; pinning only helps copies to a GPU."""
+    import warnings
+
+    import torch
+
+    from cure_hf import CURETrainingArguments
+
+    args = CURETrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    assert args.dataloader_pin_memory is False
+    if not torch.cuda.is_available():
+        assert CURETrainingArguments(output_dir=str(tmp_path), report_to=[]).dataloader_pin_memory is False
+    loader = torch.utils.data.DataLoader(list(range(4)), pin_memory=args.dataloader_pin_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        list(loader)
+
+
+def test_the_evaluation_docs_name_the_test_metrics_of_a_validation_run():
+    import os
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "docs", "evaluation.md"), encoding="utf-8").read()
+    assert "eval_test_" in text and "eval_validation_" in text

@@ -150,7 +150,7 @@ def test_two_stage_flow_loads_stage0_weights_with_a_fresh_optimizer(image_folder
 
 
 def test_efficient_variant_warmup_then_cure_with_step_schedule(digits, tmp_path, monkeypatch):
-    import cure_hf.trainer as trainer_module
+    import cure_hf.components as trainer_module
 
     mask_calls = []
     real_mask = trainer_module.mask_gradients_

@@ -59,8 +59,8 @@ def trainer_for(method, steps=3, callbacks=(), **fields):
     model = create_model("test_resnet", 10)
     args = CURETrainingArguments(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, max_steps=steps, attack_steps=3,
-        learning_rate=0.05, revision_rate=1.0, eval_pgd_steps=2, save_strategy="no", report_to=[],
-        disable_tqdm=True, adv_method=method, **fields,
+        learning_rate=0.05, eval_pgd_steps=2, save_strategy="no", report_to=[],
+        disable_tqdm=True, adv_method=method, **({"revision_rate": 1.0} if method == "cure" else {}), **fields,
     )
     trainer = CURETrainer(model=model, args=args, train_dataset=Digits(), eval_dataset=Digits(16),
                           callbacks=list(callbacks))

@@ -53,6 +53,16 @@ def ce_attack_trainer():
     return CEAttackTrainer
 
 
+def only_what_the_run_reads(fields):
+    """Drop the revision rate where no revision model runs: a setting nothing reads is refused."""
+    from types import SimpleNamespace
+
+    from cure_hf.components import resolved_revision
+
+    probe = SimpleNamespace(adv_method=fields.get("adv_method", "cure"), revision=fields.get("revision"))
+    return fields if resolved_revision(probe) else {k: v for k, v in fields.items() if k != "revision_rate"}
+
+
 def train_run(spec: Dict[str, Any], out_dir: str) -> Dict[str, torch.Tensor]:
     """One run: spec keys name, model, per_device_batch, steps, examples, ce_attack, and CURETrainingArguments fields."""
     from cure_hf import CURETrainer, CURETrainingArguments
@@ -69,7 +79,7 @@ def train_run(spec: Dict[str, Any], out_dir: str) -> Dict[str, torch.Tensor]:
         dataloader_num_workers=0, seed=0,
     )
     fields.update(spec)
-    args = CURETrainingArguments(**fields)
+    args = CURETrainingArguments(**only_what_the_run_reads(fields))
     model = tiny_model(model_name)
     trainer = trainer_class(model=model, args=args, train_dataset=digits_subset(examples))
     trainer.train()

@@ -19,6 +19,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dist_train import digits_subset, tiny_model  # noqa: E402
 
 
+def only_what_the_run_reads(fields):
+    """Drop the revision rate where no revision model runs: a setting nothing reads is refused."""
+    from types import SimpleNamespace
+
+    from cure_hf.components import resolved_revision
+
+    probe = SimpleNamespace(adv_method=fields.get("adv_method", "cure"), revision=fields.get("revision"))
+    return fields if resolved_revision(probe) else {k: v for k, v in fields.items() if k != "revision_rate"}
+
+
 def train_run(spec, out_dir):
     from cure_hf import CURETrainer, CURETrainingArguments
 
@@ -31,7 +41,7 @@ def train_run(spec, out_dir):
         dataloader_num_workers=0, seed=0,
     )
     fields.update(spec)
-    trainer = CURETrainer(model=tiny_model("test_resnet"), args=CURETrainingArguments(**fields),
+    trainer = CURETrainer(model=tiny_model("test_resnet"), args=CURETrainingArguments(**only_what_the_run_reads(fields)),
                           train_dataset=digits_subset(64))
     state = {}
     perturb = trainer.awp.perturb_
