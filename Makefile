@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 # CPU machines: these torch/torchvision builds import together (timm needs torchvision).
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench compare reproduce
+.PHONY: install demo test lint bench compare reproduce
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -16,6 +16,11 @@ demo: install
 
 test: install
 	$(PYTHON) -m pytest tests
+
+# The linter and the formatter (ruff.toml); .ci/run runs this before the tests.
+lint: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 bench: install
 	$(PYTHON) benchmarks/bench_step.py

@@ -26,7 +26,7 @@ setup(
         "tqdm>=4.60",
         "filelock>=3.9",
     ],
-    extras_require={"dev": ["pytest>=7", "hypothesis>=6"]},
+    extras_require={"dev": ["pytest>=7", "hypothesis>=6", "ruff>=0.6"]},
     entry_points={"console_scripts": ["cure-hf=cure_hf.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )

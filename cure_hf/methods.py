@@ -495,16 +495,14 @@ class MART(AdversarialMethod):
 
 
 @register_method
-class FGSMRS(AdversarialMethod):
+class FGSMRS(PGDAT):
+    """PGD-AT's loss on a one-step attack from a uniform start (1.25 eps)."""
+
     name, title = "fgsm_rs", "FGSM-RS"
     citation, paper_id = FGSM_RS_CITATION, "2001.03994"
     attack = AttackSpec("fgsm", "ce", "uniform")
-    uses_clean_pass = False
     awp_defaults = AWPDefaults(1e-2, 0.0, "the AT_AWP script's own defaults for its --attack fgsm mode (same CE "
                                           "loss as PGD-AT)")
-
-    def loss(self, inputs, hp):
-        return pgd_at_loss(inputs.z_adv, inputs.labels, hp["label_smoothing_factor"])
 
 
 @register_method
