@@ -9,6 +9,7 @@ Every variant is checked to conserve exactly the same entries as ``mask_gradient
 
     python benchmarks/bench_mask.py --device cuda --model cifar_resnet18
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_step import build_model, sync  # noqa: E402
+
 from cure_hf.models import head_parameter_names  # noqa: E402
 from cure_hf.prominence import mask_gradients_  # noqa: E402
-
-from bench_step import build_model, sync  # noqa: E402
 
 
 def _positions(n: int, fraction: float):
@@ -108,10 +109,14 @@ def main(argv=None):
     model = build_model(cfg.model, 32, 4)
     heads = head_parameter_names(model)
     generator = torch.Generator().manual_seed(0)
-    grads = [torch.randn(p.shape, generator=generator).to(device) for n, p in model.named_parameters() if n not in heads]
+    grads = [
+        torch.randn(p.shape, generator=generator).to(device) for n, p in model.named_parameters() if n not in heads
+    ]
     total = sum(g.numel() for g in grads)
-    print(f"# bench_mask: {cfg.model}, {len(grads)} maskable tensors, {total / 1e6:.2f}M entries, largest "
-          f"{max(g.numel() for g in grads)}, device {device}, p={cfg.fraction}")
+    print(
+        f"# bench_mask: {cfg.model}, {len(grads)} maskable tensors, {total / 1e6:.2f}M entries, largest "
+        f"{max(g.numel() for g in grads)}, device {device}, p={cfg.fraction}"
+    )
     cure_hf_mask = CureHfMask(grads)
     reference = [m.clone() for m in cure_hf_mask(grads, cfg.fraction)]
     variants = {
@@ -140,9 +145,13 @@ def main(argv=None):
             sync(device)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
         busy = sum(e.device_time for e in kernels) / 1e3
-        launches = sum(1 for e in prof.events() if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
-        print(f"PROFILE cure_hf mask_gradients_: {wall * 1e3:.2f} ms wall, GPU kernels busy {busy:.2f} ms, "
-              f"{len(kernels)} kernels ({launches} launch calls)")
+        launches = sum(
+            1 for e in prof.events() if e.name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel")
+        )
+        print(
+            f"PROFILE cure_hf mask_gradients_: {wall * 1e3:.2f} ms wall, GPU kernels busy {busy:.2f} ms, "
+            f"{len(kernels)} kernels ({launches} launch calls)"
+        )
 
 
 if __name__ == "__main__":

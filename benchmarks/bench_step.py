@@ -22,6 +22,7 @@ run goes on. No ``datasets``/``evaluate``/``pyautoattack``: synthetic CIFAR-shap
     python benchmarks/bench_step.py --device cpu --model test_resnet --batch-size 8 --steps 1 --warmup 1   # dry run
     bash benchmarks/gpu_run.sh                                                                               # H100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,30 +53,42 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cure_hf.attacks import logits_of, pgd  # noqa: E402
-from cure_hf.data import collate_pixels  # noqa: E402
 from cure_hf.components import resolved_conservation, resolved_revision  # noqa: E402
 from cure_hf.config import CURETrainingArguments  # noqa: E402
+from cure_hf.data import collate_pixels  # noqa: E402
 from cure_hf.methods import METHODS, AttackSettings, LossInputs, get_method, with_consistency  # noqa: E402
 from cure_hf.models import create_model, head_parameter_names  # noqa: E402
 from cure_hf.prominence import mask_gradients_, quantile_threshold  # noqa: E402
 from cure_hf.revision import RevisionModel  # noqa: E402
 from cure_hf.speed import (  # noqa: E402
-    DeviceResidentLoader, GraphedAttack, TensorImageDataset, _EagerReplay, attack_module, autocast_forward,
+    DeviceResidentLoader,
+    GraphedAttack,
+    TensorImageDataset,
+    _EagerReplay,
+    attack_module,
+    autocast_forward,
 )
 
-TARGETS = {"cure_epoch_fast_s": 15.0, "bf16_speedup": 1.6, "trainer_overhead": 0.05, "cure_vs_trades": 1.10,
-           "mask_revision_share": 0.02}
+TARGETS = {
+    "cure_epoch_fast_s": 15.0,
+    "bf16_speedup": 1.6,
+    "trainer_overhead": 0.05,
+    "cure_vs_trades": 1.10,
+    "mask_revision_share": 0.02,
+}
 # name: (bf16, channels_last, compile, cuda graph attack, device-resident data, cudnn.benchmark)
-CONFIGS = OrderedDict([
-    ("fp32", (False, False, False, False, False, False)),
-    ("bf16", (True, False, False, False, False, False)),
-    ("bf16_cl", (True, True, False, False, False, False)),
-    ("compile", (True, True, True, False, False, False)),
-    ("graphs", (True, True, True, True, False, False)),
-    ("fast", (True, True, True, True, True, True)),
-    ("fp32_graphs", (False, False, False, True, False, False)),
-    ("bf16_cl_graphs", (True, True, False, True, False, False)),
-])
+CONFIGS = OrderedDict(
+    [
+        ("fp32", (False, False, False, False, False, False)),
+        ("bf16", (True, False, False, False, False, False)),
+        ("bf16_cl", (True, True, False, False, False, False)),
+        ("compile", (True, True, True, False, False, False)),
+        ("graphs", (True, True, True, True, False, False)),
+        ("fast", (True, True, True, True, True, True)),
+        ("fp32_graphs", (False, False, False, True, False, False)),
+        ("bf16_cl_graphs", (True, True, False, True, False, False)),
+    ]
+)
 LADDER = ("fp32", "bf16", "bf16_cl", "compile", "graphs", "fast")
 METHOD_ORDER = ("cure", "trades", "pgd", "clean")
 
@@ -239,12 +252,27 @@ def _argument_defaults() -> Dict[str, Any]:
 
 def make_loader(cfg, dataset: TensorImageDataset, resident: bool, channels_last: bool):
     if resident:
-        return DeviceResidentLoader(dataset.images, dataset.labels, batch_size=cfg.batch_size, device=cfg.device,
-                                    augment=dataset.augment, seed=dataset.seed, sampler_seed=0, drop_last=True,
-                                    channels_last=channels_last)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.base_workers,
-                      collate_fn=collate_pixels, pin_memory=cfg.device.type == "cuda", drop_last=True,
-                      persistent_workers=False)
+        return DeviceResidentLoader(
+            dataset.images,
+            dataset.labels,
+            batch_size=cfg.batch_size,
+            device=cfg.device,
+            augment=dataset.augment,
+            seed=dataset.seed,
+            sampler_seed=0,
+            drop_last=True,
+            channels_last=channels_last,
+        )
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=cfg.base_workers,
+        collate_fn=collate_pixels,
+        pin_memory=cfg.device.type == "cuda",
+        drop_last=True,
+        persistent_workers=False,
+    )
 
 
 def timed_dataset(cfg, steps: int) -> TensorImageDataset:
@@ -252,8 +280,9 @@ def timed_dataset(cfg, steps: int) -> TensorImageDataset:
     return TensorImageDataset(images, labels, augment="crop_flip", seed=0)
 
 
-def run_plain(cfg, models: Models, method: str, config: str, *, breakdown: bool = False,
-              profile: Optional[Callable] = None) -> Dict[str, Any]:
+def run_plain(
+    cfg, models: Models, method: str, config: str, *, breakdown: bool = False, profile: Optional[Callable] = None
+) -> Dict[str, Any]:
     """Seconds per step of the plain loop over ``cfg.steps`` steps after ``cfg.warmup``, the device synchronised only
     before and after the timed steps; with ``breakdown``, seconds per step of each part (synchronised per part)."""
     bf16, channels_last, compiled, _, resident, benchmark = CONFIGS[config]
@@ -273,7 +302,11 @@ def run_plain(cfg, models: Models, method: str, config: str, *, breakdown: bool 
         step(next(batches), timed=breakdown)
     sync(device)
     seconds = (time.perf_counter() - start) / cfg.steps
-    result = {"step_s": seconds, "peak_mib": peak_mib(device), "parts_s": {k: v / cfg.steps for k, v in step.times.items()}}
+    result = {
+        "step_s": seconds,
+        "peak_mib": peak_mib(device),
+        "parts_s": {k: v / cfg.steps for k, v in step.times.items()},
+    }
     if isinstance(step.attack, GraphedAttack):
         result["graph_replays"], result["graph_eager_calls"] = step.attack.replays, step.attack.eager_calls
     if profile is not None:
@@ -306,23 +339,49 @@ def trainer_arguments(cfg, method: str, config: str, out: str, max_steps: int, *
     from cure_hf import CURETrainingArguments
 
     bf16, channels_last, compiled, graphs, resident, benchmark = CONFIGS[config]
-    fields = dict(bf16=bf16, channels_last=channels_last, torch_compile=compiled, attack_cuda_graph=graphs and
-                  cfg.device.type == "cuda", device_resident_data=resident, cudnn_benchmark=benchmark,
-                  dataloader_num_workers=0 if resident else cfg.base_workers)
+    fields = dict(
+        bf16=bf16,
+        channels_last=channels_last,
+        torch_compile=compiled,
+        attack_cuda_graph=graphs and cfg.device.type == "cuda",
+        device_resident_data=resident,
+        cudnn_benchmark=benchmark,
+        dataloader_num_workers=0 if resident else cfg.base_workers,
+    )
     if config == "fast":  # the preset as users write it
         fields = dict(speed_preset="fast", dataloader_num_workers=0)
     if compiled and cfg.compile_backend != "inductor":
         fields["torch_compile_backend"] = cfg.compile_backend
     return CURETrainingArguments(
-        output_dir=out, adv_method=method, max_steps=max_steps, per_device_train_batch_size=cfg.batch_size,
-        attack_steps=cfg.attack_steps, seed=0, report_to=[], save_strategy="no", logging_strategy="no",
-        disable_tqdm=True, use_cpu=cfg.device.type == "cpu", dataloader_pin_memory=cfg.device.type == "cuda",
-        dataloader_drop_last=True, **{**fields, **extra},
+        output_dir=out,
+        adv_method=method,
+        max_steps=max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        attack_steps=cfg.attack_steps,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=cfg.device.type == "cpu",
+        dataloader_pin_memory=cfg.device.type == "cuda",
+        dataloader_drop_last=True,
+        **{**fields, **extra},
     )
 
 
-def run_trainer(cfg, models: Models, method: str, config: str, *, dataset=None, max_steps: Optional[int] = None,
-                profile: Optional[Callable] = None, count_syncs: bool = False, **extra) -> Dict[str, Any]:
+def run_trainer(
+    cfg,
+    models: Models,
+    method: str,
+    config: str,
+    *,
+    dataset=None,
+    max_steps: Optional[int] = None,
+    profile: Optional[Callable] = None,
+    count_syncs: bool = False,
+    **extra,
+) -> Dict[str, Any]:
     """Seconds per step of ``CURETrainer.train()``: the device synchronised at the end of the warm-up steps and of the
     timed steps only (a callback), so host and device overlap as they do in a real run."""
     from transformers import TrainerCallback
@@ -383,8 +442,12 @@ def run_trainer(cfg, models: Models, method: str, config: str, *, dataset=None, 
         trainer.remove_callback(PrinterCallback)
         trainer.train()
         result = {"trainer": trainer}
-    result.update(step_s=(clock.end - clock.start) / cfg.steps if clock.end else None, peak_mib=peak_mib(device),
-                  profile=clock.profiled, syncs=clock.syncs)
+    result.update(
+        step_s=(clock.end - clock.start) / cfg.steps if clock.end else None,
+        peak_mib=peak_mib(device),
+        profile=clock.profiled,
+        syncs=clock.syncs,
+    )
     if not max_steps:
         del result["trainer"]
         del trainer
@@ -432,7 +495,13 @@ class SyncCounter:
 
 
 # ---------------------------------------------------------------------------------------------- profiles
-_LAUNCH = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel")
+_LAUNCH = (
+    "cudaLaunchKernel",
+    "cuLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel",
+)
 _SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaStreamWaitEvent")
 
 
@@ -497,30 +566,37 @@ class Profiles:
             ops[e.name][1] += 1
         launches = sum(counts[n] for n in _LAUNCH)
         summary = {
-            "steps": steps, "wall_s_per_step": wall / steps, "gpu_busy_s_per_step": busy / steps,
-            "kernel_launches_per_step": launches / steps, "graph_launches_per_step": counts["cudaGraphLaunch"] / steps,
+            "steps": steps,
+            "wall_s_per_step": wall / steps,
+            "gpu_busy_s_per_step": busy / steps,
+            "kernel_launches_per_step": launches / steps,
+            "graph_launches_per_step": counts["cudaGraphLaunch"] / steps,
             "gpu_kernels_per_step": sum(v[1] for v in kernels.values()) / steps,
             "syncs_per_step": {n: counts[n] / steps for n in _SYNCS if counts[n]},
             "memcpy_dtoh_per_step": dtoh / steps,
             "memcpy_calls_per_step": {n: c / steps for n, c in counts.items() if n.startswith("cudaMemcpy")},
         }
-        lines = [f"=== profile {name}: {steps} step(s), wall {wall / steps * 1e3:.2f} ms/step, GPU busy "
-                 f"{busy / steps * 1e3:.2f} ms/step ({busy / max(wall, 1e-12):.0%})",
-                 f"kernel launches/step {summary['kernel_launches_per_step']:.0f} (+ {summary['graph_launches_per_step']:.1f}"
-                 f" CUDA graph launches), GPU kernels+copies/step {summary['gpu_kernels_per_step']:.0f}, "
-                 f"syncs/step {summary['syncs_per_step'] or 0}, memcpy DtoH/step {summary['memcpy_dtoh_per_step']:.1f}, "
-                 f"memcpy calls/step {summary['memcpy_calls_per_step'] or 0}",
-                 "top GPU kernels (ms/step, calls/step):"]
+        lines = [
+            f"=== profile {name}: {steps} step(s), wall {wall / steps * 1e3:.2f} ms/step, GPU busy "
+            f"{busy / steps * 1e3:.2f} ms/step ({busy / max(wall, 1e-12):.0%})",
+            f"kernel launches/step {summary['kernel_launches_per_step']:.0f} (+ {summary['graph_launches_per_step']:.1f}"
+            f" CUDA graph launches), GPU kernels+copies/step {summary['gpu_kernels_per_step']:.0f}, "
+            f"syncs/step {summary['syncs_per_step'] or 0}, memcpy DtoH/step {summary['memcpy_dtoh_per_step']:.1f}, "
+            f"memcpy calls/step {summary['memcpy_calls_per_step'] or 0}",
+            "top GPU kernels (ms/step, calls/step):",
+        ]
         for kname, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:12]:
             lines.append(f"  {total / 1e3 / steps:8.3f} ms {count / steps:7.1f}x  {kname[:110]}")
         lines.append("top host ops by self CPU time (ms/step, calls/step):")
         for oname, (total, count) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:15]:
             lines.append(f"  {total / 1e3 / steps:8.3f} ms {count / steps:7.1f}x  {oname[:110]}")
         self.summaries.append("\n".join(lines))
-        self.one_line[name] = (f"{wall / steps * 1e3:7.2f} ms/step wall, GPU busy {busy / max(wall, 1e-12):4.0%}, "
-                               f"{summary['kernel_launches_per_step']:5.0f} launches/step, "
-                               f"{summary['graph_launches_per_step']:.0f} graph launches/step, syncs/step "
-                               f"{sum(summary['syncs_per_step'].values()):.0f}, DtoH/step {summary['memcpy_dtoh_per_step']:.0f}")
+        self.one_line[name] = (
+            f"{wall / steps * 1e3:7.2f} ms/step wall, GPU busy {busy / max(wall, 1e-12):4.0%}, "
+            f"{summary['kernel_launches_per_step']:5.0f} launches/step, "
+            f"{summary['graph_launches_per_step']:.0f} graph launches/step, syncs/step "
+            f"{sum(summary['syncs_per_step'].values()):.0f}, DtoH/step {summary['memcpy_dtoh_per_step']:.0f}"
+        )
         if trace and self.cfg.profile_dir and not self.trace_written:
             raw = os.path.join(tempfile.gettempdir(), "bench_trace.json")
             profiler.export_chrome_trace(raw)
@@ -554,21 +630,35 @@ def _union(intervals: List[Tuple[float, float]]) -> float:
 
 
 # ----------------------------------------------------------------------------------------- robust accuracy
-def robust_accuracy(model, images: torch.Tensor, labels: torch.Tensor, device, batch_size: int, steps: int,
-                    attack=pgd, attack_net=None, channels_last: bool = False) -> float:
+def robust_accuracy(
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device,
+    batch_size: int,
+    steps: int,
+    attack=pgd,
+    attack_net=None,
+    channels_last: bool = False,
+) -> float:
     """Accuracy of ``model`` (fp32, eval mode) under PGD-``steps`` (CE, uniform start, step 2/255, eps 8/255, fixed
     seeds) crafted by ``attack`` on ``attack_net`` (default: the model itself, eager fp32)."""
     correct = 0
     net = attack_net if attack_net is not None else model
     model.eval()
     for start in range(0, len(labels), batch_size):
-        x = images[start:start + batch_size].to(device).permute(0, 3, 1, 2).float().div(255)
-        y = labels[start:start + batch_size].to(device)
+        x = images[start : start + batch_size].to(device).permute(0, 3, 1, 2).float().div(255)
+        y = labels[start : start + batch_size].to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         generator = torch.Generator(device=device).manual_seed(start)
-        x_adv = x if steps == 0 else attack(net, x, y, eps=8 / 255, step_size=2 / 255, steps=steps, loss="ce",
-                                            init="uniform", generator=generator)
+        x_adv = (
+            x
+            if steps == 0
+            else attack(
+                net, x, y, eps=8 / 255, step_size=2 / 255, steps=steps, loss="ce", init="uniform", generator=generator
+            )
+        )
         with torch.no_grad():
             correct += int((logits_of(model(x_adv)).argmax(1) == y).sum())
     return correct / len(labels)
@@ -589,8 +679,16 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
     trained = {}
     for name, config, seed in (("fp32", "fp32", 0), ("fast", "fast", 0), ("fp32_seed1", "fp32", 1)):
         check_budget(cfg, 20)
-        run = run_trainer(cfg, models, cfg.robust_method, config, dataset=train, max_steps=cfg.robust_steps, data_seed=seed,
-                          learning_rate=0.05)
+        run = run_trainer(
+            cfg,
+            models,
+            cfg.robust_method,
+            config,
+            dataset=train,
+            max_steps=cfg.robust_steps,
+            data_seed=seed,
+            learning_rate=0.05,
+        )
         trainer = run.pop("trainer")
         net = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False)
         fp32_copy = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format)
@@ -598,8 +696,11 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
         trained[name] = fp32_copy
         out[f"pgd20_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 20)
         out[f"clean_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 0)
-        print(f"  after {cfg.robust_steps} {cfg.robust_method} steps, {name}: clean {out[f'clean_{name}']:.4f}, fp32 PGD-20 "
-              f"{out[f'pgd20_{name}']:.4f}", flush=True)
+        print(
+            f"  after {cfg.robust_steps} {cfg.robust_method} steps, {name}: clean {out[f'clean_{name}']:.4f}, fp32 PGD-20 "
+            f"{out[f'pgd20_{name}']:.4f}",
+            flush=True,
+        )
         del trainer, run
         release(device)
     # one fixed model (the fp32-trained one), attacked the fp32 way and the preset's way (bf16 autocast as accelerate
@@ -611,8 +712,17 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
     compiled = torch.compile(fast_model, backend=cfg.compile_backend)
     attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
     out["pgd20_fixed_model_fp32_attack"] = out["pgd20_fp32"]
-    out["pgd20_fixed_model_fast_attack"] = robust_accuracy(model, test_images, test_labels, device, cfg.batch_size,
-                                                           20, attack=attack, attack_net=compiled, channels_last=True)
+    out["pgd20_fixed_model_fast_attack"] = robust_accuracy(
+        model,
+        test_images,
+        test_labels,
+        device,
+        cfg.batch_size,
+        20,
+        attack=attack,
+        attack_net=compiled,
+        channels_last=True,
+    )
     n = len(test_labels)
     p = out["pgd20_fp32"]
     out["binomial_se_of_difference"] = math.sqrt(2 * max(p * (1 - p), 1e-4) / n)
@@ -627,8 +737,10 @@ def check_mask(cfg, models: Models) -> List[str]:
     big = torch.rand(cfg.check_entries, generator=torch.Generator().manual_seed(0))
     expected = float(np.quantile(big.numpy().astype(np.float64), 0.3))
     got = float(quantile_threshold(big.to(device), 0.3))
-    lines.append(f"CHECK quantile of {big.numel()} entries on {device.type}: {got:.9f} vs numpy {expected:.9f} -> "
-                 f"{'matches (|difference| <= 1e-6)' if abs(got - expected) <= 1e-6 else 'MISMATCH'}")
+    lines.append(
+        f"CHECK quantile of {big.numel()} entries on {device.type}: {got:.9f} vs numpy {expected:.9f} -> "
+        f"{'matches (|difference| <= 1e-6)' if abs(got - expected) <= 1e-6 else 'MISMATCH'}"
+    )
     if device.type == "cuda":
         params = list(build_model(cfg).to(device).parameters())
         for p in params:
@@ -646,14 +758,19 @@ def check_attack_syncs(cfg, models: Models) -> List[str]:
     x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, 10, (cfg.batch_size,), device=device)
     lines = []
-    for label, context in (("fp32", contextlib.nullcontext()), ("bf16", torch.autocast(device.type, dtype=torch.bfloat16))):
+    for label, context in (
+        ("fp32", contextlib.nullcontext()),
+        ("bf16", torch.autocast(device.type, dtype=torch.bfloat16)),
+    ):
         with context:
             pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=2, loss="kl", init="normal")  # warm-up
             with SyncCounter(device) as counter:
                 pgd(model, x, y, eps=8 / 255, step_size=2 / 255, steps=cfg.attack_steps, loss="kl", init="normal")
         report = counter.report()
-        lines.append(f"CHECK host synchronisations inside a {label} PGD-{cfg.attack_steps} KL attack: "
-                     f"{report['count'] if report['measured'] else 'n/a off CUDA'} {report['where'] or ''}")
+        lines.append(
+            f"CHECK host synchronisations inside a {label} PGD-{cfg.attack_steps} KL attack: "
+            f"{report['count'] if report['measured'] else 'n/a off CUDA'} {report['where'] or ''}"
+        )
     return lines
 
 
@@ -661,13 +778,25 @@ def check_graph_attack(cfg, models: Models) -> List[str]:
     """The CUDA-graph attack against the eager attack from the same start: fp32 eager model, and the preset's module
     (bf16 autocast wrapper, channels_last, compiled). Off CUDA the graph is the eager stand-in."""
     device, lines = cfg.device, []
-    x = torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device,
-                   generator=torch.Generator(device=device).manual_seed(0))
+    x = torch.rand(
+        cfg.batch_size,
+        3,
+        cfg.image_size,
+        cfg.image_size,
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(0),
+    )
     y = torch.randint(0, 10, (cfg.batch_size,), device=device, generator=torch.Generator(device=device).manual_seed(1))
     eager_model = build_model(cfg).to(device)
     fast_model = prepare_module(models.get("plain", True, True, True), device, True, True)  # compiled graphs reused
-    cases = (("fp32 eager", eager_model, x), ("bf16+channels_last+compiled", torch.compile(fast_model, backend=cfg.compile_backend),
-                                                x.contiguous(memory_format=torch.channels_last)))
+    cases = (
+        ("fp32 eager", eager_model, x),
+        (
+            "bf16+channels_last+compiled",
+            torch.compile(fast_model, backend=cfg.compile_backend),
+            x.contiguous(memory_format=torch.channels_last),
+        ),
+    )
     for label, net, xi in cases:
         attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
         kwargs = dict(eps=8 / 255, step_size=2 / 255, steps=cfg.attack_steps, loss="kl", init="normal")
@@ -675,9 +804,11 @@ def check_graph_attack(cfg, models: Models) -> List[str]:
             expected = pgd(net, xi, y, generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
             got = attack(net, xi, y, generator=torch.Generator(device=device).manual_seed(seed), **kwargs)
         same = (got == expected).float().mean().item()
-        lines.append(f"CHECK CUDA-graph attack vs eager ({label}, PGD-{cfg.attack_steps} KL): {same:.2%} of pixels "
-                     f"identical, max |difference| {(got - expected).abs().max().item():.4f} (2 steps = {4 / 255:.4f}); "
-                     f"replays {attack.replays}, eager calls {attack.eager_calls}")
+        lines.append(
+            f"CHECK CUDA-graph attack vs eager ({label}, PGD-{cfg.attack_steps} KL): {same:.2%} of pixels "
+            f"identical, max |difference| {(got - expected).abs().max().item():.4f} (2 steps = {4 / 255:.4f}); "
+            f"replays {attack.replays}, eager calls {attack.eager_calls}"
+        )
     return lines
 
 
@@ -708,8 +839,10 @@ def conv_microbench(cfg) -> List[str]:
                         torch.autograd.grad(conv(x).sum(), x)
                     sync(device)
                     ms = (time.perf_counter() - start) / 20 * 1e3
-                    row.append(f"{'bench' if benchmark else 'heur'}/{str(dtype)[6:]}/"
-                               f"{'NHWC' if fmt is torch.channels_last else 'NCHW'} {ms:.3f}")
+                    row.append(
+                        f"{'bench' if benchmark else 'heur'}/{str(dtype)[6:]}/"
+                        f"{'NHWC' if fmt is torch.channels_last else 'NCHW'} {ms:.3f}"
+                    )
         lines.append(f"CONV {channels}ch {size}x{size} b{cfg.batch_size} fwd+dgrad ms: " + ", ".join(row))
     torch.backends.cudnn.benchmark = saved
     return lines
@@ -761,17 +894,27 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--methods", default="cure,trades,pgd,clean")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {list(CONFIGS)}")
-    parser.add_argument("--trainer-configs", default="fp32,fast,bf16,bf16_cl,compile,graphs",
-                        help="configurations also run in CURETrainer (CURE in all of them; other methods in fp32 and fast)")
+    parser.add_argument(
+        "--trainer-configs",
+        default="fp32,fast,bf16,bf16_cl,compile,graphs",
+        help="configurations also run in CURETrainer (CURE in all of them; other methods in fp32 and fast)",
+    )
     parser.add_argument("--compile-backend", default="inductor", help="aot_eager makes a CPU dry run fast")
-    parser.add_argument("--base-workers", type=int, default=4, help="data-loader workers of the DataLoader configurations")
+    parser.add_argument(
+        "--base-workers", type=int, default=4, help="data-loader workers of the DataLoader configurations"
+    )
     parser.add_argument("--epoch-examples", type=int, default=50000, help="examples per epoch (CIFAR-10: 50000)")
-    parser.add_argument("--robust-steps", type=int, default=60, help="CURE steps of the robust-accuracy check (0: skip)")
+    parser.add_argument(
+        "--robust-steps", type=int, default=60, help="CURE steps of the robust-accuracy check (0: skip)"
+    )
     parser.add_argument("--robust-eval", type=int, default=1024, help="held-out examples of the robust-accuracy check")
     parser.add_argument("--robust-model", default=None, help="model of the robust-accuracy check (default: --model)")
-    parser.add_argument("--robust-method", default="trades",
-                        help="method of the robust-accuracy check (CURE is a fine-tuning method: from a random init "
-                             "its consistency term pulls towards that init, and a short run stays at chance)")
+    parser.add_argument(
+        "--robust-method",
+        default="trades",
+        help="method of the robust-accuracy check (CURE is a fine-tuning method: from a random init "
+        "its consistency term pulls towards that init, and a short run stays at chance)",
+    )
     parser.add_argument("--profile-dir", default=None, help="write profiles.txt (+ trace.json.gz) here")
     parser.add_argument("--profile-steps", type=int, default=2)
     parser.add_argument("--trace-config", default="bf16", help="configuration whose plain CURE step is traced")
@@ -788,27 +931,40 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     methods = [m for m in METHOD_ORDER if m in cfg.methods.split(",")]
     configs = [c.strip() for c in cfg.configs.split(",") if c.strip()]
     trainer_configs = [c.strip() for c in cfg.trainer_configs.split(",") if c.strip()]
-    unknown = [m for m in cfg.methods.split(",") if m not in METHODS] + [c for c in configs + trainer_configs if c not in CONFIGS]
+    unknown = [m for m in cfg.methods.split(",") if m not in METHODS] + [
+        c for c in configs + trainer_configs if c not in CONFIGS
+    ]
     if unknown or cfg.warmup < 1 or cfg.steps < 1 or "fp32" not in configs:
         parser.error(f"unknown methods/configs {unknown}; --warmup/--steps >= 1; configs must include fp32")
     if cfg.profile_dir:
         os.makedirs(cfg.profile_dir, exist_ok=True)
     # Every model family adds its graphs to the same code objects: let them all stay compiled (never fall back to eager).
-    for name, value in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 512),
-                        ("accumulated_cache_size_limit", 512)):
+    for name, value in (
+        ("recompile_limit", 64),
+        ("cache_size_limit", 64),
+        ("accumulated_recompile_limit", 512),
+        ("accumulated_cache_size_limit", 512),
+    ):
         with contextlib.suppress(AttributeError, TypeError):
             setattr(torch._dynamo.config, name, max(value, getattr(torch._dynamo.config, name)))
     steps_per_epoch = math.ceil(cfg.epoch_examples / cfg.batch_size)
     models = Models(cfg)
     profiles = Profiles(cfg)
-    results: Dict[str, Any] = OrderedDict(plain=defaultdict(dict), trainer=defaultdict(dict), peak_mib=defaultdict(dict))
+    results: Dict[str, Any] = OrderedDict(
+        plain=defaultdict(dict), trainer=defaultdict(dict), peak_mib=defaultdict(dict)
+    )
     done, skipped, failed = [], [], []
-    device_name = torch.cuda.get_device_name(cfg.device) if cfg.device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    device_name = (
+        torch.cuda.get_device_name(cfg.device) if cfg.device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    )
     import transformers
-    header = (f"# bench_step: model={cfg.model} ({parameter_count(build_model(cfg)) / 1e6:.2f}M parameters), input 3x"
-              f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, PGD-{cfg.attack_steps}, device {device_name}, "
-              f"torch {torch.__version__}, transformers {transformers.__version__}; {cfg.warmup} warm-up + {cfg.steps} "
-              f"timed steps per run; compile backend {cfg.compile_backend}; time budget {cfg.time_budget_s:.0f} s")
+
+    header = (
+        f"# bench_step: model={cfg.model} ({parameter_count(build_model(cfg)) / 1e6:.2f}M parameters), input 3x"
+        f"{cfg.image_size}x{cfg.image_size}, batch {cfg.batch_size}, PGD-{cfg.attack_steps}, device {device_name}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; {cfg.warmup} warm-up + {cfg.steps} "
+        f"timed steps per run; compile backend {cfg.compile_backend}; time budget {cfg.time_budget_s:.0f} s"
+    )
     print(header, flush=True)
 
     def plain_job(method, config, profile_name=None, trace=False):
@@ -820,6 +976,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             if "graph_replays" in r:
                 results.setdefault("graph_use", {})[f"{config} {method}"] = (r["graph_replays"], r["graph_eager_calls"])
             return f"plain {config:<14} {method:<6} {r['step_s'] * 1e3:9.2f} ms/step"
+
         return (f"plain {config} {method}" + (" +profile" if profile_name else ""), job)
 
     def trainer_job(method, config, profile_name=None, count_syncs=False):
@@ -830,6 +987,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             if r.get("syncs") is not None:
                 results.setdefault("trainer_syncs", {})[f"{config} {method}"] = r["syncs"]
             return f"trainer {config:<12} {method:<6} {r['step_s'] * 1e3:9.2f} ms/step"
+
         return (f"trainer {config} {method}" + (" +profile" if profile_name else ""), job)
 
     def checks_job(name, fn):
@@ -837,6 +995,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             lines = fn()
             results.setdefault("checks", []).extend(lines)
             return "\n".join(lines)
+
         return (name, job)
 
     def robustness_job():
@@ -848,6 +1007,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 results["robustness"] = run_robustness(robust_cfg, Models(robust_cfg), results)
                 results["robustness"]["model"] = cfg.robust_model
             return "robust accuracy measured"
+
         return ("robust accuracy fp32 vs fast", job)
 
     def breakdown_job(config):
@@ -855,6 +1015,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             parts = run_plain(cfg, models, "cure", config, breakdown=True)["parts_s"]
             results.setdefault("cure_parts_s", {})[config] = parts
             return f"parts of a CURE step ({config}) timed"
+
         return (f"parts of a CURE step {config}", job)
 
     # Jobs in order of importance: a budget cut drops the tail. The CURE runs of fp32 and the preset carry their
@@ -866,11 +1027,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     if cure:
         for config in ("fp32", "fast"):
             if has(config):
-                jobs += [trainer_job("cure", config, profile_name=True, count_syncs=True),
-                         plain_job("cure", config, profile_name=True, trace=cfg.trace_config == config)]
+                jobs += [
+                    trainer_job("cure", config, profile_name=True, count_syncs=True),
+                    plain_job("cure", config, profile_name=True, trace=cfg.trace_config == config),
+                ]
         # the ladder, plain loop: which step buys what (and the CUDA-graph attack without compile)
-        jobs += [plain_job("cure", c, profile_name=True, trace=cfg.trace_config == c)
-                 for c in ("bf16", "bf16_cl", "compile", "graphs", "fp32_graphs", "bf16_cl_graphs") if has(c)]
+        jobs += [
+            plain_job("cure", c, profile_name=True, trace=cfg.trace_config == c)
+            for c in ("bf16", "bf16_cl", "compile", "graphs", "fp32_graphs", "bf16_cl_graphs")
+            if has(c)
+        ]
         if cfg.robust_steps > 0 and has("fast"):
             jobs.append(robustness_job())
     for method in others:
@@ -880,12 +1046,15 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     jobs.append(trainer_job(method, config))
                 jobs.append(plain_job(method, config))
     if cure:
-        jobs += [checks_job("CUDA-graph attack vs eager", lambda: check_graph_attack(cfg, models)),
-                 checks_job("attack synchronisations", lambda: check_attack_syncs(cfg, models)),
-                 checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
-                 checks_job("host overhead", lambda: host_overhead(cfg))]
-        jobs += [trainer_job("cure", c) for c in ("bf16", "bf16_cl", "compile", "graphs")
-                 if has(c) and c in trainer_configs]
+        jobs += [
+            checks_job("CUDA-graph attack vs eager", lambda: check_graph_attack(cfg, models)),
+            checks_job("attack synchronisations", lambda: check_attack_syncs(cfg, models)),
+            checks_job("conv microbenchmark", lambda: conv_microbench(cfg)),
+            checks_job("host overhead", lambda: host_overhead(cfg)),
+        ]
+        jobs += [
+            trainer_job("cure", c) for c in ("bf16", "bf16_cl", "compile", "graphs") if has(c) and c in trainer_configs
+        ]
     for method in others:
         jobs += [plain_job(method, c) for c in ("bf16", "bf16_cl", "compile", "graphs") if has(c)]
     if cure:
@@ -898,7 +1067,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with contextlib.suppress(ValueError):  # not in the main thread (tests): no handler
         signal.signal(signal.SIGTERM, on_interrupt)
     interrupted = False
-    for index, (name, job) in enumerate(jobs):
+    for name, job in jobs:
         if interrupted or time.perf_counter() - cfg.started > cfg.time_budget_s:
             skipped.append(name)
             continue
@@ -906,13 +1075,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         try:
             message = job()
             done.append(name)
-            print(f"[{time.perf_counter() - cfg.started:6.0f} s] {message}  ({time.perf_counter() - started:.1f} s)",
-                  flush=True)
+            print(
+                f"[{time.perf_counter() - cfg.started:6.0f} s] {message}  ({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
         except BudgetExceeded:
             skipped.append(name)
         except KeyboardInterrupt:
-            print(f"[{time.perf_counter() - cfg.started:6.0f} s] interrupted during {name}: reporting what is done",
-                  flush=True)
+            print(
+                f"[{time.perf_counter() - cfg.started:6.0f} s] interrupted during {name}: reporting what is done",
+                flush=True,
+            )
             failed.append(f"{name} (interrupted)")
             interrupted = True
         except Exception:
@@ -939,10 +1112,14 @@ def write_json(cfg, results, done, skipped, failed) -> None:
 def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skipped, failed, header) -> None:
     plain, trainer, peak = results["plain"], results["trainer"], results["peak_mib"]
     print("\n" + "=" * 100 + "\n" + header)
-    print(f"\n## seconds per step and per CIFAR-10 epoch ({cfg.epoch_examples} examples = {steps_per_epoch} steps), "
-          "ratio to fp32 (plain loop; trainer in brackets), trainer overhead over the plain loop, peak memory")
-    print(f"{'method':<7}{'config':<15}{'trainer ms':>11}{'plain ms':>10}{'s/epoch':>9}{'vs fp32':>16}{'overhead':>10}"
-          f"{'peak MiB':>10}")
+    print(
+        f"\n## seconds per step and per CIFAR-10 epoch ({cfg.epoch_examples} examples = {steps_per_epoch} steps), "
+        "ratio to fp32 (plain loop; trainer in brackets), trainer overhead over the plain loop, peak memory"
+    )
+    print(
+        f"{'method':<7}{'config':<15}{'trainer ms':>11}{'plain ms':>10}{'s/epoch':>9}{'vs fp32':>16}{'overhead':>10}"
+        f"{'peak MiB':>10}"
+    )
     epoch = {}
     for method in methods:
         for config in configs:
@@ -956,33 +1133,46 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
             ratio += f" ({base_t / t:.2f}x)" if t and base_t else ""
             overhead = f"{t / p - 1:+.1%}" if t and p else "-"
             mem = peak.get(config, {}).get(method)
-            print(f"{method:<7}{config:<15}{_ms(t):>11}{_ms(p):>10}{seconds:>9.1f}{ratio:>16}{overhead:>10}"
-                  f"{(f'{mem:.0f}' if mem else '-'):>10}")
+            print(
+                f"{method:<7}{config:<15}{_ms(t):>11}{_ms(p):>10}{seconds:>9.1f}{ratio:>16}{overhead:>10}"
+                f"{(f'{mem:.0f}' if mem else '-'):>10}"
+            )
     results["seconds_per_epoch"] = {f"{m} {c}": s for (m, c), s in epoch.items()}
     if profiles.one_line:
         print("\n## profiles (details in profiles.txt)")
         for name, line in profiles.one_line.items():
             print(f"PROFILE {name:<28} {line}")
     for name, syncs in results.get("trainer_syncs", {}).items():
-        print(f"SYNC trainer {name}: {syncs['count'] if syncs['measured'] else 'n/a off CUDA'} host synchronisations in "
-              f"one step {syncs['where'] or ''}")
+        print(
+            f"SYNC trainer {name}: {syncs['count'] if syncs['measured'] else 'n/a off CUDA'} host synchronisations in "
+            f"one step {syncs['where'] or ''}"
+        )
     if results.get("graph_use"):
-        print("GRAPHS (replays, eager calls) per run: " + ", ".join(f"{k}: {v}" for k, v in results["graph_use"].items()))
+        print(
+            "GRAPHS (replays, eager calls) per run: " + ", ".join(f"{k}: {v}" for k, v in results["graph_use"].items())
+        )
     for config, parts in results.get("cure_parts_s", {}).items():
         total = sum(parts.values())
-        print(f"\n## one CURE step part by part ({config}, plain loop, synchronised around each part): " + ", ".join(
-            f"{k} {v * 1e3:.2f} ms" for k, v in parts.items()) + f"; sum {total * 1e3:.2f} ms")
+        print(
+            f"\n## one CURE step part by part ({config}, plain loop, synchronised around each part): "
+            + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in parts.items())
+            + f"; sum {total * 1e3:.2f} ms"
+        )
     for line in results.get("checks", []):
         print(line)
     robust = results.get("robustness")
     if robust:
-        print(f"\n## robust accuracy (fp32 PGD-20 on {robust['examples']} held-out synthetic examples, "
-              f"{robust.get('model', cfg.model)}, {cfg.robust_method} {robust['steps']} steps from one init)")
+        print(
+            f"\n## robust accuracy (fp32 PGD-20 on {robust['examples']} held-out synthetic examples, "
+            f"{robust.get('model', cfg.model)}, {cfg.robust_method} {robust['steps']} steps from one init)"
+        )
         for key, value in robust.items():
             if key.startswith("pgd20") or key.startswith("clean"):
                 print(f"{key:<34} {value:.4f}")
-    print(f"\n## jobs: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed, "
-          f"{time.perf_counter() - cfg.started:.0f} s in all")
+    print(
+        f"\n## jobs: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed, "
+        f"{time.perf_counter() - cfg.started:.0f} s in all"
+    )
     if skipped:
         print("SKIPPED (time budget): " + "; ".join(skipped))
     if failed:
@@ -991,58 +1181,84 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
     print("\n## ratios and targets")
     for method in methods:
         base, base_t = plain.get("fp32", {}).get(method), trainer.get("fp32", {}).get(method)
-        plain_ratios = [f"{c} {base / plain[c][method]:.2f}x" for c in configs
-                        if c != "fp32" and base and plain.get(c, {}).get(method)]
-        trainer_ratios = [f"{c} {base_t / trainer[c][method]:.2f}x" for c in configs
-                          if c != "fp32" and base_t and trainer.get(c, {}).get(method)]
+        plain_ratios = [
+            f"{c} {base / plain[c][method]:.2f}x"
+            for c in configs
+            if c != "fp32" and base and plain.get(c, {}).get(method)
+        ]
+        trainer_ratios = [
+            f"{c} {base_t / trainer[c][method]:.2f}x"
+            for c in configs
+            if c != "fp32" and base_t and trainer.get(c, {}).get(method)
+        ]
         if plain_ratios or trainer_ratios:
-            print(f"RATIO speedup_vs_fp32[{method}] = plain: {', '.join(plain_ratios) or '-'}; trainer: "
-                  f"{', '.join(trainer_ratios) or '-'}")
+            print(
+                f"RATIO speedup_vs_fp32[{method}] = plain: {', '.join(plain_ratios) or '-'}; trainer: "
+                f"{', '.join(trainer_ratios) or '-'}"
+            )
     fast_cure = trainer.get("fast", {}).get("cure")
     if fast_cure:
         seconds = fast_cure * steps_per_epoch
-        print(f"TARGET cure_epoch_fast = {seconds:.1f} s (trainer, speed_preset='fast') (target <= "
-              f"{TARGETS['cure_epoch_fast_s']:.0f} s on an H100: {verdict(seconds <= TARGETS['cure_epoch_fast_s'])})")
+        print(
+            f"TARGET cure_epoch_fast = {seconds:.1f} s (trainer, speed_preset='fast') (target <= "
+            f"{TARGETS['cure_epoch_fast_s']:.0f} s on an H100: {verdict(seconds <= TARGETS['cure_epoch_fast_s'])})"
+        )
     for config in ("bf16", "bf16_cl"):
         p, base = plain.get(config, {}).get("cure"), plain.get("fp32", {}).get("cure")
         if p and base:
-            print(f"TARGET bf16_speedup[{config}] = {base / p:.2f}x (plain CURE, eager) (target >= "
-                  f"{TARGETS['bf16_speedup']}x: {verdict(base / p >= TARGETS['bf16_speedup'])})")
+            print(
+                f"TARGET bf16_speedup[{config}] = {base / p:.2f}x (plain CURE, eager) (target >= "
+                f"{TARGETS['bf16_speedup']}x: {verdict(base / p >= TARGETS['bf16_speedup'])})"
+            )
     p, base = plain.get("bf16_cl_graphs", {}).get("cure"), plain.get("fp32_graphs", {}).get("cure")
     if p and base:
-        print(f"TARGET bf16_speedup[with CUDA-graph attack] = {base / p:.2f}x (plain CURE, bf16_cl_graphs vs fp32_graphs)"
-              f" (target >= {TARGETS['bf16_speedup']}x: {verdict(base / p >= TARGETS['bf16_speedup'])})")
+        print(
+            f"TARGET bf16_speedup[with CUDA-graph attack] = {base / p:.2f}x (plain CURE, bf16_cl_graphs vs fp32_graphs)"
+            f" (target >= {TARGETS['bf16_speedup']}x: {verdict(base / p >= TARGETS['bf16_speedup'])})"
+        )
     for config in ("fp32", "fast"):
         for method in methods:
             t, p = trainer.get(config, {}).get(method), plain.get(config, {}).get(method)
             if t and p:
-                print(f"TARGET trainer_overhead[{method} {config}] = {t / p - 1:+.1%} (target <= "
-                      f"{TARGETS['trainer_overhead']:.0%}: {verdict(t / p - 1 <= TARGETS['trainer_overhead'])})")
+                print(
+                    f"TARGET trainer_overhead[{method} {config}] = {t / p - 1:+.1%} (target <= "
+                    f"{TARGETS['trainer_overhead']:.0%}: {verdict(t / p - 1 <= TARGETS['trainer_overhead'])})"
+                )
     for config in ("fp32", "fast"):
         c, t = trainer.get(config, {}).get("cure"), trainer.get(config, {}).get("trades")
         if c and t:
-            print(f"RATIO cure_vs_trades[{config}] = {c / t:.3f}x (trainer) (target <= {TARGETS['cure_vs_trades']:.2f}x: "
-                  f"{verdict(c / t <= TARGETS['cure_vs_trades'])})")
+            print(
+                f"RATIO cure_vs_trades[{config}] = {c / t:.3f}x (trainer) (target <= {TARGETS['cure_vs_trades']:.2f}x: "
+                f"{verdict(c / t <= TARGETS['cure_vs_trades'])})"
+            )
     for config, parts in results.get("cure_parts_s", {}).items():
         share = (parts.get("mask", 0.0) + parts.get("revision update", 0.0)) / max(sum(parts.values()), 1e-12)
-        print(f"RATIO mask_revision_share[{config}] = {share:.2%} (target <= {TARGETS['mask_revision_share']:.0%}: "
-              f"{verdict(share <= TARGETS['mask_revision_share'])})")
+        print(
+            f"RATIO mask_revision_share[{config}] = {share:.2%} (target <= {TARGETS['mask_revision_share']:.0%}: "
+            f"{verdict(share <= TARGETS['mask_revision_share'])})"
+        )
     for config in ("fp32", "fast"):
         c, t = peak.get(config, {}).get("cure"), peak.get(config, {}).get("trades")
         if c and t:
             print(f"RATIO peak_memory_cure_vs_trades[{config}] = {c / t:.3f}x ({c:.0f} / {t:.0f} MiB)")
     if robust:
-        noise = max(2 * robust["binomial_se_of_difference"],
-                    abs(robust["pgd20_fp32"] - robust.get("pgd20_fp32_seed1", robust["pgd20_fp32"])))
+        noise = max(
+            2 * robust["binomial_se_of_difference"],
+            abs(robust["pgd20_fp32"] - robust.get("pgd20_fp32_seed1", robust["pgd20_fp32"])),
+        )
         diff = robust["pgd20_fast"] - robust["pgd20_fp32"]
-        print(f"TARGET robust_accuracy[training] = fast {robust['pgd20_fast']:.4f} vs fp32 {robust['pgd20_fp32']:.4f} "
-              f"(difference {diff:+.4f}; noise {noise:.4f} = max(2 binomial SE, |fp32 seed 0 - seed 1|)) "
-              f"(target: |difference| <= noise: {verdict(abs(diff) <= noise)})")
+        print(
+            f"TARGET robust_accuracy[training] = fast {robust['pgd20_fast']:.4f} vs fp32 {robust['pgd20_fp32']:.4f} "
+            f"(difference {diff:+.4f}; noise {noise:.4f} = max(2 binomial SE, |fp32 seed 0 - seed 1|)) "
+            f"(target: |difference| <= noise: {verdict(abs(diff) <= noise)})"
+        )
         diff = robust["pgd20_fixed_model_fast_attack"] - robust["pgd20_fixed_model_fp32_attack"]
         se = 2 * robust["binomial_se_of_difference"]
-        print(f"TARGET robust_accuracy[one model, fast vs fp32 PGD-20] = {robust['pgd20_fixed_model_fast_attack']:.4f} vs "
-              f"{robust['pgd20_fixed_model_fp32_attack']:.4f} (difference {diff:+.4f}; target |difference| <= {se:.4f}: "
-              f"{verdict(abs(diff) <= se)})")
+        print(
+            f"TARGET robust_accuracy[one model, fast vs fp32 PGD-20] = {robust['pgd20_fixed_model_fast_attack']:.4f} vs "
+            f"{robust['pgd20_fixed_model_fp32_attack']:.4f} (difference {diff:+.4f}; target |difference| <= {se:.4f}: "
+            f"{verdict(abs(diff) <= se)})"
+        )
 
 
 def _ms(seconds: Optional[float]) -> str:

@@ -1,10 +1,11 @@
 """cure_hf: robust image classifiers with adversarial training (CURE, TRADES, PGD-AT, MART, FGSM-RS)
 inside the Hugging Face Trainer."""
-from .config import CURETrainingArguments
-from .components import Component
-from .methods import AdversarialMethod, AttackSpec, AWPDefaults, get_method, register_method, registered_methods
-from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset, set_preprocessing
+
 from . import cifar_models  # noqa: F401 (registers cifar_resnet18, cifar_preact_resnet18, cifar_wide_resnet34_10)
+from .components import Component
+from .config import CURETrainingArguments
+from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset, set_preprocessing
+from .methods import AdversarialMethod, AttackSpec, AWPDefaults, get_method, register_method, registered_methods
 from .models import PixelNormalized, create_model, find_head_modules, load_model
 from .trainer import CURETrainer
 

@@ -27,6 +27,7 @@ cure_hf's pixel sizes (``epsilon="8/255"`` or ``0.0314``), its switch-or-number 
 The errors are :class:`ArgumentTypeError`: a ``TypeError``, and also a ``ValueError``, so code that catches the
 ``ValueError`` of an invalid argument (the command line, scripts) goes on catching it.
 """
+
 from __future__ import annotations
 
 import collections.abc
@@ -83,8 +84,9 @@ DOCUMENTED_TYPES: Dict[str, Any] = {
 }
 
 # `str` fields that name a file or folder: an os.PathLike (pathlib.Path) is accepted too.
-PATH_FIELDS = frozenset({"output_dir", "logging_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config",
-                         "accelerator_config"})
+PATH_FIELDS = frozenset(
+    {"output_dir", "logging_dir", "resume_from_checkpoint", "deepspeed", "fsdp_config", "accelerator_config"}
+)
 
 _UNION_TYPES = (Union,) + ((types.UnionType,) if hasattr(types, "UnionType") else ())
 _NONE = type(None)
@@ -92,7 +94,7 @@ _SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence)
 _MAPPINGS = (dict, collections.abc.Mapping)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(cls: type) -> Dict[str, Any]:
     """Each init field of the dataclass ``cls`` -> the type its values are checked against (annotation, or the
     :data:`DOCUMENTED_TYPES` entry). An annotation that cannot be resolved gives ``Any`` (accepted)."""
@@ -107,8 +109,7 @@ def field_types(cls: type) -> Dict[str, Any]:
                 hints.update(typing.get_type_hints(klass))
             except Exception:
                 pass
-    return {f.name: DOCUMENTED_TYPES.get(f.name, hints.get(f.name, Any))
-            for f in dataclasses.fields(cls) if f.init}
+    return {f.name: DOCUMENTED_TYPES.get(f.name, hints.get(f.name, Any)) for f in dataclasses.fields(cls) if f.init}
 
 
 def check_field_types(args: Any, cls: Optional[type] = None) -> None:
@@ -128,8 +129,10 @@ def check_field_types(args: Any, cls: Optional[type] = None) -> None:
                 raise ArgumentTypeError(f"{name}={value!r} is invalid: allowed {allowed}.")
             raise ArgumentTypeError(_type_message(name, value, expected, defaults.get(name, dataclasses.MISSING)))
         if isinstance(value, float) and math.isnan(value) and _admits(expected, float):
-            raise ValueError(f"{name}={value!r} is invalid: allowed a number, not NaN. NaN compares false with every "
-                             f"bound, so it would pass every range check; set {name} to a number.")
+            raise ValueError(
+                f"{name}={value!r} is invalid: allowed a number, not NaN. NaN compares false with every "
+                f"bound, so it would pass every range check; set {name} to a number."
+            )
 
 
 # ------------------------------------------------------------------------------------------ matching
@@ -244,7 +247,7 @@ def _describe(tp: Any) -> str:
 def _enum_values(tp: type, most: int = 12) -> str:
     values = [repr(m.value) for m in tp]
     if len(values) > most:
-        return f"one of {', '.join(values[:most - 2])}, ... (the {len(values)} values of {tp.__name__})"
+        return f"one of {', '.join(values[: most - 2])}, ... (the {len(values)} values of {tp.__name__})"
     return f"one of {', '.join(values)} ({tp.__name__})"
 
 
@@ -270,8 +273,11 @@ def _example(value: Any, tp: Any, default: Any) -> Optional[str]:
     kinds = _alternatives(tp)
     wants_int, wants_float, wants_bool, wants_str = (int in kinds), (float in kinds), (bool in kinds), (str in kinds)
     usable_default = default not in (dataclasses.MISSING, None, "") and _matches(default, tp, "")
-    if isinstance(value, (list, tuple)) and len(value) == 1 and not any(
-            typing.get_origin(k) in _SEQUENCES for k in kinds):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == 1
+        and not any(typing.get_origin(k) in _SEQUENCES for k in kinds)
+    ):
         return _example(value[0], tp, default)  # [0.3] for 0.3
     if isinstance(value, str):
         number = _parse_number(value)
@@ -289,8 +295,7 @@ def _example(value: Any, tp: Any, default: Any) -> Optional[str]:
             return repr([value])
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         if wants_float or (wants_int and float(value).is_integer()):
-            return repr(int(value) if not wants_float else float(value) if type(value).__module__ == "numpy"
-                        else value)
+            return repr(int(value) if not wants_float else float(value) if type(value).__module__ == "numpy" else value)
         if wants_bool and value in (0, 1):
             return repr(bool(value))
         if wants_str and not (usable_default and isinstance(default, str)):
@@ -317,8 +322,10 @@ def _hint(value: Any, tp: Any) -> Optional[str]:
         if not reads:
             return None
         if _yaml_reads_as_text(value):
-            return (f"PyYAML reads {value.strip()} as text, quoted or not (a YAML 1.1 float needs a decimal point and "
-                    f"a signed exponent): write {_yaml_float(value)}")
+            return (
+                f"PyYAML reads {value.strip()} as text, quoted or not (a YAML 1.1 float needs a decimal point and "
+                f"a signed exponent): write {_yaml_float(value)}"
+            )
         return "a JSON/YAML value in quotes is read as text"
     if isinstance(value, bool) and numeric:
         return "True/False is not a number here"
@@ -327,8 +334,11 @@ def _hint(value: Any, tp: Any) -> Optional[str]:
     if isinstance(value, bool) and str in kinds:
         return "unquoted, YAML reads true/false, yes/no and on/off as True/False: put the value in quotes"
     if isinstance(value, float) and int in kinds and float not in kinds:
-        return ("a whole number is written without a decimal point" if value.is_integer()
-                else "this argument takes whole numbers only")
+        return (
+            "a whole number is written without a decimal point"
+            if value.is_integer()
+            else "this argument takes whole numbers only"
+        )
     if isinstance(value, numbers.Number) and not isinstance(value, bool) and bool in kinds and not numeric:
         return "write True or False (in YAML/JSON: true or false, unquoted)"
     if isinstance(value, numbers.Number) and str in kinds and not numeric:
@@ -339,7 +349,8 @@ def _hint(value: Any, tp: Any) -> Optional[str]:
 def _yaml_reads_as_text(text: str) -> bool:
     """'1e-3' and '5e4' are floats to Python and JSON, but text to PyYAML (YAML 1.1)."""
     return bool(re.fullmatch(r"\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*", text)) and not re.fullmatch(
-        r"\s*[-+]?(\d+\.\d*|\.\d+)[eE][-+]\d+\s*", text)
+        r"\s*[-+]?(\d+\.\d*|\.\d+)[eE][-+]\d+\s*", text
+    )
 
 
 def _yaml_float(text: str) -> str:
@@ -356,8 +367,13 @@ def _type_message(name: str, value: Any, tp: Any, default: Any) -> str:
         message = f"{name}=None is not allowed; expected {_describe(tp)}"
     else:
         message = f"{name}={value!r} is {_kind(value)}; expected {_describe(tp)}"
-    items = [a for k in _alternatives(tp) if typing.get_origin(k) in _SEQUENCES
-             for a in (typing.get_args(k) or (Any,)) if a is not Ellipsis]
+    items = [
+        a
+        for k in _alternatives(tp)
+        if typing.get_origin(k) in _SEQUENCES
+        for a in (typing.get_args(k) or (Any,))
+        if a is not Ellipsis
+    ]
     if isinstance(value, (list, tuple)) and items:
         wrong = [v for v in value if not any(_matches(v, a, name) for a in items)]
         if wrong:

@@ -10,6 +10,7 @@ Nothing here knows about the Trainer. Every attack:
   (``cure_hf.speed.GraphedAttack`` replays ``pgd_steps`` that way),
 - returns a detached tensor inside the eps-ball around ``x`` and inside [0, 1].
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +67,9 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: st
     return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+def kl_divergence(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, reduction: str = "batchmean"
+) -> torch.Tensor:
     """KL(softmax(teacher) || softmax(student)), summed over classes; "batchmean" averages over the batch."""
     return F.kl_div(
         F.log_softmax(student_logits.float(), dim=1),
@@ -144,8 +147,9 @@ def pgd(
         if clean_logits is not None:
             clean_logits = clean_logits.detach()
         x_adv = random_start(x, eps, init, generator)
-        x_adv = pgd_steps(model, x, x_adv, labels, eps=eps, step_size=step_size, steps=steps, loss=loss,
-                          clean_logits=clean_logits)
+        x_adv = pgd_steps(
+            model, x, x_adv, labels, eps=eps, step_size=step_size, steps=steps, loss=loss, clean_logits=clean_logits
+        )
     return x_adv.detach()
 
 
@@ -209,6 +213,13 @@ def fgsm_rs(
 ) -> torch.Tensor:
     """FGSM with a uniform random start ("Fast is better than free"); step defaults to 1.25 * eps."""
     return pgd(
-        model, x, labels, eps=eps, step_size=1.25 * eps if step_size is None else step_size,
-        steps=1, loss="ce", init="uniform", generator=generator,
+        model,
+        x,
+        labels,
+        eps=eps,
+        step_size=1.25 * eps if step_size is None else step_size,
+        steps=1,
+        loss="ce",
+        init="uniform",
+        generator=generator,
     )

@@ -17,6 +17,7 @@ The average is a ``torch.optim.swa_utils.AveragedModel`` (``use_buffers=True``) 
 the warmed-up decay; the update is a lerp, so tensors that do not change (frozen weights, the normalisation
 buffers) stay bit-identical in the average.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -136,12 +137,13 @@ class WeightAverage:
         with safetensors.safe_open(path, framework="pt") as f:
             saved_decay = float((f.metadata() or {}).get("decay", self.decay))
         if saved_decay != self.decay:
-            logger.warning("%s was averaged with decay %s; continuing with weight_averaging=%s", path, saved_decay,
-                           self.decay)
+            logger.warning(
+                "%s was averaged with decay %s; continuing with weight_averaging=%s", path, saved_decay, self.decay
+            )
         self.module.load_state_dict(_prefixed(tensors, "average."), strict=True)
         working.load_state_dict(_prefixed(tensors, "working."), strict=True)
         self.averaged.n_averaged.copy_(tensors["n_averaged"].reshape(()))
 
 
 def _prefixed(tensors, prefix: str):
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

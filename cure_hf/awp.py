@@ -19,6 +19,7 @@ Once per optimizer step, before the gradient of the update is computed:
 Under DDP every process must perturb the same way, so the proxy's gradient is averaged over the processes
 (the batches differ per process; accelerate's ``reduce``) before v is formed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,9 @@ def perturbed_weights(model: nn.Module) -> List[Tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1 and "weight" in n]
 
 
-def weight_perturbation(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                        gamma: float) -> List[torch.Tensor]:
+def weight_perturbation(
+    weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], gamma: float
+) -> List[torch.Tensor]:
     """v = gamma * ||w|| * g / (||g|| + 1e-20) per tensor (Frobenius norms), in fp32."""
     out = []
     for w, g in zip(weights, grads):
@@ -85,8 +87,13 @@ class AdversarialWeightPerturbation:
         self._proxy.train()
         return self._proxy
 
-    def perturb_(self, model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor], step: Optional[int] = None,
-                 reduce: Optional[Callable] = None) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    def perturb_(
+        self,
+        model: nn.Module,
+        loss_of: Callable[[nn.Module], torch.Tensor],
+        step: Optional[int] = None,
+        reduce: Optional[Callable] = None,
+    ) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
         """Add v to ``model``'s perturbed weights, with g the gradient of ``loss_of(proxy)`` at its weights, averaged
         over the processes by ``reduce`` (``Accelerator.reduce``) so that every DDP process perturbs the same way.
 
@@ -101,8 +108,10 @@ class AdversarialWeightPerturbation:
         with torch.enable_grad():
             loss = loss_of(proxy)
             grads = torch.autograd.grad(loss, targets, allow_unused=True)
-        grads = [torch.zeros_like(t, dtype=torch.float32) if g is None else g.detach().float()
-                 for t, g in zip(targets, grads)]
+        grads = [
+            torch.zeros_like(t, dtype=torch.float32) if g is None else g.detach().float()
+            for t, g in zip(targets, grads)
+        ]
         grads = averaged_over_processes(grads, reduce)
         perturbation = weight_perturbation([p for _, p in named], grads, self.gamma)
         with torch.no_grad():

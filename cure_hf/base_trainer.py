@@ -19,6 +19,7 @@ place where cure_hf departs from the Trainer. Each override calls the Trainer's 
   optimizer step whatever the gradient accumulation; after the step, weight averaging (`weight_averaging`) folds the
   new weights into the average, which evaluation, saving and pushing then use (`averaged_weights()`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,6 +37,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .attacks import cross_entropy_loss, logits_of
 from .averaging import WEIGHT_AVERAGE_NAME, WeightAverage
+from .components import (
+    Component,
+    component_switch_values,
+    components_for,
+    method_argument_names,
+    resolved_conservation,
+    resolved_revision,
+)
 from .config import CURETrainingArguments
 from .data import collate_pixels, dataset_card_fields, dataset_preprocessing
 from .evaluation import (
@@ -53,8 +62,6 @@ from .hub import (
     push_folder,
     save_pretrained,
 )
-from .components import Component, component_switch_values, components_for, method_argument_names, \
-    resolved_conservation, resolved_revision
 from .methods import get_method
 from .modelcard import card_value, write_model_card
 from .models import unwrap_normalized
@@ -73,8 +80,8 @@ from .safety import (
     missing_checkpoint_parts,
     publish_checkpoint,
     resumable_checkpoints,
-    stale_staging_folders,
     staging_folder,
+    stale_staging_folders,
 )
 from .speed import SpeedRuntime
 
@@ -186,7 +193,10 @@ class RobustTrainer(Trainer):
             outputs = check_model_output(model, batch["pixel_values"].to(device), _num_classes(dataset))
         if type(outputs) is not int:  # no probe: the count the model declares, if any
             inner, _ = unwrap_normalized(model)
-            declared = (getattr(inner, "num_classes", None), getattr(getattr(inner, "config", None), "num_labels", None))
+            declared = (
+                getattr(inner, "num_classes", None),
+                getattr(getattr(inner, "config", None), "num_labels", None),
+            )
             outputs = next((n for n in declared if type(n) is int and n > 0), None)
         self.model_num_classes: Optional[int] = outputs
         if outputs is not None:
@@ -199,7 +209,9 @@ class RobustTrainer(Trainer):
         learning_rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
         last, _ = resumable_checkpoints(self._get_output_dir(None))
         return {
-            "step": self.state.global_step + 1, "learning_rate": args.learning_rate, "current_lr": learning_rate,
+            "step": self.state.global_step + 1,
+            "learning_rate": args.learning_rate,
+            "current_lr": learning_rate,
             "precision": "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
             "last_checkpoint": f"; the last complete checkpoint is {last}" if last else "",
         }
@@ -291,21 +303,30 @@ class RobustTrainer(Trainer):
         finally:
             self._attacking_in_evaluation = previous
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix: str = "eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ):
         """The Trainer's loop, then (from `evaluate()`) the attacks on the same examples; both in fp32 unless
         `eval_mixed_precision` (fp16 attacks are weaker, so the robust number would be inflated), and both on the
         weight average when `weight_averaging` is on."""
         model = self.accelerator.unwrap_model(self.model)
         precision = contextlib.nullcontext() if self.args.eval_mixed_precision else full_precision_forward(model)
         with self.averaged_weights(), precision:
-            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
-                                             metric_key_prefix)
-            robust = self._robust_metrics(dataloader.dataset, metric_key_prefix) if self._attacking_in_evaluation else {}
+            output = super().evaluation_loop(
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            robust = (
+                self._robust_metrics(dataloader.dataset, metric_key_prefix) if self._attacking_in_evaluation else {}
+            )
         for key, value in robust.items():
             if key in output.metrics:  # compute_metrics named it first: the user's definition stands
-                logger.warning("%s is computed by compute_metrics and by the robust evaluation; keeping "
-                               "compute_metrics' value %s (robust evaluation: %s)", key, output.metrics[key], value)
+                logger.warning(
+                    "%s is computed by compute_metrics and by the robust evaluation; keeping "
+                    "compute_metrics' value %s (robust evaluation: %s)",
+                    key,
+                    output.metrics[key],
+                    value,
+                )
                 continue
             output.metrics[key] = value
         return output
@@ -318,8 +339,11 @@ class RobustTrainer(Trainer):
             if eval_dataset is None or isinstance(eval_dataset, str):
                 eval_dataset = self.eval_dataset if eval_dataset is None else self.eval_dataset[eval_dataset]
             if len(eval_dataset) > limit:  # the same first N on every process: each example counted once
-                eval_dataset = eval_dataset.select(range(limit)) if hasattr(eval_dataset, "select") else \
-                    torch.utils.data.Subset(eval_dataset, range(limit))
+                eval_dataset = (
+                    eval_dataset.select(range(limit))
+                    if hasattr(eval_dataset, "select")
+                    else torch.utils.data.Subset(eval_dataset, range(limit))
+                )
         return super().get_eval_dataloader(eval_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -336,10 +360,17 @@ class RobustTrainer(Trainer):
         args = self.args
         generator = torch.Generator(device=args.device).manual_seed(args.eval_seed + args.process_index)
         result = evaluate_robustness(
-            self.accelerator.unwrap_model(self.model), self._robust_eval_dataloader(dataset), args.eval_attack_list,
-            eps=args.resolved_eval_epsilon, step_size=args.resolved_eval_step_size, steps=args.eval_pgd_steps,
-            restarts=args.eval_restarts, generator=generator, gather=self.accelerator.gather_for_metrics,
-            device=args.device, progress=self.is_world_process_zero() and not args.disable_tqdm,
+            self.accelerator.unwrap_model(self.model),
+            self._robust_eval_dataloader(dataset),
+            args.eval_attack_list,
+            eps=args.resolved_eval_epsilon,
+            step_size=args.resolved_eval_step_size,
+            steps=args.eval_pgd_steps,
+            restarts=args.eval_restarts,
+            generator=generator,
+            gather=self.accelerator.gather_for_metrics,
+            device=args.device,
+            progress=self.is_world_process_zero() and not args.disable_tqdm,
             autoattack=args.autoattack_config(),
         )
         metrics = {f"{prefix}_{k}": v for k, v in result.metrics.items()}
@@ -354,7 +385,10 @@ class RobustTrainer(Trainer):
         """The evaluation set (already cut to `eval_max_examples`), in batches of `eval_attack_batch_size` per device."""
         batch_size = self.args.eval_attack_batch_size or self.args.per_device_eval_batch_size
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, collate_fn=self.data_collator,
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
         )
@@ -396,15 +430,19 @@ class RobustTrainer(Trainer):
             self.nonfinite_guard.flush()  # the last step's verdict, when it is read a step late (GPU)
             self._report_robust_overfitting(output)
         if self.nonfinite_guard.skipped_steps:
-            logger.warning("nonfinite_policy='skip' dropped %d optimizer steps with NaN/inf gradients: %s",
-                           len(self.nonfinite_guard.skipped_steps), self.nonfinite_guard.skipped_steps)
+            logger.warning(
+                "nonfinite_policy='skip' dropped %d optimizer steps with NaN/inf gradients: %s",
+                len(self.nonfinite_guard.skipped_steps),
+                self.nonfinite_guard.skipped_steps,
+            )
         return output
 
     def _report_robust_overfitting(self, output) -> None:
         summary = self.robust_overfitting_summary()
         for key, entry in summary.items():
-            output.metrics.update({f"{key}_best": entry["best"], f"{key}_last": entry["last"],
-                                   f"{key}_best_minus_last": entry["gap"]})
+            output.metrics.update(
+                {f"{key}_best": entry["best"], f"{key}_last": entry["last"], f"{key}_best_minus_last": entry["gap"]}
+            )
             if "at_selected" in entry:
                 output.metrics[f"{key}_at_selected"] = entry["at_selected"]
         if summary and self.is_world_process_zero():
@@ -427,19 +465,28 @@ class RobustTrainer(Trainer):
 
         names = ("data_collator", "train_dataset", "eval_dataset")
         kwargs = dict(kwargs, **dict(zip(names, pos)))
-        pos = tuple(pos[len(names):])
+        pos = tuple(pos[len(names) :])
         train, given = kwargs.get("train_dataset"), kwargs.get("eval_dataset")
         if train is None:
             raise ValueError(f"validation_fraction={args.validation_fraction} needs a train_dataset to split")
         candidates = list(given.values()) if isinstance(given, dict) else [given] if given is not None else []
-        transform = next((d.format.get("format_kwargs", {}).get("transform") for d in candidates
-                          if getattr(d, "format", {}).get("type") == "custom"), None)
+        transform = next(
+            (
+                d.format.get("format_kwargs", {}).get("transform")
+                for d in candidates
+                if getattr(d, "format", {}).get("type") == "custom"
+            ),
+            None,
+        )
         kwargs["train_dataset"], self.validation_dataset = split_validation(
-            train, args.validation_fraction, args.seed, transform)
+            train, args.validation_fraction, args.seed, transform
+        )
         if isinstance(given, dict):
             if "validation" in given:
-                raise ValueError("validation_fraction > 0 names its split 'validation'; rename the eval_dataset "
-                                 "entry 'validation' or set validation_fraction=0")
+                raise ValueError(
+                    "validation_fraction > 0 names its split 'validation'; rename the eval_dataset "
+                    "entry 'validation' or set validation_fraction=0"
+                )
             kwargs["eval_dataset"] = {"validation": self.validation_dataset, **given}
         elif given is not None:
             kwargs["eval_dataset"] = {"validation": self.validation_dataset, "test": given}
@@ -455,9 +502,15 @@ class RobustTrainer(Trainer):
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        save_pretrained(self.accelerator.unwrap_model(self.model), output_dir, card=self.model_card_info(),
-                        image_size=self._export_image_size(), label_names=self._label_names(),
-                        processing_class=self.processing_class, preprocessing=self._data_preprocessing())
+        save_pretrained(
+            self.accelerator.unwrap_model(self.model),
+            output_dir,
+            card=self.model_card_info(),
+            image_size=self._export_image_size(),
+            label_names=self._label_names(),
+            processing_class=self.processing_class,
+            preprocessing=self._data_preprocessing(),
+        )
         # The arguments as JSON rather than the Trainer's pickled training_args.bin: nothing needs torch.load.
         with open(os.path.join(output_dir, TRAINING_ARGS_JSON), "w", encoding="utf-8") as f:
             f.write(self.args.to_json_string())
@@ -507,8 +560,12 @@ class RobustTrainer(Trainer):
         if pushes:
             self._push_from_checkpoint(final)
         if self.args.should_save:
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _newest_complete_checkpoint(self, trial=None) -> str:
         """`resume_from_checkpoint=True`: the newest checkpoint with everything a resume needs; newer, incomplete
@@ -516,13 +573,18 @@ class RobustTrainer(Trainer):
         run_dir = self._get_output_dir(trial)
         folder, skipped = resumable_checkpoints(run_dir, **self._checkpoint_rules())
         for path, missing in skipped.items():
-            logger.warning("resume_from_checkpoint=True skips %s: it lacks %s (an interrupted or partial save)",
-                           path, ", ".join(missing))
+            logger.warning(
+                "resume_from_checkpoint=True skips %s: it lacks %s (an interrupted or partial save)",
+                path,
+                ", ".join(missing),
+            )
         if folder is None:
             found = "; ".join(f"{p} lacks {', '.join(m)}" for p, m in skipped.items()) or "no checkpoint-N folders"
-            raise ValueError(f"resume_from_checkpoint=True found no complete checkpoint in {run_dir} ({found}); pass "
-                             "resume_from_checkpoint=None to start from scratch, or the path of a checkpoint with "
-                             "allow_partial_resume=True")
+            raise ValueError(
+                f"resume_from_checkpoint=True found no complete checkpoint in {run_dir} ({found}); pass "
+                "resume_from_checkpoint=None to start from scratch, or the path of a checkpoint with "
+                "allow_partial_resume=True"
+            )
         return folder
 
     def _checkpoint_rules(self) -> Dict[str, Any]:
@@ -543,12 +605,16 @@ class RobustTrainer(Trainer):
                     "resume from a complete checkpoint (resume_from_checkpoint=True picks the newest), or set "
                     "allow_partial_resume=True to continue with fresh ones for the missing parts"
                 )
-            logger.warning("allow_partial_resume=True: %s lacks %s; those start afresh", resume_from_checkpoint,
-                           ", ".join(missing))
+            logger.warning(
+                "allow_partial_resume=True: %s lacks %s; those start afresh", resume_from_checkpoint, ", ".join(missing)
+            )
         current = {**self.args.to_dict(), **component_switch_values(self.args, self.method)}
-        for warning in check_resume_arguments(resume_from_checkpoint, current,
-                                              method_arguments=method_argument_names(self.args, self.method),
-                                              resolve=lambda saved: _resolved_switches(saved)):
+        for warning in check_resume_arguments(
+            resume_from_checkpoint,
+            current,
+            method_arguments=method_argument_names(self.args, self.method),
+            resolve=lambda saved: _resolved_switches(saved),
+        ):
             logger.warning("resume_from_checkpoint=%s: %s", resume_from_checkpoint, warning)
         load_weights_into(model if model is not None else self.model, resume_from_checkpoint)
         self._load_method_state(resume_from_checkpoint)
@@ -640,9 +706,21 @@ class RobustTrainer(Trainer):
         # with a validation split the test numbers are eval_test_*; the card reports test accuracy
         prefix = "eval_test_" if "eval_test_accuracy" in eval_metrics else "eval_"
         steps = args.eval_pgd_steps
-        hyper_names = ["adv_method", "epsilon", "attack_step_size", "attack_steps", "learning_rate", "weight_decay",
-                       "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                       "optim", "seed", "label_smoothing_factor"]
+        hyper_names = [
+            "adv_method",
+            "epsilon",
+            "attack_step_size",
+            "attack_steps",
+            "learning_rate",
+            "weight_decay",
+            "num_train_epochs",
+            "max_steps",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "optim",
+            "seed",
+            "label_smoothing_factor",
+        ]
         hyper_names += [name for name in self.method.hyperparameters if name not in hyper_names]
         model = self.accelerator.unwrap_model(self.model)
         exported = export_preprocessing(model, self._data_preprocessing(), self._export_image_size())
@@ -651,8 +729,11 @@ class RobustTrainer(Trainer):
             "model_name": (self.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))).split("/")[-1],
             "repo_id": self.hub_model_id,
             "method": args.adv_method,
-            "hyperparameters": {name: card_value(getattr(args, name), pixel=name in ("epsilon", "attack_step_size"))
-                                for name in hyper_names if hasattr(args, name)},
+            "hyperparameters": {
+                name: card_value(getattr(args, name), pixel=name in ("epsilon", "attack_step_size"))
+                for name in hyper_names
+                if hasattr(args, name)
+            },
             "threat_model": "Linf",
             "eps": card_value(args.resolved_eval_epsilon, pixel=True),
             "pgd_steps": steps,
@@ -680,13 +761,29 @@ class RobustTrainer(Trainer):
         """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`)."""
         return dataset_card_fields(self.train_dataset)
 
-    def create_model_card(self, language=None, license=None, tags=None, model_name=None, finetuned_from=None,
-                          tasks=None, dataset_tags=None, dataset=None, dataset_args=None, **kwargs) -> None:
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+        **kwargs,
+    ) -> None:
         """The cure_hf model card in `output_dir/README.md` (also written with every save)."""
         if not self.is_world_process_zero():
             return
-        overrides = {k: v for k, v in dict(license=license, model_name=model_name, base_model=finetuned_from,
-                                           dataset=dataset, **kwargs).items() if v is not None}
+        overrides = {
+            k: v
+            for k, v in dict(
+                license=license, model_name=model_name, base_model=finetuned_from, dataset=dataset, **kwargs
+            ).items()
+            if v is not None
+        }
         info = self.model_card_info(**overrides)
         if tags:
             info["tags"] = list(info["tags"]) + ([tags] if isinstance(tags, str) else list(tags))
@@ -695,9 +792,15 @@ class RobustTrainer(Trainer):
     # -------------------------------------------------------------------------------------- pushing
     # Replaces Trainer.push_to_hub on purpose: it uploads the whole output_dir (checkpoints, logs) after a save whose
     # failure would lose the local folder; here the folder is saved first and only its exported files go up.
-    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True,
-                    token: Optional[str] = None, revision: Optional[str] = None, private: Optional[bool] = None,
-                    **kwargs):
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        **kwargs,
+    ):
         """Save the model folder to `output_dir` first (it stays on disk if the upload fails), then upload exactly
         its exported files (weights, config, card, processor). Keyword arguments go to the model card
         (`finetuned_from`, `dataset`, `tags`, `license`, `model_name`)."""
@@ -713,9 +816,14 @@ class RobustTrainer(Trainer):
             return None
         self._finish_current_push()
         return push_folder(
-            self.args.output_dir, self.hub_model_id, files=export_files(self.args.output_dir), token=token,
-            private=private, revision=revision if revision is not None else self.args.hub_revision,
-            commit_message=commit_message, run_as_future=not blocking,
+            self.args.output_dir,
+            self.hub_model_id,
+            files=export_files(self.args.output_dir),
+            token=token,
+            private=private,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message,
+            run_as_future=not blocking,
         )
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
@@ -733,16 +841,34 @@ class RobustTrainer(Trainer):
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         files = copy_export(checkpoint_folder, self.args.output_dir)
         message = f"Training in progress, step {self.state.global_step}"
-        jobs = [push_folder(self.args.output_dir, self.hub_model_id, files=files, token=self.args.hub_token,
-                            revision=self.args.hub_revision, commit_message=message, run_as_future=True)]
-        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
-            path_in_repo = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(
-                checkpoint_folder)
-            jobs.append(HfApi().upload_folder(
-                repo_id=self.hub_model_id, folder_path=checkpoint_folder, path_in_repo=path_in_repo,
-                commit_message=message + ", checkpoint", token=self.args.hub_token, run_as_future=True,
+        jobs = [
+            push_folder(
+                self.args.output_dir,
+                self.hub_model_id,
+                files=files,
+                token=self.args.hub_token,
                 revision=self.args.hub_revision,
-            ))
+                commit_message=message,
+                run_as_future=True,
+            )
+        ]
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            path_in_repo = (
+                "last-checkpoint"
+                if self.args.hub_strategy == HubStrategy.CHECKPOINT
+                else os.path.basename(checkpoint_folder)
+            )
+            jobs.append(
+                HfApi().upload_folder(
+                    repo_id=self.hub_model_id,
+                    folder_path=checkpoint_folder,
+                    path_in_repo=path_in_repo,
+                    commit_message=message + ", checkpoint",
+                    token=self.args.hub_token,
+                    run_as_future=True,
+                    revision=self.args.hub_revision,
+                )
+            )
         if self.push_in_progress is None or self.push_in_progress.is_done():
             self.push_in_progress = PushInProgress(jobs)
         else:

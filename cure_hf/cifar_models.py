@@ -12,6 +12,7 @@ They follow timm's model interface (``forward_features``, ``forward_head``, ``ge
 like any timm model. No pretrained weights are registered: ``pretrained=True`` only makes sense with a
 ``local-dir:`` or ``hf-hub:`` source that carries weights.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional, Type, Union
@@ -176,17 +177,27 @@ class CifarWideResNet(_TimmClassifierMixin, nn.Module):
 
 def _cfg(**kwargs):
     return {
-        "num_classes": 10, "input_size": (3, 32, 32), "pool_size": (4, 4), "crop_pct": 1.0,
-        "interpolation": "bilinear", "mean": CIFAR10_MEAN, "std": CIFAR10_STD,
-        "first_conv": "conv1", "classifier": "head.fc", "license": "mit", **kwargs,
+        "num_classes": 10,
+        "input_size": (3, 32, 32),
+        "pool_size": (4, 4),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+        "mean": CIFAR10_MEAN,
+        "std": CIFAR10_STD,
+        "first_conv": "conv1",
+        "classifier": "head.fc",
+        "license": "mit",
+        **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "cifar_resnet18": _cfg(),
-    "cifar_preact_resnet18": _cfg(),
-    "cifar_wide_resnet34_10": _cfg(pool_size=(8, 8)),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "cifar_resnet18": _cfg(),
+        "cifar_preact_resnet18": _cfg(),
+        "cifar_wide_resnet34_10": _cfg(pool_size=(8, 8)),
+    }
+)
 
 
 def _create(variant: str, cls, pretrained: bool, **kwargs):
@@ -196,17 +207,22 @@ def _create(variant: str, cls, pretrained: bool, **kwargs):
 @register_model
 def cifar_resnet18(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-18, 3x3 stride-1 stem, no max-pool: the network of CURE's and TRADES' CIFAR tables."""
-    return _create("cifar_resnet18", CifarResNet, pretrained, **dict(dict(block="basic", layers=[2, 2, 2, 2]), **kwargs))
+    return _create(
+        "cifar_resnet18", CifarResNet, pretrained, **dict(dict(block="basic", layers=[2, 2, 2, 2]), **kwargs)
+    )
 
 
 @register_model
 def cifar_preact_resnet18(pretrained: bool = False, **kwargs) -> CifarResNet:
     """Pre-activation ResNet-18 for 32x32 images (Rice et al., 2020)."""
-    return _create("cifar_preact_resnet18", CifarResNet, pretrained,
-                   **dict(dict(block="preact", layers=[2, 2, 2, 2]), **kwargs))
+    return _create(
+        "cifar_preact_resnet18", CifarResNet, pretrained, **dict(dict(block="preact", layers=[2, 2, 2, 2]), **kwargs)
+    )
 
 
 @register_model
 def cifar_wide_resnet34_10(pretrained: bool = False, **kwargs) -> CifarWideResNet:
     """WideResNet-34-10 for 32x32 images (Madry et al.; Zhang et al., TRADES)."""
-    return _create("cifar_wide_resnet34_10", CifarWideResNet, pretrained, **dict(dict(depth=34, widen_factor=10), **kwargs))
+    return _create(
+        "cifar_wide_resnet34_10", CifarWideResNet, pretrained, **dict(dict(depth=34, widen_factor=10), **kwargs)
+    )

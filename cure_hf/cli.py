@@ -16,6 +16,7 @@ local folder, ``./robust_eval/<name>.json`` for a timm name or Hub id (``/`` and
 A timm name builds an untrained model (no network) with the dataset's number of classes; a folder or Hub id
 loads its weights (safetensors only).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,16 @@ from . import __version__
 from .config import RobustEvaluationArguments
 from .parser import ConfigArgumentParser, DatasetArguments, ModelArguments
 
-__all__ = ["main", "build_parser", "build_evaluate_parser", "run_evaluate", "format_table", "default_output_file",
-           "EvaluationSweepArguments", "EvaluationOutputArguments"]
+__all__ = [
+    "main",
+    "build_parser",
+    "build_evaluate_parser",
+    "run_evaluate",
+    "format_table",
+    "default_output_file",
+    "EvaluationSweepArguments",
+    "EvaluationOutputArguments",
+]
 
 RESULT_FILE_NAME = "robust_eval.json"
 EVALUATE_HELP = "Clean / PGD / CW / AutoAttack accuracy of a model on a dataset."
@@ -59,18 +68,25 @@ RENAMED_FLAGS = {
 class EvaluationSweepArguments(RobustEvaluationArguments):
     """:class:`RobustEvaluationArguments`, except that ``eval_epsilon`` may list several radii (an eps sweep)."""
 
-    eval_epsilon: Optional[str] = field(default=None, metadata={
-        "help": "Radius in pixel units of [0, 1] (default 8/255), or a comma-separated list for a sweep, "
-                "e.g. 0,4/255,8/255: one evaluation per radius."})
+    eval_epsilon: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Radius in pixel units of [0, 1] (default 8/255), or a comma-separated list for a sweep, "
+            "e.g. 0,4/255,8/255: one evaluation per radius."
+        },
+    )
 
     def __post_init__(self):
         value = self.eval_epsilon
         text = "" if value is None else ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         radii = [part.strip() for part in text.split(",") if part.strip()]
         # Every radius through the shared checks; the fields keep the first, as a single-radius run has it.
-        self.eval_epsilons = [RobustEvaluationArguments(eval_epsilon=radius, eval_norm=self.eval_norm,
-                                                        eval_attacks=self.eval_attacks).eval_epsilon
-                              for radius in radii]
+        self.eval_epsilons = [
+            RobustEvaluationArguments(
+                eval_epsilon=radius, eval_norm=self.eval_norm, eval_attacks=self.eval_attacks
+            ).eval_epsilon
+            for radius in radii
+        ]
         self.eval_epsilon = radii[0] if radii else None
         super().__post_init__()
         if not self.eval_epsilons:
@@ -81,26 +97,35 @@ class EvaluationSweepArguments(RobustEvaluationArguments):
 class EvaluationOutputArguments:
     """What ``cure-hf evaluate`` writes, and where it runs."""
 
-    output_file: Optional[str] = field(default=None, metadata={
-        "help": f"JSON result file (default: <model folder>/{RESULT_FILE_NAME} for a local folder, "
-                "./robust_eval/<name>.json for a timm name or Hub id)."})
-    device: Optional[str] = field(default=None, metadata={
-        "help": "cpu, cuda, cuda:1, ... (default: cuda if available)."})
-    plot: Optional[str] = field(default=None, metadata={
-        "help": "PNG of robust accuracy against eps (with several --eval_epsilon values)."})
+    output_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": f"JSON result file (default: <model folder>/{RESULT_FILE_NAME} for a local folder, "
+            "./robust_eval/<name>.json for a timm name or Hub id)."
+        },
+    )
+    device: Optional[str] = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)."}
+    )
+    plot: Optional[str] = field(
+        default=None, metadata={"help": "PNG of robust accuracy against eps (with several --eval_epsilon values)."}
+    )
 
 
 class _RenamedFlag(argparse.Action):
     """An old flag of ``cure-hf evaluate``: an error naming its new name, never a silent reinterpretation."""
 
     def __init__(self, option_strings, dest, new_flag, **kwargs):
-        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS,
-                         help=argparse.SUPPRESS)
+        super().__init__(
+            option_strings, dest=argparse.SUPPRESS, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
         self.new_flag = new_flag
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is now {self.new_flag}: cure-hf evaluate uses the argument names of "
-                     "CURETrainingArguments and the recipes (cure-hf evaluate --help lists them)")
+        parser.error(
+            f"{option_string} is now {self.new_flag}: cure-hf evaluate uses the argument names of "
+            "CURETrainingArguments and the recipes (cure-hf evaluate --help lists them)"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +149,7 @@ def build_evaluate_parser() -> ConfigArgumentParser:
         (ModelArguments, DatasetArguments, EvaluationSweepArguments, EvaluationOutputArguments),
         prog="cure-hf evaluate",
         description=f"{EVALUATE_HELP} A YAML/JSON file given first (or with --config) sets any of these arguments; "
-                    "flags after it override it.",
+        "flags after it override it.",
     )
     # A standalone evaluation reports the number of record by default; the trainer's default stays cheap.
     parser.set_defaults(eval_attacks="clean,pgd20,cw,autoattack", eval_attack_batch_size=128)
@@ -162,14 +187,21 @@ def _load_model(model_args: ModelArguments, num_classes: Optional[int], image_si
     spec = model_args.model_name_or_path
     try:
         if _is_timm_name(spec):
-            return load_model(spec, num_classes, pretrained=model_args.pretrained, image_size=image_size or 32,
-                              patch_size=model_args.patch_size)
+            return load_model(
+                spec,
+                num_classes,
+                pretrained=model_args.pretrained,
+                image_size=image_size or 32,
+                patch_size=model_args.patch_size,
+            )
         return load_model(spec, image_size=image_size)
     except SafetensorError as error:
         files = ", ".join(_weights_files(spec)) or f"the safetensors weights of {spec}"
-        raise ValueError(f"{files}: truncated or corrupt ({error}); re-download it (for a Hub model: delete it "
-                         "from the Hugging Face cache and load again) or re-save it (trainer.save_model() or "
-                         "cure_hf.hub.save_pretrained)") from None
+        raise ValueError(
+            f"{files}: truncated or corrupt ({error}); re-download it (for a Hub model: delete it "
+            "from the Hugging Face cache and load again) or re-save it (trainer.save_model() or "
+            "cure_hf.hub.save_pretrained)"
+        ) from None
 
 
 def _load_split(data_args: DatasetArguments, image_size: int, max_examples: Optional[int]):
@@ -177,16 +209,21 @@ def _load_split(data_args: DatasetArguments, image_size: int, max_examples: Opti
     from .data import load_image_dataset
 
     name, split = data_args.dataset_name, data_args.test_split
-    kwargs: Dict[str, Any] = dict(image_size=image_size, config_name=data_args.dataset_config_name,
-                                  image_column=data_args.image_column, label_column=data_args.label_column)
+    kwargs: Dict[str, Any] = dict(
+        image_size=image_size,
+        config_name=data_args.dataset_config_name,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+    )
     if name in ("digits", "imagefolder"):  # fixed split names: the embedded train/test, or the two folders
         if split not in ("train", "test"):
             raise ValueError(f"test_split={split!r} is invalid for dataset_name={name!r}: allowed 'train' or 'test'")
         if name == "imagefolder":
             if not (data_args.train_dir or data_args.test_dir):
                 raise ValueError("dataset_name='imagefolder' needs --test_dir (a folder of class sub-folders)")
-            kwargs.update(train_dir=data_args.train_dir or data_args.test_dir,
-                          test_dir=data_args.test_dir or data_args.train_dir)
+            kwargs.update(
+                train_dir=data_args.train_dir or data_args.test_dir, test_dir=data_args.test_dir or data_args.train_dir
+            )
     else:  # only the evaluated split needs to exist
         kwargs.update(train_split=split, test_split=split)
         split = "test"
@@ -198,7 +235,9 @@ def _load_split(data_args: DatasetArguments, image_size: int, max_examples: Opti
 
 
 def run_evaluate(
-    evaluation: EvaluationSweepArguments, model_args: ModelArguments, data_args: DatasetArguments,
+    evaluation: EvaluationSweepArguments,
+    model_args: ModelArguments,
+    data_args: DatasetArguments,
     output: EvaluationOutputArguments,
 ) -> Dict[str, Any]:
     """``cure-hf evaluate``: returns the result written to ``output.output_file`` (or its default)."""
@@ -230,27 +269,44 @@ def run_evaluate(
         sample = collate_pixels([dataset[0]])["pixel_values"].to(device)
         out_classes = logits_of(model(sample)).shape[-1]
     if out_classes != num_classes:
-        raise ValueError(f"--model_name_or_path {spec} has {out_classes} outputs but --dataset_name "
-                         f"{data_args.dataset_name} has {num_classes} classes; evaluate it on a dataset with the "
-                         "classes it was trained on")
+        raise ValueError(
+            f"--model_name_or_path {spec} has {out_classes} outputs but --dataset_name "
+            f"{data_args.dataset_name} has {num_classes} classes; evaluate it on a dataset with the "
+            "classes it was trained on"
+        )
 
     runs = []
     for eps in evaluation.eval_epsilons:
         generator = torch.Generator(device=device).manual_seed(evaluation.eval_seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=evaluation.eval_attack_batch_size,
-                                             collate_fn=collate_pixels)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=evaluation.eval_attack_batch_size, collate_fn=collate_pixels
+        )
         start = time.perf_counter()
         result = evaluate_robustness(
-            model, loader, evaluation.eval_attack_list, eps=eps, step_size=evaluation.eval_step_size,
-            steps=evaluation.eval_pgd_steps, restarts=evaluation.eval_restarts, generator=generator, device=device,
-            autoattack=evaluation.autoattack_config(), progress=sys.stderr.isatty(),
+            model,
+            loader,
+            evaluation.eval_attack_list,
+            eps=eps,
+            step_size=evaluation.eval_step_size,
+            steps=evaluation.eval_pgd_steps,
+            restarts=evaluation.eval_restarts,
+            generator=generator,
+            device=device,
+            autoattack=evaluation.autoattack_config(),
+            progress=sys.stderr.isatty(),
         )
         log_evaluation_warnings(result, f"eps={eps:.5f}")
         runs.append({"eps": eps, "seconds": round(time.perf_counter() - start, 2), **result.to_dict()})
 
-    result = {"model": spec, "dataset": data_args.dataset_name, "dataset_config_name": data_args.dataset_config_name,
-              "split": data_args.test_split, "device": str(device), "runs": runs,
-              "warnings": sorted({w for run in runs for w in run["warnings"]})}
+    result = {
+        "model": spec,
+        "dataset": data_args.dataset_name,
+        "dataset_config_name": data_args.dataset_config_name,
+        "split": data_args.test_split,
+        "device": str(device),
+        "runs": runs,
+        "warnings": sorted({w for run in runs for w in run["warnings"]}),
+    }
     print(format_table(runs))
     for warning in result["warnings"]:
         print(f"WARNING: {warning}")
@@ -262,8 +318,9 @@ def run_evaluate(
     if output.plot:
         from .plots import plot_accuracy_vs_eps
 
-        plot_accuracy_vs_eps({run["eps"]: run["metrics"] for run in runs}, output.plot,
-                             title=f"{spec} on {data_args.dataset_name}")
+        plot_accuracy_vs_eps(
+            {run["eps"]: run["metrics"] for run in runs}, output.plot, title=f"{spec} on {data_args.dataset_name}"
+        )
         print(f"wrote {output.plot}")
     return result
 
@@ -279,9 +336,11 @@ def format_table(runs: Sequence[Dict[str, Any]]) -> str:
     for run in runs:
         eps = run["eps"]
         eps_text = f"{round(eps * 255)}/255" if abs(eps * 255 - round(eps * 255)) < 1e-6 else f"{eps:.4f}"
-        rows.append([eps_text, str(run["metrics"].get("n_examples", ""))]
-                    + [f"{100 * run['metrics'][k]:.2f}" if k in run["metrics"] else "-" for k in keys]
-                    + [f"{run['seconds']:.1f}"])
+        rows.append(
+            [eps_text, str(run["metrics"].get("n_examples", ""))]
+            + [f"{100 * run['metrics'][k]:.2f}" if k in run["metrics"] else "-" for k in keys]
+            + [f"{run['seconds']:.1f}"]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -295,8 +354,9 @@ def format_table(runs: Sequence[Dict[str, Any]]) -> str:
 def run_plot_history(args) -> str:
     from .plots import plot_training_history
 
-    output = args.output or os.path.join(args.run if os.path.isdir(args.run) else os.path.dirname(args.run),
-                                         "accuracy_history.png")
+    output = args.output or os.path.join(
+        args.run if os.path.isdir(args.run) else os.path.dirname(args.run), "accuracy_history.png"
+    )
     path = plot_training_history(args.run, output, prefix=args.prefix)
     print(f"wrote {path}")
     return path

@@ -35,19 +35,26 @@ Besides the step: ``on_optimizer_created``, ``save_state(folder)`` / ``load_stat
 Which combinations work (every method x every component) is in docs/extending.md; a combination that cannot work
 is refused when the arguments are built (:func:`validate_components`).
 """
+
 from __future__ import annotations
 
 import math
 import os
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
 
 from .attacks import logits_of
-from .methods import AdversarialMethod, LossInputs, get_method, registered_methods, smoothed_cross_entropy, \
-    with_consistency
+from .methods import (
+    AdversarialMethod,
+    LossInputs,
+    get_method,
+    registered_methods,
+    smoothed_cross_entropy,
+    with_consistency,
+)
 from .prominence import mask_gradients_, paper_score
 
 __all__ = [
@@ -128,8 +135,9 @@ class Component:
     def prepare(self, batch: TrainingBatch) -> None: ...
     def before_forward(self, batch: TrainingBatch) -> None: ...
 
-    def add_to_loss(self, batch: TrainingBatch, inputs: LossInputs, loss: torch.Tensor,
-                    parts: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def add_to_loss(
+        self, batch: TrainingBatch, inputs: LossInputs, loss: torch.Tensor, parts: Dict[str, torch.Tensor]
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         return loss, parts
 
     def after_loss(self, batch: TrainingBatch, inputs: LossInputs, scale: float) -> None: ...
@@ -173,8 +181,12 @@ class DivergenceGuard(Component):
         from .safety import NonFiniteGuard
 
         # On a GPU, "stop" reads each step's verdict a step late, so that the step never waits for the device.
-        self.guard = NonFiniteGuard(self.args.nonfinite_policy, lambda: self.model, trainer._divergence_context,
-                                    deferred=self.args.nonfinite_policy == "stop" and self.args.device.type == "cuda")
+        self.guard = NonFiniteGuard(
+            self.args.nonfinite_policy,
+            lambda: self.model,
+            trainer._divergence_context,
+            deferred=self.args.nonfinite_policy == "stop" and self.args.device.type == "cuda",
+        )
 
     def before_optimizer_step(self, optimizer):
         self.guard.check(optimizer)
@@ -247,9 +259,13 @@ class Conservation(Component):
     @classmethod
     def validate(cls, args, method):
         if args.prominence == "paper" and method.attack is None:
-            _refuse("prominence", "paper", f"the paper's prominence weighs the gradients of the clean and the "
-                    f"adversarial cross-entropy, and adv_method={method.name!r} has no adversarial batch",
-                    "use prominence='loss' (|gradient| of the loss), or an adversarial method")
+            _refuse(
+                "prominence",
+                "paper",
+                f"the paper's prominence weighs the gradients of the clean and the "
+                f"adversarial cross-entropy, and adv_method={method.name!r} has no adversarial batch",
+                "use prominence='loss' (|gradient| of the loss), or an adversarial method",
+            )
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -281,7 +297,9 @@ class Conservation(Component):
         for logits in (inputs.z_nat, inputs.z_adv):
             ce = smoothed_cross_entropy(logits, inputs.labels, self.args.label_smoothing_factor)
             grads = torch.autograd.grad(ce * (scale * loss_scale), params, retain_graph=True, allow_unused=True)
-            sums.append([torch.zeros_like(p) if g is None else g.float().div_(loss_scale) for p, g in zip(params, grads)])
+            sums.append(
+                [torch.zeros_like(p) if g is None else g.float().div_(loss_scale) for p, g in zip(params, grads)]
+            )
         step = self.trainer.state.global_step
         if self._paper_grads is not None and self._paper_grads_step != step:
             self._paper_grads = None  # left over from a step the fp16 scaler skipped: its hook never ran
@@ -305,7 +323,7 @@ class Conservation(Component):
             flat.div_(torch.distributed.get_world_size())
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         return [paper_score(c, a, self.args.clean_weight) for c, a in zip(clean, adv)]
 
@@ -366,9 +384,13 @@ class LayerTelemetryComponent(Component):
     @classmethod
     def validate(cls, args, method):
         if resolved_conservation(args, method) == "none":
-            _refuse("layer_telemetry", True, "it records what the conservation mask updates, and conservation is "
-                    f"off for adv_method={method.name!r}", "switch conservation on (conservation='soft') or drop "
-                    "layer_telemetry")
+            _refuse(
+                "layer_telemetry",
+                True,
+                "it records what the conservation mask updates, and conservation is "
+                f"off for adv_method={method.name!r}",
+                "switch conservation on (conservation='soft') or drop layer_telemetry",
+            )
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -390,8 +412,15 @@ class Revision(Component):
 
     switch = "revision"
     name = "revision"
-    fields = ("revision", "consistency_weight", "revision_rate", "revision_decay", "revision_rate_schedule",
-              "revision_seed", "revision_train_mode")
+    fields = (
+        "revision",
+        "consistency_weight",
+        "revision_rate",
+        "revision_decay",
+        "revision_rate_schedule",
+        "revision_seed",
+        "revision_train_mode",
+    )
     needs_clean_pass = True  # the consistency term compares the clean predictions too
 
     @classmethod
@@ -408,8 +437,13 @@ class Revision(Component):
 
         if self.revision is None:
             args = self.args
-            self.revision = RevisionModel(self.model, rate=args.revision_rate, decay=args.revision_decay,
-                                          seed=args.resolved_revision_seed, train_mode=args.revision_train_mode)
+            self.revision = RevisionModel(
+                self.model,
+                rate=args.revision_rate,
+                decay=args.revision_decay,
+                seed=args.resolved_revision_seed,
+                train_mode=args.revision_train_mode,
+            )
             if self._checkpoint is not None:  # resume: the checkpoint's revision weights, step, generator
                 self.revision.load(self._checkpoint)
                 self._checkpoint = None
@@ -426,8 +460,9 @@ class Revision(Component):
     def add_to_loss(self, batch, inputs, loss, parts):
         if batch.natural:
             return loss, parts
-        return with_consistency((loss, parts), inputs.z_nat, inputs.z_adv, batch.r_nat, batch.r_adv,
-                                self.args.consistency_weight)
+        return with_consistency(
+            (loss, parts), inputs.z_nat, inputs.z_adv, batch.r_nat, batch.r_adv, self.args.consistency_weight
+        )
 
     def rate(self) -> float:
         """r at this step: constant, or decayed linearly or by a cosine from the start of the method to the end."""
@@ -542,8 +577,9 @@ class WeightAveraging(Component):
         if os.path.isfile(os.path.join(folder, WEIGHT_AVERAGE_NAME)):
             self.create().load(folder, self.model)
         else:
-            logging.getLogger(__name__).warning("%s has no %s: weight averaging starts from its weights now", folder,
-                                                WEIGHT_AVERAGE_NAME)
+            logging.getLogger(__name__).warning(
+                "%s has no %s: weight averaging starts from its weights now", folder, WEIGHT_AVERAGE_NAME
+            )
 
     def checkpoint_files(self):
         from .averaging import WEIGHT_AVERAGE_NAME
@@ -552,14 +588,24 @@ class WeightAveraging(Component):
 
     def card_fields(self, info):
         decay = self.args.weight_averaging_decay
-        info["weight_averaging"] = {"decay": decay, "decay_warmup": "min(decay, (1 + t) / (10 + t))",
-                                    "buffers_averaged": True}
+        info["weight_averaging"] = {
+            "decay": decay,
+            "decay_warmup": "min(decay, (1 + t) / (10 + t))",
+            "buffers_averaged": True,
+        }
         info["hyperparameters"]["weight_averaging"] = decay
 
 
 # The order the trainer runs them in (module docstring).
-COMPONENTS: Tuple[Type[Component], ...] = (DivergenceGuard, WeightPerturbation, Conservation, LayerTelemetryComponent,
-                                           Revision, ReplicaStatistics, WeightAveraging)
+COMPONENTS: Tuple[Type[Component], ...] = (
+    DivergenceGuard,
+    WeightPerturbation,
+    Conservation,
+    LayerTelemetryComponent,
+    Revision,
+    ReplicaStatistics,
+    WeightAveraging,
+)
 
 
 def components_for(args, method: Optional[AdversarialMethod] = None) -> List[Type[Component]]:
@@ -574,8 +620,11 @@ _SWITCHES = tuple(c.switch for c in COMPONENTS if c.switch)
 def runs_clean_pass(args, method: Optional[AdversarialMethod] = None) -> bool:
     """Whether the step runs the clean training forward: the method's loss or an enabled component reads z_nat."""
     method = method or get_method(args.adv_method)
-    return method.uses_clean_pass or resolved_revision(args, method) or (
-        resolved_conservation(args, method) != "none" and getattr(args, "prominence", "loss") == "paper")
+    return (
+        method.uses_clean_pass
+        or resolved_revision(args, method)
+        or (resolved_conservation(args, method) != "none" and getattr(args, "prominence", "loss") == "paper")
+    )
 
 
 def owned_fields() -> Dict[str, List[str]]:
@@ -617,8 +666,13 @@ def validate_components(args, method: Optional[AdversarialMethod] = None) -> Non
 def _how_to_enable(name: str) -> str:
     for component in COMPONENTS:
         if name in component.fields:
-            hints = {"conservation": "conservation='soft' (or 'hard')", "revision": "revision=True",
-                     "awp": "awp_gamma", "weight_average": "weight_averaging", "telemetry": "layer_telemetry=True"}
+            hints = {
+                "conservation": "conservation='soft' (or 'hard')",
+                "revision": "revision=True",
+                "awp": "awp_gamma",
+                "weight_average": "weight_averaging",
+                "telemetry": "layer_telemetry=True",
+            }
             if name == "clean_weight":
                 return "adv_method='cure', or conservation with prominence='paper'"
             return hints.get(component.name, component.name)
@@ -630,9 +684,20 @@ def method_argument_names(args, method: Optional[AdversarialMethod] = None) -> T
     """The fields a resume must keep (the checkpoint's values): the method, its attack, its hyperparameters, the
     component switches and every enabled component's fields."""
     method = method or get_method(args.adv_method)
-    names = ["adv_method", "epsilon", "attack_step_size", "attack_steps", "attack_random_start",
-             "natural_warmup_epochs", "label_smoothing_factor", "lr_step_epochs", "lr_step_factor",
-             "conservation", "revision", "method_options"]
+    names = [
+        "adv_method",
+        "epsilon",
+        "attack_step_size",
+        "attack_steps",
+        "attack_random_start",
+        "natural_warmup_epochs",
+        "label_smoothing_factor",
+        "lr_step_epochs",
+        "lr_step_factor",
+        "conservation",
+        "revision",
+        "method_options",
+    ]
     names += list(method.hyperparameters)
     for component in components_for(args, method):
         names += [n for n in component.reads(args, method) if n not in names]
@@ -643,4 +708,3 @@ def component_switch_values(args, method: Optional[AdversarialMethod] = None) ->
     """The component switches with their defaults resolved, as the resume check compares them."""
     method = method or get_method(args.adv_method)
     return {"conservation": resolved_conservation(args, method), "revision": resolved_revision(args, method)}
-

@@ -1,4 +1,5 @@
 """CURETrainingArguments: every knob of adversarial training, validated at construction."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,6 @@ import torch
 from transformers import TrainingArguments
 
 from .argument_types import check_field_types
-
 from .components import CONSERVATION_MODES, validate_components
 from .evaluation import ATTACK_KINDS
 from .methods import METHODS, get_method
@@ -36,7 +36,9 @@ def _parse_optim_args(text: Optional[str]) -> dict:
     pairs = [item.split("=", 1) for item in str(text or "").replace(" ", "").split(",") if item]
     bad = [p[0] for p in pairs if len(p) != 2]
     if bad:
-        raise ValueError(f"optim_args={text!r} is invalid: write key=value pairs separated by commas, e.g. 'nesterov=True'")
+        raise ValueError(
+            f"optim_args={text!r} is invalid: write key=value pairs separated by commas, e.g. 'nesterov=True'"
+        )
     return dict(pairs)
 
 
@@ -47,16 +49,23 @@ def _check(condition: bool, name: str, value, allowed: str, fix: str = "") -> No
 
 def _check_seed(name: str, value: Optional[int]) -> None:
     if value is not None:
-        _check(0 <= value < 2**32, name, value, "an integer 0 <= seed < 2**32 (as TrainingArguments' seed)",
-               f"Use e.g. {name}=0.")
+        _check(
+            0 <= value < 2**32,
+            name,
+            value,
+            "an integer 0 <= seed < 2**32 (as TrainingArguments' seed)",
+            f"Use e.g. {name}=0.",
+        )
 
 
 def _check_pixel_size(name: str, value: float) -> None:
     _check(
-        0.0 <= value <= 1.0, name, value, "a size in pixel units of [0, 1] (0 <= value <= 1)",
+        0.0 <= value <= 1.0,
+        name,
+        value,
+        "a size in pixel units of [0, 1] (0 <= value <= 1)",
         f"Pixels live in [0, 1]: for 8 intensity levels write {name}=8/255.",
     )
-
 
 
 @dataclass
@@ -102,14 +111,22 @@ class RobustEvaluationArguments:
     eval_attack_batch_size: Optional[int] = field(
         default=None, metadata={"help": "Examples per attack batch and device (default: per_device_eval_batch_size)."}
     )
-    eval_norm: str = field(default="Linf", metadata={"help": "Threat model of evaluation: Linf, or L2 (AutoAttack only)."})
+    eval_norm: str = field(
+        default="Linf", metadata={"help": "Threat model of evaluation: Linf, or L2 (AutoAttack only)."}
+    )
     autoattack_version: str = field(
-        default="standard", metadata={"help": "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square), plus, "
-                                              "rand, or custom (autoattack_attacks)."}
+        default="standard",
+        metadata={
+            "help": "AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square), plus, "
+            "rand, or custom (autoattack_attacks)."
+        },
     )
     autoattack_attacks: Optional[str] = field(
-        default=None, metadata={"help": "With autoattack_version='custom': comma-separated subset of apgd-ce, "
-                                        "apgd-dlr, apgd-t, fab, fab-t, square."}
+        default=None,
+        metadata={
+            "help": "With autoattack_version='custom': comma-separated subset of apgd-ce, "
+            "apgd-dlr, apgd-t, fab, fab-t, square."
+        },
     )
 
     def __post_init__(self):
@@ -120,10 +137,20 @@ class RobustEvaluationArguments:
         from .evaluation import AutoAttackConfig, parse_attacks
         from .safety import check_attack_budget
 
-        _check(isinstance(self.eval_pgd_steps, int) and self.eval_pgd_steps >= 1, "eval_pgd_steps",
-               self.eval_pgd_steps, "an integer >= 1", "0 steps would make PGD and CW a no-op.")
-        _check(isinstance(self.eval_restarts, int) and self.eval_restarts >= 1, "eval_restarts", self.eval_restarts,
-               "an integer >= 1", "0 restarts would make PGD and CW a no-op.")
+        _check(
+            isinstance(self.eval_pgd_steps, int) and self.eval_pgd_steps >= 1,
+            "eval_pgd_steps",
+            self.eval_pgd_steps,
+            "an integer >= 1",
+            "0 steps would make PGD and CW a no-op.",
+        )
+        _check(
+            isinstance(self.eval_restarts, int) and self.eval_restarts >= 1,
+            "eval_restarts",
+            self.eval_restarts,
+            "an integer >= 1",
+            "0 restarts would make PGD and CW a no-op.",
+        )
         _check_seed("eval_seed", self.eval_seed)
         try:
             parse_attacks(self.eval_attack_list, default_steps=self.eval_pgd_steps)
@@ -132,11 +159,19 @@ class RobustEvaluationArguments:
         AutoAttackConfig(version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm)
         if self.eval_norm != "Linf":
             kinds = [a.rstrip("0123456789") for a in self.eval_attack_list]
-            _check(all(k in ("clean", "autoattack") for k in kinds), "eval_norm", self.eval_norm,
-                   "'L2' only with eval_attacks='clean,autoattack' (PGD and CW are L-inf)")
+            _check(
+                all(k in ("clean", "autoattack") for k in kinds),
+                "eval_norm",
+                self.eval_norm,
+                "'L2' only with eval_attacks='clean,autoattack' (PGD and CW are L-inf)",
+            )
         if self.eval_attack_batch_size is not None:
-            _check(self.eval_attack_batch_size >= 1, "eval_attack_batch_size", self.eval_attack_batch_size,
-                   "an integer >= 1 or None (= per_device_eval_batch_size)")
+            _check(
+                self.eval_attack_batch_size >= 1,
+                "eval_attack_batch_size",
+                self.eval_attack_batch_size,
+                "an integer >= 1 or None (= per_device_eval_batch_size)",
+            )
         if self.eval_epsilon is not None:
             self.eval_epsilon = parse_pixel_value(self.eval_epsilon, "eval_epsilon")
             _check_pixel_size("eval_epsilon", self.eval_epsilon)
@@ -146,8 +181,13 @@ class RobustEvaluationArguments:
         if self.eval_step_size is not None:
             self.eval_step_size = parse_pixel_value(self.eval_step_size, "eval_step_size")
             _check_pixel_size("eval_step_size", self.eval_step_size)
-            _check(self.eval_step_size > 0, "eval_step_size", self.eval_step_size, "> 0",
-                   "A zero step would make PGD and CW a no-op.")
+            _check(
+                self.eval_step_size > 0,
+                "eval_step_size",
+                self.eval_step_size,
+                "> 0",
+                "A zero step would make PGD and CW a no-op.",
+            )
         if self.eval_max_examples is not None:
             _check(self.eval_max_examples >= 1, "eval_max_examples", self.eval_max_examples, "an integer >= 1 or None")
 
@@ -168,8 +208,9 @@ class RobustEvaluationArguments:
     def autoattack_config(self):
         from .evaluation import AutoAttackConfig
 
-        return AutoAttackConfig(version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm,
-                                seed=self.eval_seed)
+        return AutoAttackConfig(
+            version=self.autoattack_version, attacks=self.autoattack_attacks, norm=self.eval_norm, seed=self.eval_seed
+        )
 
 
 @dataclass
@@ -333,8 +374,9 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """
 
-    adv_method: str = field(default="cure", metadata={"help": f"Training method: a registered method, built in "
-                                                              f"{sorted(METHODS)}."})
+    adv_method: str = field(
+        default="cure", metadata={"help": f"Training method: a registered method, built in {sorted(METHODS)}."}
+    )
     epsilon: str = field(default="8/255", metadata={"help": "L-inf radius of the training attack, pixels in [0, 1]."})
     attack_step_size: str = field(default="2/255", metadata={"help": "Step size of the training attack."})
     attack_steps: int = field(default=10, metadata={"help": "Steps of the training attack (K)."})
@@ -351,21 +393,33 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     revision_train_mode: bool = field(default=True, metadata={"help": "Revision model in train mode (as the code)."})
     prominence: str = field(default="loss", metadata={"help": f"Prominence score, one of {PROMINENCE_MODES}."})
     conservation: Optional[str] = field(
-        default=None, metadata={"help": f"Conservation mask, one of {CONSERVATION_MODES} (unset: 'soft' for cure, "
-                                        "'none' for the other methods)."})
+        default=None,
+        metadata={
+            "help": f"Conservation mask, one of {CONSERVATION_MODES} (unset: 'soft' for cure, "
+            "'none' for the other methods)."
+        },
+    )
     method_options: Optional[str] = field(
-        default=None, metadata={"help": "The method's own options (a method of yours, docs/extending.md): "
-                                        "'name=value,name=value'; unset: the method's defaults."})
+        default=None,
+        metadata={
+            "help": "The method's own options (a method of yours, docs/extending.md): "
+            "'name=value,name=value'; unset: the method's defaults."
+        },
+    )
     revision: Optional[bool] = field(
-        default=None, metadata={"help": "Revision model and its consistency term (unset: on for cure, off for the "
-                                        "other methods)."})
+        default=None,
+        metadata={"help": "Revision model and its consistency term (unset: on for cure, off for the other methods)."},
+    )
     head_modules: Optional[List[str]] = field(
         default=None, metadata={"help": "Classifier-head module names (never masked); auto-detected if unset."}
     )
 
     validation_fraction: float = field(
-        default=0.0, metadata={"help": "Hold out this fraction of the training set as a validation split for "
-                                       "model selection (eval metrics eval_validation_*); 0 = none."}
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of the training set as a validation split for "
+            "model selection (eval metrics eval_validation_*); 0 = none."
+        },
     )
 
     eval_mixed_precision: bool = field(
@@ -379,32 +433,41 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     )
     attack_reuse_clean_logits: bool = field(
         default=False,
-        metadata={"help": "TRADES/CURE: the attack reuses the clean training forward's logits instead of its own "
-                          "eval-mode clean forward. Only for models whose train and eval forwards agree "
-                          "(no BatchNorm, no active dropout/drop-path); the trainer checks."},
+        metadata={
+            "help": "TRADES/CURE: the attack reuses the clean training forward's logits instead of its own "
+            "eval-mode clean forward. Only for models whose train and eval forwards agree "
+            "(no BatchNorm, no active dropout/drop-path); the trainer checks."
+        },
     )
 
     # The efficient variant, the paper's step schedule, per-layer telemetry.
     natural_warmup_epochs: float = field(
         default=0.0,
-        metadata={"help": "Efficient variant (spec section 5): train with the clean loss for this many epochs, then "
-                          "switch to adv_method in the same run; the revision model is created from the weights at "
-                          "the switch, and no gradient is masked before it. 0 = no warm-up."},
+        metadata={
+            "help": "Efficient variant (spec section 5): train with the clean loss for this many epochs, then "
+            "switch to adv_method in the same run; the revision model is created from the weights at "
+            "the switch, and no gradient is masked before it. 0 = no warm-up."
+        },
     )
     lr_step_epochs: Optional[str] = field(
         default=None,
-        metadata={"help": "Step schedule, e.g. '100,150': multiply the learning rate by lr_step_factor at these "
-                          "epochs (the paper: x0.1 at 100 and 150 of 200). Replaces lr_scheduler_type when set."},
+        metadata={
+            "help": "Step schedule, e.g. '100,150': multiply the learning rate by lr_step_factor at these "
+            "epochs (the paper: x0.1 at 100 and 150 of 200). Replaces lr_scheduler_type when set."
+        },
     )
     lr_step_factor: float = field(default=0.1, metadata={"help": "Factor of the step schedule (lr_step_epochs)."})
     layer_telemetry: bool = field(
         default=False,
-        metadata={"help": "CURE: log per block the fraction of entries updated and the share of gradient magnitude "
-                          "(telemetry/* in the training logs; cure_hf.telemetry.plot_layer_telemetry draws them)."},
+        metadata={
+            "help": "CURE: log per block the fraction of entries updated and the share of gradient magnitude "
+            "(telemetry/* in the training logs; cure_hf.telemetry.plot_layer_telemetry draws them)."
+        },
     )
 
     sgd_momentum: Optional[float] = field(
-        default=None, metadata={"help": "Momentum of optim='sgd' unless optim_args sets it (default 0.9, the released code)."}
+        default=None,
+        metadata={"help": "Momentum of optim='sgd' unless optim_args sets it (default 0.9, the released code)."},
     )
     weight_decay_all_parameters: bool = field(
         default=True, metadata={"help": "Apply weight decay to biases and norm weights too (the released code)."}
@@ -418,8 +481,10 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values/labels columns."})
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "The Trainer's filter that replaces a NaN/inf loss by the running mean in the logs: off, "
-                          "since it hides a divergence and reads the loss back to the host every step."},
+        metadata={
+            "help": "The Trainer's filter that replaces a NaN/inf loss by the running mean in the logs: off, "
+            "since it hides a divergence and reads the loss back to the host every step."
+        },
     )
     ddp_broadcast_buffers: Optional[bool] = field(
         default=False, metadata={"help": "DDP buffer broadcast; off because of several forwards per backward."}
@@ -430,60 +495,77 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         default="stop", metadata={"help": "NaN/inf gradient: 'stop' training with an error, or 'skip' the step."}
     )
     allow_partial_resume: bool = field(
-        default=False, metadata={"help": "Resume from a checkpoint without optimizer/scheduler/RNG/revision state "
-                                         "(those start afresh, with a warning); refused by default."}
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint without optimizer/scheduler/RNG/revision state "
+            "(those start afresh, with a warning); refused by default."
+        },
     )
-
 
     # GPU speed (cure_hf/speed.py, docs/benchmarks.md), validated by _validate_speed_fields.
     speed_preset: str = field(
         default="none",
-        metadata={"help": "'fast': bf16 autocast (attack included), channels_last, torch_compile, "
-                          "logging_nan_inf_filter=False, dataloader_drop_last=True, and where the device allows: "
-                          "attack_cuda_graph, cudnn_benchmark (CUDA) and device_resident_data. 'none': each option "
-                          "as set. Refuses fp16=True and cudagraph compile modes."},
+        metadata={
+            "help": "'fast': bf16 autocast (attack included), channels_last, torch_compile, "
+            "logging_nan_inf_filter=False, dataloader_drop_last=True, and where the device allows: "
+            "attack_cuda_graph, cudnn_benchmark (CUDA) and device_resident_data. 'none': each option "
+            "as set. Refuses fp16=True and cudagraph compile modes."
+        },
     )
     attack_cuda_graph: Optional[bool] = field(
         default=None,
-        metadata={"help": "Capture the training attack's K steps once as a CUDA graph and replay it every step "
-                          "(CUDA only; a capture that fails runs eagerly, logged). None: on under speed_preset='fast' "
-                          "on CUDA, else off."},
+        metadata={
+            "help": "Capture the training attack's K steps once as a CUDA graph and replay it every step "
+            "(CUDA only; a capture that fails runs eagerly, logged). None: on under speed_preset='fast' "
+            "on CUDA, else off."
+        },
     )
     device_resident_data: Optional[bool] = field(
         default=None,
-        metadata={"help": "Keep the whole training set on the device (uint8 when exact), shuffle and augment there "
-                          "a batch at a time; same order as the Trainer's sampler. Needs a map-style training set "
-                          "with a deterministic transform and dataloader_num_workers=0. None: on under "
-                          "speed_preset='fast' when the training set allows it (else the DataLoader, logged)."},
+        metadata={
+            "help": "Keep the whole training set on the device (uint8 when exact), shuffle and augment there "
+            "a batch at a time; same order as the Trainer's sampler. Needs a map-style training set "
+            "with a deterministic transform and dataloader_num_workers=0. None: on under "
+            "speed_preset='fast' when the training set allows it (else the DataLoader, logged)."
+        },
     )
     device_augment: str = field(
         default="none",
-        metadata={"help": "Augmentation of device_resident_data: 'none' or 'crop_flip' (pad-4 random crop + "
-                          "horizontal flip, drawn per epoch from seed; a TensorImageDataset's own augment wins)."},
+        metadata={
+            "help": "Augmentation of device_resident_data: 'none' or 'crop_flip' (pad-4 random crop + "
+            "horizontal flip, drawn per epoch from seed; a TensorImageDataset's own augment wins)."
+        },
     )
     cudnn_benchmark: Optional[bool] = field(
         default=None,
-        metadata={"help": "Set torch.backends.cudnn.benchmark (autotuned convolution algorithms; static shapes). "
-                          "None: True under speed_preset='fast' on CUDA, else left as it is."},
+        metadata={
+            "help": "Set torch.backends.cudnn.benchmark (autotuned convolution algorithms; static shapes). "
+            "None: True under speed_preset='fast' on CUDA, else left as it is."
+        },
     )
     # Beyond the paper: weight averaging, adversarial weight perturbation, attack warm-up (docs/beyond.md);
     # validated by _validate_beyond_paper_fields.
     weight_averaging: Optional[str] = field(
-        default=None, metadata={"help": "Weight averaging (EMA of weights and BatchNorm statistics): true (decay "
-                                        "0.999) or a decay such as 0.998; evaluation and saving use the average."}
+        default=None,
+        metadata={
+            "help": "Weight averaging (EMA of weights and BatchNorm statistics): true (decay "
+            "0.999) or a decay such as 0.998; evaluation and saving use the average."
+        },
     )
     awp_gamma: Optional[str] = field(
-        default=None, metadata={"help": "Adversarial weight perturbation: true (the method's published gamma) or a "
-                                        "gamma such as 5e-3; 0/false: none."}
+        default=None,
+        metadata={
+            "help": "Adversarial weight perturbation: true (the method's published gamma) or a "
+            "gamma such as 5e-3; 0/false: none."
+        },
     )
     awp_warmup_epochs: Optional[float] = field(
         default=None, metadata={"help": "Epochs without AWP first (default: the method's published value)."}
     )
     attack_warmup_epochs: float = field(
-        default=0.0, metadata={"help": "Ramp the training attack's epsilon (and step) linearly from 0 over these "
-                                       "epochs; 0 = none."}
+        default=0.0,
+        metadata={"help": "Ramp the training attack's epsilon (and step) linearly from 0 over these epochs; 0 = none."},
     )
-
 
     def __post_init__(self):
         check_field_types(self)  # every field (TrainingArguments' too) against its annotation, first
@@ -530,58 +612,107 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         _check_pixel_size("epsilon", self.epsilon)
         _check_pixel_size("attack_step_size", self.attack_step_size)
         if self.adv_method != "clean":
-            _check(self.epsilon > 0, "epsilon", self.epsilon, "> 0 for adversarial training",
-                   "Use adv_method='clean' for natural training.")
+            _check(
+                self.epsilon > 0,
+                "epsilon",
+                self.epsilon,
+                "> 0 for adversarial training",
+                "Use adv_method='clean' for natural training.",
+            )
             _check(self.attack_step_size > 0, "attack_step_size", self.attack_step_size, "> 0")
         _check(self.attack_steps >= 1, "attack_steps", self.attack_steps, "an integer >= 1")
-        _check(math.isfinite(self.trades_beta) and self.trades_beta >= 0, "trades_beta", self.trades_beta,
-               "a finite beta >= 0", "Use e.g. trades_beta=6.0 (the TRADES paper).")
+        _check(
+            math.isfinite(self.trades_beta) and self.trades_beta >= 0,
+            "trades_beta",
+            self.trades_beta,
+            "a finite beta >= 0",
+            "Use e.g. trades_beta=6.0 (the TRADES paper).",
+        )
         _check(0.0 <= self.conserve_fraction < 1.0, "conserve_fraction", self.conserve_fraction, "0 <= p < 1")
         _check(0.0 <= self.clean_weight <= 1.0, "clean_weight", self.clean_weight, "0 <= alpha <= 1")
-        _check(math.isfinite(self.consistency_weight) and self.consistency_weight >= 0.0, "consistency_weight",
-               self.consistency_weight, "a finite gamma >= 0")
+        _check(
+            math.isfinite(self.consistency_weight) and self.consistency_weight >= 0.0,
+            "consistency_weight",
+            self.consistency_weight,
+            "a finite gamma >= 0",
+        )
         _check(0.0 <= self.revision_rate <= 1.0, "revision_rate", self.revision_rate, "0 <= r <= 1")
         _check(0.0 <= self.revision_decay < 1.0, "revision_decay", self.revision_decay, "0 <= d < 1")
-        _check(self.revision_rate_schedule in REVISION_SCHEDULES, "revision_rate_schedule",
-               self.revision_rate_schedule, f"one of {REVISION_SCHEDULES}")
+        _check(
+            self.revision_rate_schedule in REVISION_SCHEDULES,
+            "revision_rate_schedule",
+            self.revision_rate_schedule,
+            f"one of {REVISION_SCHEDULES}",
+        )
         _check_seed("revision_seed", self.revision_seed)
         _check(self.prominence in PROMINENCE_MODES, "prominence", self.prominence, f"one of {PROMINENCE_MODES}")
         if self.conservation is not None:
-            _check(self.conservation in CONSERVATION_MODES, "conservation", self.conservation,
-                   f"one of {CONSERVATION_MODES} or None (the method's default)")
+            _check(
+                self.conservation in CONSERVATION_MODES,
+                "conservation",
+                self.conservation,
+                f"one of {CONSERVATION_MODES} or None (the method's default)",
+            )
         if self.revision is not None:
-            _check(isinstance(self.revision, bool), "revision", self.revision,
-                   "True, False or None (the method's default)")
+            _check(
+                isinstance(self.revision, bool), "revision", self.revision, "True, False or None (the method's default)"
+            )
         if self.head_modules is not None:
-            _check(isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
-                   "head_modules", self.head_modules, "a list of module names, e.g. ['head']")
-        _check(0.0 <= self.validation_fraction < 1.0, "validation_fraction", self.validation_fraction,
-               "0 <= fraction < 1", "e.g. 0.1 holds out 10% of the training set for model selection.")
-        _check(0.0 <= self.label_smoothing_factor < 1.0, "label_smoothing_factor", self.label_smoothing_factor,
-               "0 <= factor < 1")
+            _check(
+                isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
+                "head_modules",
+                self.head_modules,
+                "a list of module names, e.g. ['head']",
+            )
+        _check(
+            0.0 <= self.validation_fraction < 1.0,
+            "validation_fraction",
+            self.validation_fraction,
+            "0 <= fraction < 1",
+            "e.g. 0.1 holds out 10% of the training set for model selection.",
+        )
+        _check(
+            0.0 <= self.label_smoothing_factor < 1.0,
+            "label_smoothing_factor",
+            self.label_smoothing_factor,
+            "0 <= factor < 1",
+        )
 
     def _validate_safety_fields(self) -> None:
         from .safety import MAX_EPSILON, NONFINITE_POLICIES, check_attack_budget
 
-        _check(self.nonfinite_policy in NONFINITE_POLICIES, "nonfinite_policy", self.nonfinite_policy,
-               f"one of {NONFINITE_POLICIES}")
+        _check(
+            self.nonfinite_policy in NONFINITE_POLICIES,
+            "nonfinite_policy",
+            self.nonfinite_policy,
+            f"one of {NONFINITE_POLICIES}",
+        )
         # An eps in intensity levels (epsilon=1 for 1/255) is refused, not trained: the bound is MAX_EPSILON (64/255).
         # (eval_epsilon is checked with its threat model by _validate_evaluation_fields.)
         if self.adv_method != "clean" or self.eval_epsilon is None:
             check_attack_budget(eps=self.epsilon, eps_name="epsilon")
-        _check(self.attack_step_size <= MAX_EPSILON, "attack_step_size", self.attack_step_size,
-               f"<= 64/255 = {MAX_EPSILON:.4f}", f"Did you mean {self.attack_step_size:g}/255?")
+        _check(
+            self.attack_step_size <= MAX_EPSILON,
+            "attack_step_size",
+            self.attack_step_size,
+            f"<= 64/255 = {MAX_EPSILON:.4f}",
+            f"Did you mean {self.attack_step_size:g}/255?",
+        )
 
     def _validate_recipe_fields(self) -> None:
-        _check(math.isfinite(self.natural_warmup_epochs) and self.natural_warmup_epochs >= 0, "natural_warmup_epochs",
-               self.natural_warmup_epochs, "a finite number >= 0 of epochs")
+        _check(
+            math.isfinite(self.natural_warmup_epochs) and self.natural_warmup_epochs >= 0,
+            "natural_warmup_epochs",
+            self.natural_warmup_epochs,
+            "a finite number >= 0 of epochs",
+        )
         if self.natural_warmup_epochs > 0 and self.max_steps > 0:
             raise ValueError(
                 f"natural_warmup_epochs={self.natural_warmup_epochs} is counted in epochs, but max_steps="
                 f"{self.max_steps} sets the run length in steps; set max_steps=-1 and num_train_epochs instead"
             )
         _check(0.0 < self.lr_step_factor <= 1.0, "lr_step_factor", self.lr_step_factor, "0 < factor <= 1")
-        self.lr_step_milestones  # parses lr_step_epochs, raising a clear error
+        _ = self.lr_step_milestones  # parses lr_step_epochs, raising a clear error
 
     def _validate_optimizer_fields(self) -> None:
         """SGD's momentum comes from `optim_args` or `sgd_momentum`, never silently from neither or both."""
@@ -604,7 +735,7 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                 f"(weight_decay={self.weight_decay}); set --weight_decay instead (and weight_decay_all_parameters)"
             )
 
-    def for_method(self, adv_method: str, **changes) -> "CURETrainingArguments":
+    def for_method(self, adv_method: str, **changes) -> CURETrainingArguments:
         """A copy for another method (e.g. a recipe's natural stage 0): every method hyperparameter and component
         field back at its default, so that none of this run's method settings is carried over (and refused as
         unused), then ``changes``."""
@@ -648,16 +779,22 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         except ValueError:
             epochs = []
         if not epochs or any(not math.isfinite(e) or e <= 0 for e in epochs) or epochs != sorted(epochs):
-            raise ValueError(f"lr_step_epochs={self.lr_step_epochs!r} is invalid: allowed increasing positive epochs "
-                             "separated by commas, e.g. '100,150'")
+            raise ValueError(
+                f"lr_step_epochs={self.lr_step_epochs!r} is invalid: allowed increasing positive epochs "
+                "separated by commas, e.g. '100,150'"
+            )
         return epochs
 
     @property
     def attack_settings(self):
         from .methods import AttackSettings
 
-        return AttackSettings(eps=self.epsilon, step_size=self.attack_step_size, steps=self.attack_steps,
-                              random_start=self.attack_random_start)
+        return AttackSettings(
+            eps=self.epsilon,
+            step_size=self.attack_step_size,
+            steps=self.attack_steps,
+            random_start=self.attack_random_start,
+        )
 
     @property
     def resolved_revision_seed(self) -> int:
@@ -666,13 +803,22 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
     # ----------------------------------------------------- beyond the paper: WA, AWP, attack warm-up
     def _validate_beyond_paper_fields(self) -> None:
         """Weight averaging, AWP and the attack warm-up: parsed here, and refused where they cannot work."""
-        self.weight_averaging_decay  # parses weight_averaging, raising a clear error
+        _ = self.weight_averaging_decay  # parses weight_averaging, raising a clear error
         gamma = self.resolved_awp_gamma
         if self.awp_warmup_epochs is not None:
-            _check(gamma is not None, "awp_warmup_epochs", self.awp_warmup_epochs, "only together with awp_gamma",
-                   "Set awp_gamma (e.g. awp_gamma=True for the method's published value) or drop awp_warmup_epochs.")
-            _check(math.isfinite(self.awp_warmup_epochs) and self.awp_warmup_epochs >= 0, "awp_warmup_epochs",
-                   self.awp_warmup_epochs, "a finite number >= 0 of epochs")
+            _check(
+                gamma is not None,
+                "awp_warmup_epochs",
+                self.awp_warmup_epochs,
+                "only together with awp_gamma",
+                "Set awp_gamma (e.g. awp_gamma=True for the method's published value) or drop awp_warmup_epochs.",
+            )
+            _check(
+                math.isfinite(self.awp_warmup_epochs) and self.awp_warmup_epochs >= 0,
+                "awp_warmup_epochs",
+                self.awp_warmup_epochs,
+                "a finite number >= 0 of epochs",
+            )
         if gamma is not None:
             if self.fp16:
                 raise ValueError(
@@ -686,26 +832,41 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
                     "forward must run at the perturbed weights, after the attack, so it cannot serve the attack. "
                     "Fix: set attack_reuse_clean_logits=False."
                 )
-        _check(math.isfinite(self.attack_warmup_epochs) and self.attack_warmup_epochs >= 0, "attack_warmup_epochs",
-               self.attack_warmup_epochs, "a finite number >= 0 of epochs")
+        _check(
+            math.isfinite(self.attack_warmup_epochs) and self.attack_warmup_epochs >= 0,
+            "attack_warmup_epochs",
+            self.attack_warmup_epochs,
+            "a finite number >= 0 of epochs",
+        )
         if self.attack_warmup_epochs > 0:
-            _check(self.adv_method != "clean", "attack_warmup_epochs", self.attack_warmup_epochs,
-                   "0 with adv_method='clean' (natural training has no attack to warm up)")
+            _check(
+                self.adv_method != "clean",
+                "attack_warmup_epochs",
+                self.attack_warmup_epochs,
+                "0 with adv_method='clean' (natural training has no attack to warm up)",
+            )
 
     @property
     def weight_averaging_decay(self) -> Optional[float]:
         """The decay of weight averaging (`weight_averaging=True`: 0.999), or None when off."""
         from .averaging import DEFAULT_DECAY
 
-        value = _switch_or_number(self.weight_averaging, "weight_averaging",
-                                  f"True (decay {DEFAULT_DECAY}), a decay 0 < d < 1 such as 0.998, or None/False")
+        value = _switch_or_number(
+            self.weight_averaging,
+            "weight_averaging",
+            f"True (decay {DEFAULT_DECAY}), a decay 0 < d < 1 such as 0.998, or None/False",
+        )
         if value is None:
             return None
         if value is True:
             return DEFAULT_DECAY
-        _check(0.0 < value < 1.0, "weight_averaging", self.weight_averaging,
-               f"True (decay {DEFAULT_DECAY}), a decay 0 < d < 1 such as 0.998, or None/False (off)",
-               "A decay of 0 would only copy the model; weight_averaging=False turns averaging off.")
+        _check(
+            0.0 < value < 1.0,
+            "weight_averaging",
+            self.weight_averaging,
+            f"True (decay {DEFAULT_DECAY}), a decay 0 < d < 1 such as 0.998, or None/False (off)",
+            "A decay of 0 would only copy the model; weight_averaging=False turns averaging off.",
+        )
         return value
 
     @property

@@ -8,6 +8,7 @@ One preprocessing truth: the transforms come from the model (``image_transform(m
 model's image processor, without the normalisation, which lives inside the model. The saved folder records the
 same preprocessing, so timm, transformers and cure_hf reproduce the evaluation pixels of training.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,18 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-__all__ = ["load_digits_dataset", "load_image_dataset", "image_transform", "set_preprocessing",
-           "dataset_preprocessing", "dataset_label_feature", "dataset_card_fields", "collate_pixels",
-           "split_validation", "DIGITS_DATASET_NAME"]
+__all__ = [
+    "load_digits_dataset",
+    "load_image_dataset",
+    "image_transform",
+    "set_preprocessing",
+    "dataset_preprocessing",
+    "dataset_label_feature",
+    "dataset_card_fields",
+    "collate_pixels",
+    "split_validation",
+    "DIGITS_DATASET_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +103,9 @@ def image_transform(
     pixels = _timm_pixels(preprocessing) if timm_format else _processor_pixels(preprocessing)
     augmentation = None
     if train and augment != "none":
-        size = tuple(preprocessing["input_size"][-2:]) if timm_format else _processor_output_size(preprocessing, augment)
+        size = (
+            tuple(preprocessing["input_size"][-2:]) if timm_format else _processor_output_size(preprocessing, augment)
+        )
         flip = [T.RandomHorizontalFlip()] if augment == "crop_flip" else []
         augmentation = T.Compose([T.RandomCrop(size, padding=4), *flip])
 
@@ -122,14 +134,20 @@ def _resolve_preprocessing(preprocessing: Preprocessing):
 
         height, width = _height_width(preprocessing, "image_size")
         # a plain resize of the whole image: no crop, whatever the aspect ratio
-        preprocessing = {"input_size": (3, height, width), "interpolation": "bilinear", "crop_pct": 1.0,
-                         "crop_mode": "squash"}
+        preprocessing = {
+            "input_size": (3, height, width),
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+            "crop_mode": "squash",
+        }
     if isinstance(preprocessing, dict):
         return timm.data.resolve_data_config(args=dict(preprocessing))
     if callable(getattr(preprocessing, "preprocess", None)) and hasattr(preprocessing, "to_dict"):
         return preprocessing
-    raise TypeError(f"preprocessing={preprocessing!r}: pass a model, a timm data config (dict), a transformers image "
-                    "processor, or an image size (int or (height, width))")
+    raise TypeError(
+        f"preprocessing={preprocessing!r}: pass a model, a timm data config (dict), a transformers image "
+        "processor, or an image size (int or (height, width))"
+    )
 
 
 def _timm_pixels(data_config: Dict[str, Any]) -> Callable[[List], List[torch.Tensor]]:
@@ -152,8 +170,10 @@ def _processor_output_size(processor, augment: str = "crop") -> tuple:
     settings = processor.to_dict()
     size = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
     if not size or "height" not in size:
-        raise ValueError(f"augment={augment!r} needs an image processor with a fixed output size (height and width); "
-                         f"{type(processor).__name__} has size={size}")
+        raise ValueError(
+            f"augment={augment!r} needs an image processor with a fixed output size (height and width); "
+            f"{type(processor).__name__} has size={size}"
+        )
     return int(size["height"]), int(size["width"])
 
 
@@ -168,11 +188,20 @@ def set_preprocessing(data, preprocessing: Preprocessing):
     for split in splits:
         current = _cure_hf_transform(split)
         if current is None:
-            raise ValueError("set_preprocessing: a split has no cure_hf transform, so its columns and augmentation are "
-                             "unknown; set one with dataset.set_transform(cure_hf.data.image_transform(model, "
-                             "train=...))")
-        split.set_transform(image_transform(preprocessing, train=current.train, augment=current.augment,
-                                            image_column=current.image_column, label_column=current.label_column))
+            raise ValueError(
+                "set_preprocessing: a split has no cure_hf transform, so its columns and augmentation are "
+                "unknown; set one with dataset.set_transform(cure_hf.data.image_transform(model, "
+                "train=...))"
+            )
+        split.set_transform(
+            image_transform(
+                preprocessing,
+                train=current.train,
+                augment=current.augment,
+                image_column=current.image_column,
+                label_column=current.label_column,
+            )
+        )
     return data
 
 
@@ -247,16 +276,21 @@ def collate_pixels(examples: List[Dict]) -> Dict[str, torch.Tensor]:
     (a float label 3.7 would otherwise become class 3, or a soft target), and pixels that are not floats, NaN or
     infinite, or outside [0, 1] (checked here on the CPU batch, so the training step needs no device sync for it).
     """
-    from .safety import check_class_labels, check_pixel_values
-
     from transformers import default_data_collator
+
+    from .safety import check_class_labels, check_pixel_values
 
     first = examples[0]
     if "pixel_values" not in first:
         images = [k for k in ("image", "img", "pixel_values") if k in first]
-        hint = (f" The dataset has the raw image column {images[0]!r}: add a transform that turns it into pixel "
-                "tensors in [0, 1], e.g. dataset.set_transform(cure_hf.image_transform(32, train=True)).") if images \
+        hint = (
+            (
+                f" The dataset has the raw image column {images[0]!r}: add a transform that turns it into pixel "
+                "tensors in [0, 1], e.g. dataset.set_transform(cure_hf.image_transform(32, train=True))."
+            )
+            if images
             else ""
+        )
         raise ValueError(f"a training example needs 'pixel_values'; this one has the keys {sorted(first)}.{hint}")
     if not any(k in first for k in ("labels", "label", "label_ids")):
         raise ValueError(f"a training example needs 'labels' (or 'label'); this one has the keys {sorted(first)}")
@@ -292,7 +326,7 @@ def _refuse_non_numeric_labels(examples: List[Dict]) -> None:
         f"the label column {key!r} holds {kind} ({len(bad)} of {len(examples)} examples in this batch, e.g. "
         f"{', '.join(samples)}; type {type(bad[0]).__name__}); training needs integer class indices "
         "0..num_classes-1. Fix: encode the dataset's label column as classes before setting its transform, e.g. "
-        "dataset = dataset.class_encode_column(\"label\") (with the name of your label column; it becomes a "
+        'dataset = dataset.class_encode_column("label") (with the name of your label column; it becomes a '
         "datasets ClassLabel with the sorted names, which the saved model keeps as its label names), or load the data with cure_hf.data.load_image_dataset, which does it"
     )
 
@@ -348,16 +382,20 @@ def load_image_dataset(
 
     if name == "digits":
         if train_split != "train" or test_split not in (None, "test"):
-            raise ValueError(f"train_split={train_split!r}, test_split={test_split!r}: the embedded digits have only "
-                             "the splits 'train' and 'test'; leave both unset")
+            raise ValueError(
+                f"train_split={train_split!r}, test_split={test_split!r}: the embedded digits have only "
+                "the splits 'train' and 'test'; leave both unset"
+            )
         raw = load_digits_dataset(image_size=image_size or _square_side(preprocessing) or 32)
         test_split = "test"
     elif name == "imagefolder":
         if not train_dir:
             raise ValueError("dataset_name='imagefolder' needs --train_dir (and usually --test_dir)")
         if test_split not in (None, "test"):
-            raise ValueError(f"test_split={test_split!r}: an image folder's test split is the folder given as "
-                             "test_dir; pass --test_dir and leave test_split unset")
+            raise ValueError(
+                f"test_split={test_split!r}: an image folder's test split is the folder given as "
+                "test_dir; pass --test_dir and leave test_split unset"
+            )
         files = {"train": os.path.join(train_dir, "**")}
         if test_dir:
             files["test"] = os.path.join(test_dir, "**")
@@ -371,15 +409,24 @@ def load_image_dataset(
         if test_split is None and "test" in raw:
             test_split = "test"
     if train_split not in raw:
-        raise ValueError(f"train_split={train_split!r} is not a split of {name!r}; its splits are {list(raw)}; "
-                         "pass --train_split with one of them")
+        raise ValueError(
+            f"train_split={train_split!r} is not a split of {name!r}; its splits are {list(raw)}; "
+            "pass --train_split with one of them"
+        )
     if test_split is not None and test_split not in raw:
-        raise ValueError(f"test_split={test_split!r} is not a split of {name!r}; its splits are {list(raw)}; pass "
-                         "--test_split with one of them, or leave it unset to evaluate on a seeded 10% of the "
-                         "training split when the dataset has no test split")
+        raise ValueError(
+            f"test_split={test_split!r} is not a split of {name!r}; its splits are {list(raw)}; pass "
+            "--test_split with one of them, or leave it unset to evaluate on a seeded 10% of the "
+            "training split when the dataset has no test split"
+        )
     if test_split is None:
-        logger.info("%s has no test split (splits: %s): evaluating on a seeded 10%% of %r (seed %d), trained on the "
-                    "other 90%%", name, list(raw), train_split, seed)
+        logger.info(
+            "%s has no test split (splits: %s): evaluating on a seeded 10%% of %r (seed %d), trained on the other 90%%",
+            name,
+            list(raw),
+            train_split,
+            seed,
+        )
         parts = raw[train_split].train_test_split(test_size=0.1, seed=seed)
         raw = DatasetDict(train=parts["train"], test=parts["test"])
         train_split, test_split = "train", "test"
@@ -397,8 +444,10 @@ def load_image_dataset(
     if preprocessing is None:
         preprocessing = image_size or 32
     elif image_size is not None and name != "digits":
-        raise ValueError(f"image_size={image_size} and preprocessing=... both set the input size; the model's "
-                         "preprocessing decides it: leave image_size unset")
+        raise ValueError(
+            f"image_size={image_size} and preprocessing=... both set the input size; the model's "
+            "preprocessing decides it: leave image_size unset"
+        )
     common = dict(augment=augment, image_column=image_column, label_column=label_column)
     train.set_transform(image_transform(preprocessing, train=True, **common))
     test.set_transform(image_transform(preprocessing, train=False, **common))
@@ -421,8 +470,12 @@ def _class_encode_strings(train, test, column: str):
         return train, test
     values = set(train.unique(column)) | (set(test.unique(column)) if is_string(test) else set())
     feature = ClassLabel(names=sorted(str(value) for value in values if value is not None))
-    logger.info("the label column %r holds strings: encoded as %d classes %s (sorted)", column, feature.num_classes,
-                feature.names if feature.num_classes <= 20 else feature.names[:20] + ["..."])
+    logger.info(
+        "the label column %r holds strings: encoded as %d classes %s (sorted)",
+        column,
+        feature.num_classes,
+        feature.names if feature.num_classes <= 20 else feature.names[:20] + ["..."],
+    )
     train = train.cast_column(column, feature)
     if is_string(test):
         test = test.cast_column(column, feature)
@@ -460,7 +513,9 @@ def split_validation(dataset, fraction: float, seed: int = 0, eval_transform: Op
     from datasets import ClassLabel
 
     if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction={fraction!r} is invalid: allowed 0 < fraction < 1, e.g. 0.1 for a 10% validation split")
+        raise ValueError(
+            f"fraction={fraction!r} is invalid: allowed 0 < fraction < 1, e.g. 0.1 for a 10% validation split"
+        )
     if not hasattr(dataset, "train_test_split"):
         raise TypeError(f"split_validation needs a datasets.Dataset, got {type(dataset).__name__}")
     label_column = next((c for c in ("label", "labels") if c in dataset.column_names), None)

@@ -13,6 +13,7 @@ inside ``torch.no_grad()`` (as the Trainer's evaluation is). AutoAttack is the r
 across processes (``gather=accelerator.gather_for_metrics``) so each example counts once, and the
 accuracies are computed with the `evaluate` metric modules shipped in :mod:`cure_hf.metrics`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -149,8 +150,15 @@ def predict_under_attack(
                 break
             with torch.enable_grad():
                 x_adv = pgd(
-                    model, x[alive], labels[alive], eps=eps, step_size=step_size, steps=n_steps,
-                    loss="ce" if spec.kind == "pgd" else "margin", init="uniform", generator=generator,
+                    model,
+                    x[alive],
+                    labels[alive],
+                    eps=eps,
+                    step_size=step_size,
+                    steps=n_steps,
+                    loss="ce" if spec.kind == "pgd" else "margin",
+                    init="uniform",
+                    generator=generator,
                 )
             predictions[alive] = _predict(model, x_adv)
     return predictions
@@ -229,8 +237,13 @@ def _build_autoattack(model: nn.Module, eps: float, config: AutoAttackConfig, n_
     from pyautoattack import AutoAttack
 
     aa = AutoAttack(
-        _Logits(model), attacks=list(config.attacks) if config.version == "custom" else None, device=device,
-        eps=eps, norm=config.norm, seed=config.seed, version="custom" if config.version == "custom" else config.version,
+        _Logits(model),
+        attacks=list(config.attacks) if config.version == "custom" else None,
+        device=device,
+        eps=eps,
+        norm=config.norm,
+        seed=config.seed,
+        version="custom" if config.version == "custom" else config.version,
     )
     if config.version == "custom":  # the standard version's settings for each attack it names
         aa.apgd.n_restarts, aa.fab.n_restarts, aa.apgd_targeted.n_restarts = 1, 1, 1
@@ -417,16 +430,26 @@ def evaluate_robustness(
                     survived_parts.setdefault(attack, []).append(_gathered(flags, gather))
             else:
                 per_batch[spec.name] = predict_under_attack(
-                    model, x, y, spec, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
-                    generator=generator, clean_predictions=clean,
+                    model,
+                    x,
+                    y,
+                    spec,
+                    eps=eps,
+                    step_size=step_size,
+                    steps=steps,
+                    restarts=restarts,
+                    generator=generator,
+                    clean_predictions=clean,
                 )
         for name, value in per_batch.items():
             predictions[name].append(_gathered(value, gather))
         labels_seen.append(_gathered(y, gather))
 
     references = torch.cat(labels_seen).cpu() if labels_seen else torch.zeros(0, dtype=torch.long)
-    table = {name: torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
-             for name, parts in predictions.items()}
+    table = {
+        name: torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
+        for name, parts in predictions.items()
+    }
     metrics = _accuracy_metrics(specs, table, references)
 
     stages = {attack: torch.cat(parts).double().mean().item() for attack, parts in survived_parts.items()}
@@ -434,7 +457,11 @@ def evaluate_robustness(
     if stages:
         warnings += gradient_masking_warnings(metrics["accuracy"], stages)
     settings = {
-        "attacks": [s.name for s in specs], "eps": eps, "step_size": step_size, "steps": steps, "restarts": restarts,
+        "attacks": [s.name for s in specs],
+        "eps": eps,
+        "step_size": step_size,
+        "steps": steps,
+        "restarts": restarts,
         "norm": autoattack.norm,
     }
     if any(s.kind == "autoattack" for s in specs):
@@ -446,7 +473,9 @@ def _gathered(value: torch.Tensor, gather) -> torch.Tensor:
     return gather(value.contiguous()) if gather is not None else value
 
 
-def _accuracy_metrics(specs: List[AttackSpec], table: Dict[str, torch.Tensor], references: torch.Tensor) -> Dict[str, float]:
+def _accuracy_metrics(
+    specs: List[AttackSpec], table: Dict[str, torch.Tensor], references: torch.Tensor
+) -> Dict[str, float]:
     """Accuracies through the shipped `evaluate` modules: per attack, and the worst case over all of them."""
     from .metrics import load_metric
 
@@ -489,8 +518,12 @@ def robust_overfitting_summary(
         best_step, best = max(points, key=lambda p: (p[1], -p[0]))  # earliest of equal bests
         last_step, last = points[-1]
         summary[key] = {
-            "best": best, "best_step": best_step, "last": last, "last_step": last_step,
-            "gap": best - last, "n_evaluations": len(points),
+            "best": best,
+            "best_step": best_step,
+            "last": last,
+            "last_step": last_step,
+            "gap": best - last,
+            "n_evaluations": len(points),
         }
     if selection_key is not None and selection_key in summary:
         selected_step = summary[selection_key]["best_step"]
@@ -511,8 +544,10 @@ def log_evaluation_warnings(result: RobustEvaluation, prefix: str = "eval") -> N
 def log_robust_overfitting(summary: Dict[str, Dict[str, Any]]) -> None:
     """One log line per metric: best (step), last (step), best - last."""
     for key, entry in summary.items():
-        line = (f"{key}: best {entry['best']:.4f} (step {entry['best_step']}), last {entry['last']:.4f} "
-                f"(step {entry['last_step']}), best - last {entry['gap']:+.4f}")
+        line = (
+            f"{key}: best {entry['best']:.4f} (step {entry['best_step']}), last {entry['last']:.4f} "
+            f"(step {entry['last_step']}), best - last {entry['gap']:+.4f}"
+        )
         if "at_selected" in entry:
             line += f"; at the best {entry['selected_by']}: {entry['at_selected']:.4f}"
         if entry["gap"] > 0.02:  # robust overfitting worth a look

@@ -5,6 +5,7 @@ safetensors' ``save_file`` (and so transformers' ``save_pretrained``) creates it
 umask, so a checkpoint on a shared file system could not be read by colleagues or a serving process.
 :func:`chmod_as_umask` is called on every such file once it is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def read_json(path: str, default: Any = _REQUIRED) -> Dict[str, Any]:
         if default is _REQUIRED:
             raise
         return default
+
 
 _umask_lock = threading.Lock()
 

@@ -21,6 +21,7 @@ carries the in-model mean/std and the training size. ``config.json`` records whi
 (key ``cure_hf``): a later save replaces exactly those, refuses to overwrite files cure_hf did not write, and a
 push uploads only them.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -49,9 +50,20 @@ from .models import (
 )
 
 __all__ = [
-    "load_model", "save_pretrained", "copy_export", "push_folder", "export_files", "export_preprocessing",
-    "card_fields", "load_weights_into", "read_config", "WEIGHTS_NAME", "CONFIG_NAME", "MODEL_CARD_NAME",
-    "PREPROCESSOR_NAME", "EXPORT_MARKER",
+    "load_model",
+    "save_pretrained",
+    "copy_export",
+    "push_folder",
+    "export_files",
+    "export_preprocessing",
+    "card_fields",
+    "load_weights_into",
+    "read_config",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "MODEL_CARD_NAME",
+    "PREPROCESSOR_NAME",
+    "EXPORT_MARKER",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,8 +114,10 @@ def save_pretrained(
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".cure_hf-save-") as staging:
         if library == "timm":
             if max_shard_size is not None:
-                raise ValueError(f"max_shard_size={max_shard_size!r}: a timm folder holds one model.safetensors "
-                                 "(timm loads no shards); leave max_shard_size unset")
+                raise ValueError(
+                    f"max_shard_size={max_shard_size!r}: a timm folder holds one model.safetensors "
+                    "(timm loads no shards); leave max_shard_size unset"
+                )
             timm_model = getattr(inner, "timm_model", inner)
             config_labels = None
             if timm_model is not inner:  # TimmWrapper: its config has the label names
@@ -126,8 +140,9 @@ def save_pretrained(
     return files
 
 
-def export_preprocessing(model: nn.Module, preprocessing: Any = None,
-                         image_size: Optional[Union[int, Sequence[int]]] = None) -> Tuple[str, Any]:
+def export_preprocessing(
+    model: nn.Module, preprocessing: Any = None, image_size: Optional[Union[int, Sequence[int]]] = None
+) -> Tuple[str, Any]:
     """``("timm", data config)`` or ``("transformers", image processor)``: the format a save writes and the
     preprocessing it records, with the model's in-model mean/std (see :func:`save_pretrained`)."""
     from transformers import PreTrainedModel
@@ -140,8 +155,11 @@ def export_preprocessing(model: nn.Module, preprocessing: Any = None,
             data_config = dict(preprocessing)
         else:
             if preprocessing is not None:
-                logger.warning("the data was made by a %s, but a timm folder records a timm data config; saving "
-                               "the model's own preprocessing", type(preprocessing).__name__)
+                logger.warning(
+                    "the data was made by a %s, but a timm folder records a timm data config; saving "
+                    "the model's own preprocessing",
+                    type(preprocessing).__name__,
+                )
             data_config = model_data_config(model)
             if size is not None:
                 data_config.update(input_size=(data_config["input_size"][0], *size), crop_pct=1.0)
@@ -158,7 +176,9 @@ def export_preprocessing(model: nn.Module, preprocessing: Any = None,
         processor = preprocessing
     else:
         processor = model_preprocessing(model)
-    processor, _ = conform_image_processor(processor, mean, std, size or (normalized.input_size if normalized else None))
+    processor, _ = conform_image_processor(
+        processor, mean, std, size or (normalized.input_size if normalized else None)
+    )
     return "transformers", processor
 
 
@@ -168,10 +188,13 @@ def _processor_from_data_config(data_config: Dict[str, Any]):
     from transformers import ViTImageProcessor
 
     if data_config.get("crop_mode") != "squash":
-        logger.warning("the data was cropped (crop_mode=%s, crop_pct=%s), which a transformers image processor "
-                       "cannot record; preprocessor_config.json resizes whole images. Build the data transform from "
-                       "the model (cure_hf.data.set_preprocessing(data, model)) to save what training did",
-                       data_config.get("crop_mode"), data_config.get("crop_pct"))
+        logger.warning(
+            "the data was cropped (crop_mode=%s, crop_pct=%s), which a transformers image processor "
+            "cannot record; preprocessor_config.json resizes whole images. Build the data transform from "
+            "the model (cure_hf.data.set_preprocessing(data, model)) to save what training did",
+            data_config.get("crop_mode"),
+            data_config.get("crop_pct"),
+        )
     height, width = data_config["input_size"][-2:]
     resample = Image.Resampling[str(data_config.get("interpolation", "bilinear")).upper()]
     return ViTImageProcessor(size={"height": int(height), "width": int(width)}, resample=resample)
@@ -180,17 +203,23 @@ def _processor_from_data_config(data_config: Dict[str, Any]):
 def _consistent_processor(processing_class: Any, exported):
     """The user's image processor, as a copy with the model's mean/std/size; a warning names what changed."""
     if not hasattr(processing_class, "to_dict") or not callable(getattr(processing_class, "preprocess", None)):
-        logger.warning("processing_class is a %s, not an image processor: it is not saved; the folder's "
-                       "preprocessor_config.json comes from the model", type(processing_class).__name__)
+        logger.warning(
+            "processing_class is a %s, not an image processor: it is not saved; the folder's "
+            "preprocessor_config.json comes from the model",
+            type(processing_class).__name__,
+        )
         return exported
     settings = exported.to_dict()
     size = settings["size"]
     size = (size["height"], size["width"]) if "height" in size else None
     processor, changes = conform_image_processor(processing_class, settings["image_mean"], settings["image_std"], size)
     if changes:
-        logger.warning("processing_class (%s) disagrees with the model, which normalises inside and was trained at "
-                       "its input size; saved a copy with the model's values (%s). Your object is unchanged.",
-                       type(processing_class).__name__, "; ".join(changes))
+        logger.warning(
+            "processing_class (%s) disagrees with the model, which normalises inside and was trained at "
+            "its input size; saved a copy with the model's values (%s). Your object is unchanged.",
+            type(processing_class).__name__,
+            "; ".join(changes),
+        )
     return processor
 
 
@@ -200,7 +229,9 @@ def _warn_unsaved_processor(processing_class: Any) -> None:
     logger.warning(
         "processing_class (%s) is not saved: a timm folder's preprocessing is config.json's pretrained_cfg, which "
         "timm and transformers (AutoImageProcessor -> TimmWrapperImageProcessor) both read; a preprocessor_config.json "
-        "would make transformers preprocess differently from timm", type(processing_class).__name__)
+        "would make transformers preprocess differently from timm",
+        type(processing_class).__name__,
+    )
 
 
 def card_fields(model: nn.Module, exported: Optional[Tuple[str, Any]] = None) -> Dict[str, Any]:
@@ -220,9 +251,11 @@ def card_fields(model: nn.Module, exported: Optional[Tuple[str, Any]] = None) ->
         size = (size["height"], size["width"]) if size and "height" in size else None
         mean, std = settings["image_mean"], settings["image_std"]
     return {
-        "library_name": library, "architecture": architecture,
+        "library_name": library,
+        "architecture": architecture,
         "image_size": [int(v) for v in size] if size else None,
-        "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std],
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
         "base_model": getattr(normalized, "source", None),
     }
 
@@ -253,8 +286,11 @@ def _save_transformers(model, output_dir: str, label_names, max_shard_size) -> N
     config = read_config(output_dir)
     names = [str(name) for name in label_names]
     if len(names) != model.config.num_labels:
-        logger.warning("%d label names for a model with %d outputs: config.json keeps its id2label", len(names),
-                       model.config.num_labels)
+        logger.warning(
+            "%d label names for a model with %d outputs: config.json keeps its id2label",
+            len(names),
+            model.config.num_labels,
+        )
         return
     config["id2label"] = {str(i): name for i, name in enumerate(names)}
     config["label2id"] = {name: i for i, name in enumerate(names)}
@@ -277,8 +313,13 @@ def _mark_export(folder: str, files: List[str], index: Optional[int] = None) -> 
 
 
 def _is_export_name(name: str) -> bool:
-    return name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME, CONFIG_NAME, MODEL_CARD_NAME, PREPROCESSOR_NAME) or \
-        fnmatch.fnmatch(name, SHARD_PATTERN)
+    return name in (
+        WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        CONFIG_NAME,
+        MODEL_CARD_NAME,
+        PREPROCESSOR_NAME,
+    ) or fnmatch.fnmatch(name, SHARD_PATTERN)
 
 
 def _previous_export(output_dir: str) -> List[str]:
@@ -370,8 +411,13 @@ def push_folder(
     api = HfApi(token=token)
     repo_url = api.create_repo(repo_id, token=token, private=private, exist_ok=True)
     return api.upload_folder(
-        repo_id=getattr(repo_url, "repo_id", repo_id), folder_path=folder, allow_patterns=files, token=token,
-        revision=revision, commit_message=commit_message, run_as_future=run_as_future,
+        repo_id=getattr(repo_url, "repo_id", repo_id),
+        folder_path=folder,
+        allow_patterns=files,
+        token=token,
+        revision=revision,
+        commit_message=commit_message,
+        run_as_future=run_as_future,
     )
 
 

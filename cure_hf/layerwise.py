@@ -11,6 +11,7 @@ frozen blocks always run with their running statistics, so a frozen block stays 
 training (weights and BatchNorm buffers). ``reinitialize_blocks`` re-draws the updated blocks' weights
 (the study's "re-initialised" rows).
 """
+
 from __future__ import annotations
 
 import re
@@ -19,15 +20,23 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-__all__ = ["block_of", "parameter_blocks", "model_blocks", "stage_blocks", "parse_setting", "freeze_for_setting",
-           "freeze_blocks", "reinitialize_blocks"]
+__all__ = [
+    "block_of",
+    "parameter_blocks",
+    "model_blocks",
+    "stage_blocks",
+    "parse_setting",
+    "freeze_for_setting",
+    "freeze_blocks",
+    "reinitialize_blocks",
+]
 
 # The residual stages / transformer blocks, by their timm (and cure_hf.cifar_models) names.
 _STAGE_PATTERNS = (
-    re.compile(r"^(layer\d+)\b"),          # ResNet, cifar_resnet18, cifar_preact_resnet18
-    re.compile(r"^(block\d+)\b"),          # cifar_wide_resnet34_10
-    re.compile(r"^(stages\.\d+)\b"),       # ConvNeXt, RegNet, timm test_convnext
-    re.compile(r"^(blocks\.\d+)\b"),       # ViT, DeiT
+    re.compile(r"^(layer\d+)\b"),  # ResNet, cifar_resnet18, cifar_preact_resnet18
+    re.compile(r"^(block\d+)\b"),  # cifar_wide_resnet34_10
+    re.compile(r"^(stages\.\d+)\b"),  # ConvNeXt, RegNet, timm test_convnext
+    re.compile(r"^(blocks\.\d+)\b"),  # ViT, DeiT
 )
 _HEAD_PREFIXES = ("fc", "head", "classifier", "fc_norm", "head_drop")
 _WRAPPER_PREFIXES = ("model.", "timm_model.", "module.", "_orig_mod.")
@@ -39,7 +48,7 @@ def _strip_wrappers(name: str) -> str:
         changed = False
         for prefix in _WRAPPER_PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name
 
 
@@ -117,8 +126,10 @@ def parse_setting(setting: str, model: nn.Module) -> List[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if not names or unknown:
-        raise ValueError(f"setting={setting!r}: unknown blocks {unknown or names}; this model's blocks are {known}, "
-                         "or write 'U-23' / 'U-all'")
+        raise ValueError(
+            f"setting={setting!r}: unknown blocks {unknown or names}; this model's blocks are {known}, "
+            "or write 'U-23' / 'U-all'"
+        )
     return names
 
 
@@ -157,8 +168,9 @@ def freeze_blocks(model: nn.Module, trainable: Sequence[str]) -> List[str]:
     trainable = set(trainable)
     unknown = trainable - set(blocks.values())
     if unknown:
-        raise ValueError(f"trainable={sorted(unknown)} are not blocks of this model; "
-                         f"its blocks are {model_blocks(model)}")
+        raise ValueError(
+            f"trainable={sorted(unknown)} are not blocks of this model; its blocks are {model_blocks(model)}"
+        )
     frozen = [b for b in model_blocks(model) if b not in trainable]
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(blocks[name] in trainable)

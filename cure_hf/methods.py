@@ -17,6 +17,7 @@ the labels, and only to them: the clean CE of natural training, TRADES and CURE,
 PGD-AT, FGSM-RS and CURE, and the CE part of MART's boosted CE. The KL terms (TRADES' robustness term,
 MART's weighted KL, CURE's consistency) compare two distributions of the model's own and stay unsmoothed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,7 +91,8 @@ def mart_loss(z_nat, z_adv, labels, beta: float, smoothing: float = 0.0) -> Tupl
     top2 = adv_probs.argsort(dim=1)[:, -2:]
     runner_up = torch.where(top2[:, -1] == labels, top2[:, -2], top2[:, -1])
     boosted_ce = smoothed_cross_entropy(z_adv, labels, smoothing) + F.nll_loss(
-        torch.log(1.0001 - adv_probs + 1e-12), runner_up)
+        torch.log(1.0001 - adv_probs + 1e-12), runner_up
+    )
     nat_probs = F.softmax(z_nat, dim=1)
     true_probs = nat_probs.gather(1, labels[:, None]).squeeze(1)
     kl_per_example = (nat_probs * (torch.log(nat_probs + 1e-12) - torch.log(adv_probs + 1e-12))).sum(dim=1)
@@ -122,26 +124,27 @@ def cure_paper_update_loss(z_nat, z_adv, labels, smoothing: float = 0.0) -> Tupl
     return ce_nat + kl, {"ce_nat": ce_nat.detach(), "kl_adv": kl.detach()}
 
 
-def with_consistency(loss_and_parts: Tuple[torch.Tensor, Parts], z_nat, z_adv, r_nat, r_adv,
-                     gamma: float) -> Tuple[torch.Tensor, Parts]:
+def with_consistency(
+    loss_and_parts: Tuple[torch.Tensor, Parts], z_nat, z_adv, r_nat, r_adv, gamma: float
+) -> Tuple[torch.Tensor, Parts]:
     """A method's loss plus gamma times the revision consistency term (the revision component's addition)."""
     loss, parts = loss_and_parts
     consistency = consistency_loss(z_nat, z_adv, r_nat, r_adv)
     return loss + gamma * consistency, {**parts, "consistency": consistency.detach()}
 
 
-def cure_loss(z_nat, z_adv, r_nat, r_adv, labels, alpha: float, gamma: float,
-              smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
+def cure_loss(
+    z_nat, z_adv, r_nat, r_adv, labels, alpha: float, gamma: float, smoothing: float = 0.0
+) -> Tuple[torch.Tensor, Parts]:
     """The released code: alpha * CE_nat + (1 - alpha) * CE_adv + gamma * consistency."""
-    return with_consistency(cure_update_loss(z_nat, z_adv, labels, alpha, smoothing), z_nat, z_adv, r_nat, r_adv,
-                            gamma)
+    return with_consistency(cure_update_loss(z_nat, z_adv, labels, alpha, smoothing), z_nat, z_adv, r_nat, r_adv, gamma)
 
 
-def cure_paper_loss(z_nat, z_adv, r_nat, r_adv, labels, gamma: float,
-                    smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
+def cure_paper_loss(
+    z_nat, z_adv, r_nat, r_adv, labels, gamma: float, smoothing: float = 0.0
+) -> Tuple[torch.Tensor, Parts]:
     """The paper: TRADES with beta = 1, CE_nat + KL(z_nat || z_adv), plus gamma * consistency."""
-    return with_consistency(cure_paper_update_loss(z_nat, z_adv, labels, smoothing), z_nat, z_adv, r_nat, r_adv,
-                            gamma)
+    return with_consistency(cure_paper_update_loss(z_nat, z_adv, labels, smoothing), z_nat, z_adv, r_nat, r_adv, gamma)
 
 
 @dataclass(frozen=True)
@@ -192,9 +195,11 @@ class AttackSpec:
     start: str = "uniform"
 
     def __post_init__(self):
-        for name, value, allowed in (("kind", self.kind, ("pgd", "fgsm")),
-                                     ("objective", self.objective, ("ce", "kl", "margin")),
-                                     ("start", self.start, ("uniform", "normal", "none"))):
+        for name, value, allowed in (
+            ("kind", self.kind, ("pgd", "fgsm")),
+            ("objective", self.objective, ("ce", "kl", "margin")),
+            ("start", self.start, ("uniform", "normal", "none")),
+        ):
             if value not in allowed:
                 raise ValueError(f"AttackSpec {name}={value!r} is invalid: allowed one of {allowed}")
         if self.kind == "fgsm" and (self.objective, self.start) != ("ce", "uniform"):
@@ -211,15 +216,30 @@ class AttackSpec:
             return "FGSM-RS"
         return f"PGD ({self.objective.upper()} objective, {self.start} start)"
 
-    def craft(self, model, x: torch.Tensor, labels: torch.Tensor, settings: AttackSettings,
-              clean_logits: Optional[torch.Tensor] = None, pgd_fn: Callable = pgd) -> torch.Tensor:
+    def craft(
+        self,
+        model,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+        settings: AttackSettings,
+        clean_logits: Optional[torch.Tensor] = None,
+        pgd_fn: Callable = pgd,
+    ) -> torch.Tensor:
         """The adversarial batch. ``pgd_fn``: ``attacks.pgd`` or a drop-in with its signature (e.g. a CUDA-graph
         replay of the K steps)."""
         if self.kind == "fgsm":
             return fgsm_rs(model, x, labels, eps=settings.eps)
-        return pgd_fn(model, x, labels, eps=settings.eps, step_size=settings.step_size, steps=settings.steps,
-                      loss=self.objective, init=self.start if settings.random_start else "none",
-                      clean_logits=clean_logits)
+        return pgd_fn(
+            model,
+            x,
+            labels,
+            eps=settings.eps,
+            step_size=settings.step_size,
+            steps=settings.steps,
+            loss=self.objective,
+            init=self.start if settings.random_start else "none",
+            clean_logits=clean_logits,
+        )
 
 
 @dataclass(frozen=True)
@@ -288,14 +308,18 @@ class AdversarialMethod:
         else:
             items = [item.split("=", 1) for item in str(given).replace(" ", "").split(",") if item]
             if any(len(item) != 2 for item in items):
-                raise ValueError(f"method_options={given!r} is invalid: write name=value pairs separated by commas, "
-                                 f"e.g. {_example_options(self.options)}")
+                raise ValueError(
+                    f"method_options={given!r} is invalid: write name=value pairs separated by commas, "
+                    f"e.g. {_example_options(self.options)}"
+                )
             pairs = dict(items)
         unknown = sorted(set(pairs) - set(self.options))
         if unknown:
             known = sorted(self.options) or "none"
-            raise ValueError(f"method_options={given!r} is invalid for adv_method={self.name!r}: unknown {unknown}; "
-                             f"the method's options are {known}")
+            raise ValueError(
+                f"method_options={given!r} is invalid for adv_method={self.name!r}: unknown {unknown}; "
+                f"the method's options are {known}"
+            )
         values = dict(self.options)
         for name, value in pairs.items():
             values[name] = _as_type_of(self.options[name], value, name)
@@ -330,8 +354,9 @@ def _as_type_of(default: Any, value: Any, name: str) -> Any:
         return str(value)
     else:
         return value
-    raise ValueError(f"method_options {name}={value!r} is invalid: expected a {kind.__name__} like its default "
-                     f"{default!r}")
+    raise ValueError(
+        f"method_options {name}={value!r} is invalid: expected a {kind.__name__} like its default {default!r}"
+    )
 
 
 ENTRY_POINT_GROUP = "cure_hf.methods"
@@ -345,8 +370,10 @@ def _check_method(method: AdversarialMethod) -> None:
     cls = type(method)
     name = getattr(method, "name", "")
     if not isinstance(name, str) or not name or name != name.strip().lower() or " " in name or "," in name:
-        raise ValueError(f"{cls.__name__}.name={name!r} is invalid: a non-empty lower-case name without spaces or "
-                         "commas, e.g. name = 'alp'")
+        raise ValueError(
+            f"{cls.__name__}.name={name!r} is invalid: a non-empty lower-case name without spaces or "
+            "commas, e.g. name = 'alp'"
+        )
     if not getattr(method, "title", ""):
         raise ValueError(f"{cls.__name__} (method {name!r}) needs a title, e.g. title = 'ALP'")
     if method.attack is not None and not isinstance(method.attack, AttackSpec):
@@ -357,12 +384,13 @@ def _check_method(method: AdversarialMethod) -> None:
         raise TypeError(f"{cls.__name__}.hyperparameters must be a tuple of argument field names")
     unknown = [c for c in method.default_components if c not in ("conservation", "revision")]
     if unknown:
-        raise ValueError(f"{cls.__name__}.default_components={method.default_components!r}: unknown {unknown}; "
-                         "allowed 'conservation', 'revision'")
+        raise ValueError(
+            f"{cls.__name__}.default_components={method.default_components!r}: unknown {unknown}; "
+            "allowed 'conservation', 'revision'"
+        )
 
 
-def register_method(method: Union[Type[AdversarialMethod], AdversarialMethod, None] = None, *,
-                    replace: bool = False):
+def register_method(method: Union[Type[AdversarialMethod], AdversarialMethod, None] = None, *, replace: bool = False):
     """Register a method class (or instance) under its ``name``; usable as a decorator. A second method of the
     same name is refused unless ``replace=True``. Returns what it was given, so the class stays importable."""
 
@@ -373,8 +401,10 @@ def register_method(method: Union[Type[AdversarialMethod], AdversarialMethod, No
         _check_method(instance)
         existing = _REGISTRY.get(instance.name)
         if existing is not None and not replace and type(existing) is not type(instance):
-            raise ValueError(f"a method named {instance.name!r} is already registered ({type(existing).__name__}); "
-                             "choose another name, or register_method(..., replace=True)")
+            raise ValueError(
+                f"a method named {instance.name!r} is already registered ({type(existing).__name__}); "
+                "choose another name, or register_method(..., replace=True)"
+            )
         _REGISTRY[instance.name] = instance
         return target
 
@@ -393,11 +423,11 @@ def _load_entry_points() -> None:
         try:
             loaded = entry.load()
         except Exception as error:  # a broken plug-in must not break cure_hf: say which and why
-            logger.warning("cure_hf: the method entry point %r (%s) failed to load: %s", entry.name, entry.value,
-                           error)
+            logger.warning("cure_hf: the method entry point %r (%s) failed to load: %s", entry.name, entry.value, error)
             continue
-        if (isinstance(loaded, type) and issubclass(loaded, AdversarialMethod)) or isinstance(loaded,
-                                                                                                AdversarialMethod):
+        if (isinstance(loaded, type) and issubclass(loaded, AdversarialMethod)) or isinstance(
+            loaded, AdversarialMethod
+        ):
             name = loaded.name
             if name not in _REGISTRY:
                 register_method(loaded)
@@ -414,8 +444,10 @@ def get_method(name: str) -> AdversarialMethod:
     """The registered method called ``name``; an unknown name lists the registered ones."""
     methods = registered_methods()
     if name not in methods:
-        raise ValueError(f"adv_method={name!r} is invalid: allowed one of {sorted(methods)} (the registered methods; "
-                         "register your own with cure_hf.register_method, docs/extending.md)")
+        raise ValueError(
+            f"adv_method={name!r} is invalid: allowed one of {sorted(methods)} (the registered methods; "
+            "register your own with cure_hf.register_method, docs/extending.md)"
+        )
     return methods[name]
 
 
@@ -474,8 +506,9 @@ class TRADES(AdversarialMethod):
     citation, paper_id = TRADES_CITATION, "1901.08573"
     attack = AttackSpec("pgd", "kl", "normal")
     hyperparameters = ("trades_beta",)
-    awp_defaults = AWPDefaults(5e-3, 10.0, "AWP paper and TRADES_AWP/train_trades_cifar.py: --awp-gamma 0.005, "
-                                           "--awp-warmup 10")
+    awp_defaults = AWPDefaults(
+        5e-3, 10.0, "AWP paper and TRADES_AWP/train_trades_cifar.py: --awp-gamma 0.005, --awp-warmup 10"
+    )
 
     def loss(self, inputs, hp):
         return trades_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["trades_beta"], hp["label_smoothing_factor"])
@@ -487,8 +520,9 @@ class MART(AdversarialMethod):
     citation = MART_CITATION
     attack = AttackSpec("pgd", "ce", "normal")
     hyperparameters = ("trades_beta",)
-    awp_defaults = AWPDefaults(5e-3, 10.0, "TRADES-AWP's values: MART's loss is also a CE term plus a beta-weighted "
-                                           "KL term")
+    awp_defaults = AWPDefaults(
+        5e-3, 10.0, "TRADES-AWP's values: MART's loss is also a CE term plus a beta-weighted KL term"
+    )
 
     def loss(self, inputs, hp):
         return mart_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["trades_beta"], hp["label_smoothing_factor"])
@@ -501,8 +535,9 @@ class FGSMRS(PGDAT):
     name, title = "fgsm_rs", "FGSM-RS"
     citation, paper_id = FGSM_RS_CITATION, "2001.03994"
     attack = AttackSpec("fgsm", "ce", "uniform")
-    awp_defaults = AWPDefaults(1e-2, 0.0, "the AT_AWP script's own defaults for its --attack fgsm mode (same CE "
-                                          "loss as PGD-AT)")
+    awp_defaults = AWPDefaults(
+        1e-2, 0.0, "the AT_AWP script's own defaults for its --attack fgsm mode (same CE loss as PGD-AT)"
+    )
 
 
 @register_method
@@ -514,24 +549,45 @@ class CURE(AdversarialMethod):
     citation, paper_id = CURE_CITATION, "2401.14948"
     attack = AttackSpec("pgd", "kl", "normal")
     hyperparameters = ("clean_weight", "prominence")
-    awp_defaults = AWPDefaults(5e-3, 10.0, "TRADES-AWP's values: CURE attacks with TRADES' KL, adds KL consistency "
-                                           "terms and fine-tunes a natural model, as TRADES-AWP's smaller gamma suits")
+    awp_defaults = AWPDefaults(
+        5e-3,
+        10.0,
+        "TRADES-AWP's values: CURE attacks with TRADES' KL, adds KL consistency "
+        "terms and fine-tunes a natural model, as TRADES-AWP's smaller gamma suits",
+    )
     default_components = ("conservation", "revision")
 
     def loss(self, inputs, hp):
         if hp["prominence"] == "paper":
             return cure_paper_update_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["label_smoothing_factor"])
-        return cure_update_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["clean_weight"],
-                                hp["label_smoothing_factor"])
+        return cure_update_loss(
+            inputs.z_nat, inputs.z_adv, inputs.labels, hp["clean_weight"], hp["label_smoothing_factor"]
+        )
 
 
-def method_loss(method: str, labels: torch.Tensor, z_nat=None, z_adv=None, r_nat=None, r_adv=None, *,
-                beta: float = 6.0, alpha: float = 0.1, gamma: float = 1.0, prominence: str = "loss",
-                label_smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
+def method_loss(
+    method: str,
+    labels: torch.Tensor,
+    z_nat=None,
+    z_adv=None,
+    r_nat=None,
+    r_adv=None,
+    *,
+    beta: float = 6.0,
+    alpha: float = 0.1,
+    gamma: float = 1.0,
+    prominence: str = "loss",
+    label_smoothing: float = 0.0,
+) -> Tuple[torch.Tensor, Parts]:
     """The loss of a built-in method with its default components from keyword logits and hyperparameters (the
     paper's symbols): for CURE with the revision logits, its update loss plus gamma times the consistency term."""
     spec = get_method(method)
-    hp = {"trades_beta": beta, "clean_weight": alpha, "prominence": prominence, "label_smoothing_factor": label_smoothing}
+    hp = {
+        "trades_beta": beta,
+        "clean_weight": alpha,
+        "prominence": prominence,
+        "label_smoothing_factor": label_smoothing,
+    }
     result = spec.loss(LossInputs(labels, z_nat, z_adv, r_nat, r_adv), hp)
     if "revision" in spec.default_components and r_nat is not None:
         result = with_consistency(result, z_nat, z_adv, r_nat, r_adv, gamma)

@@ -4,6 +4,7 @@ RobustBench fields, then prose from the template file `templates/modelcard_templ
 Every piece of user text (model and dataset names, hyperparameter values, ...) is escaped before it reaches the
 markdown body, so a name cannot inject HTML or markdown; the YAML front matter is written by huggingface_hub.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -15,8 +16,7 @@ from typing import Any, Dict, Optional
 
 from .methods import registered_methods
 
-__all__ = ["write_model_card", "card_value", "escape_markdown", "MODEL_CARD_NAME", "MODEL_CARD_MARKER",
-           "TEMPLATE_FILE"]
+__all__ = ["write_model_card", "card_value", "escape_markdown", "MODEL_CARD_NAME", "MODEL_CARD_MARKER", "TEMPLATE_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +74,10 @@ def write_model_card(output_dir: str, info: Dict[str, Any]) -> str:
     if os.path.isfile(path):
         with open(path, encoding="utf-8", errors="replace") as f:
             if MODEL_CARD_MARKER not in f.read():
-                raise FileExistsError(f"{path} exists and cure_hf did not write it; the model card would overwrite "
-                                      "it. Save into another folder, or move your README.md away first.")
+                raise FileExistsError(
+                    f"{path} exists and cure_hf did not write it; the model card would overwrite "
+                    "it. Save into another folder, or move your README.md away first."
+                )
     method = info.get("method") or "unknown"
     dataset = info.get("dataset") or "unknown"
     dataset_id = _hub_id(info.get("dataset_id"))
@@ -85,18 +87,28 @@ def write_model_card(output_dir: str, info: Dict[str, Any]) -> str:
     pgd_steps = int(info.get("pgd_steps", 20))
     accuracies = [
         ("clean", "Clean accuracy", info.get("clean_accuracy")),
-        (f"pgd{pgd_steps}", f"PGD-{pgd_steps} accuracy ({threat_model}, eps={eps_str})", info.get(f"pgd{pgd_steps}_accuracy",
-                                                                                        info.get("pgd_accuracy"))),
+        (
+            f"pgd{pgd_steps}",
+            f"PGD-{pgd_steps} accuracy ({threat_model}, eps={eps_str})",
+            info.get(f"pgd{pgd_steps}_accuracy", info.get("pgd_accuracy")),
+        ),
         ("autoattack", f"AutoAttack accuracy ({threat_model}, eps={eps_str})", info.get("autoattack_accuracy")),
     ]
     eval_results = [
         EvalResult(
-            task_type="image-classification", task_name="Image Classification", dataset_type=dataset_id or dataset,
-            dataset_name=dataset, dataset_split=info.get("dataset_split", "test"), metric_type="accuracy",
-            metric_name=name, metric_value=_percent(value), metric_config=key,
+            task_type="image-classification",
+            task_name="Image Classification",
+            dataset_type=dataset_id or dataset,
+            dataset_name=dataset,
+            dataset_split=info.get("dataset_split", "test"),
+            metric_type="accuracy",
+            metric_name=name,
+            metric_value=_percent(value),
+            metric_config=key,
             metric_args={"threat_model": threat_model, "eps": eps_str} if key != "clean" else None,
         )
-        for key, name, value in accuracies if value is not None
+        for key, name, value in accuracies
+        if value is not None
     ]
     library = info.get("library_name", "timm")
     tags = ["image-classification", "adversarial-training", "robustness", "cure_hf"]
@@ -120,9 +132,16 @@ def write_model_card(output_dir: str, info: Dict[str, Any]) -> str:
         logger.warning("base_model=%r is not a Hub repo id; the card leaves base_model out", info.get("base_model"))
     model_name = info.get("model_name") or os.path.basename(os.path.abspath(output_dir))
     data = ModelCardData(
-        model_name=model_name, library_name=library, license=info.get("license", "apache-2.0"),
-        pipeline_tag="image-classification", tags=tags, datasets=[dataset_id] if dataset_id else None,
-        base_model=base_model, metrics=["accuracy"], eval_results=eval_results or None, robustness=robustness,
+        model_name=model_name,
+        library_name=library,
+        license=info.get("license", "apache-2.0"),
+        pipeline_tag="image-classification",
+        tags=tags,
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=base_model,
+        metrics=["accuracy"],
+        eval_results=eval_results or None,
+        robustness=robustness,
     )
     card = ModelCard.from_template(data, template_path=TEMPLATE_FILE, **_card_text(info, robustness, model_name))
     card.save(path)
@@ -151,7 +170,7 @@ def _card_text(info: Dict[str, Any], robustness: Dict[str, Any], model_name: str
         "eps": escape_markdown(robustness["eps"]),
         "clean": fmt(robustness["clean_acc"]),
         "pgd": fmt(robustness[pgd_key]),
-        "pgd_name": "PGD-" + pgd_key[len("pgd"):-len("_acc")],
+        "pgd_name": "PGD-" + pgd_key[len("pgd") : -len("_acc")],
         "autoattack": fmt(robustness["autoattack_acc"]),
         "hyper_rows": hyper_rows,
         "weight_averaging": _describe(info.get("weight_averaging")),
@@ -189,9 +208,15 @@ def _framework_versions() -> str:
 
     from . import __version__
 
-    return "\n".join(f"- {name} {version}" for name, version in (
-        ("cure_hf", __version__), ("PyTorch", torch.__version__), ("transformers", transformers.__version__),
-        ("timm", timm.__version__)))
+    return "\n".join(
+        f"- {name} {version}"
+        for name, version in (
+            ("cure_hf", __version__),
+            ("PyTorch", torch.__version__),
+            ("transformers", transformers.__version__),
+            ("timm", timm.__version__),
+        )
+    )
 
 
 def card_value(value: Any, pixel: bool = False) -> Any:

@@ -8,9 +8,9 @@ cure_hf writes, or a transformers image-classification folder) and Hub repos in 
 config for timm models, the image processor for transformers-native ones; training, evaluation and the saved
 folder all use it. ``find_head_modules`` names the classifier head that CURE never masks.
 """
+
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -21,15 +21,30 @@ import torch.nn as nn
 from .files import read_json
 
 __all__ = [
-    "PixelNormalized", "SelectLogits", "create_model", "load_model", "find_head_modules", "head_parameter_names",
-    "unwrap_normalized", "logits_index", "model_data_config", "model_preprocessing", "conform_image_processor",
+    "PixelNormalized",
+    "SelectLogits",
+    "create_model",
+    "load_model",
+    "find_head_modules",
+    "head_parameter_names",
+    "unwrap_normalized",
+    "logits_index",
+    "model_data_config",
+    "model_preprocessing",
+    "conform_image_processor",
     "NON_SAFETENSORS_WEIGHTS",
 ]
 
 ImageSize = Union[int, Sequence[int]]
 
 # Weight files that need pickle (torch.load); cure_hf refuses them and asks for safetensors.
-NON_SAFETENSORS_WEIGHTS = ("pytorch_model.bin", "pytorch_model.pth", "model.pth", "model.pt", "pytorch_model.bin.index.json")
+NON_SAFETENSORS_WEIGHTS = (
+    "pytorch_model.bin",
+    "pytorch_model.pth",
+    "model.pth",
+    "model.pt",
+    "pytorch_model.bin.index.json",
+)
 
 
 class PixelNormalized(nn.Module):
@@ -43,7 +58,11 @@ class PixelNormalized(nn.Module):
     """
 
     def __init__(
-        self, model: nn.Module, mean: Sequence[float], std: Sequence[float], input_size: Optional[ImageSize] = None,
+        self,
+        model: nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        input_size: Optional[ImageSize] = None,
         data_config: Optional[Dict[str, Any]] = None,
     ):
         super().__init__()
@@ -83,16 +102,19 @@ class SelectLogits(nn.Module):
     def __init__(self, model: nn.Module, index: int = 1):
         super().__init__()
         if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index={index!r}: give the position of the logits in the model's output, e.g. 1 for "
-                            "(features, logits)")
+            raise TypeError(
+                f"index={index!r}: give the position of the logits in the model's output, e.g. 1 for (features, logits)"
+            )
         self.model = model
         self.index = index
 
     def forward(self, pixel_values: torch.Tensor, **kwargs):
         output = self.model(pixel_values, **kwargs)
         if torch.is_tensor(output):  # indexing it would pick an example of the batch, not an output
-            raise TypeError(f"SelectLogits(index={self.index}): the model returns one tensor, not several outputs; "
-                            "use it without SelectLogits")
+            raise TypeError(
+                f"SelectLogits(index={self.index}): the model returns one tensor, not several outputs; "
+                "use it without SelectLogits"
+            )
         return output[self.index]
 
     def extra_repr(self) -> str:
@@ -108,7 +130,8 @@ def logits_index(model: nn.Module) -> Optional[int]:
         if isinstance(probe, PixelNormalized):
             probe = probe.model
         elif type(probe).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule") and isinstance(
-                getattr(probe, "module", None), nn.Module):
+            getattr(probe, "module", None), nn.Module
+        ):
             probe = probe.module
         else:
             return None
@@ -150,8 +173,17 @@ def create_model(
     ``image_size`` (an int or ``(height, width)``) and ``patch_size`` adapt ViTs to small images (e.g. 32x32
     with patch 4 or 8); with ``pretrained=True`` timm resamples the position embedding and the patch kernel.
     """
-    return load_model(name, num_classes, pretrained=pretrained, image_size=image_size, patch_size=patch_size,
-                      normalize=normalize, mean=mean, std=std, **kwargs)
+    return load_model(
+        name,
+        num_classes,
+        pretrained=pretrained,
+        image_size=image_size,
+        patch_size=patch_size,
+        normalize=normalize,
+        mean=mean,
+        std=std,
+        **kwargs,
+    )
 
 
 def _is_vit_name(name: str) -> bool:
@@ -234,20 +266,34 @@ def load_model(
             model = SelectLogits(model, index)
         if not normalize:
             return model
-        wrapped = PixelNormalized(model, cfg.get("mean", (0.5, 0.5, 0.5)) if mean is None else mean,
-                                  cfg.get("std", (0.5, 0.5, 0.5)) if std is None else std, image_size)
+        wrapped = PixelNormalized(
+            model,
+            cfg.get("mean", (0.5, 0.5, 0.5)) if mean is None else mean,
+            cfg.get("std", (0.5, 0.5, 0.5)) if std is None else std,
+            image_size,
+        )
         # the card's base_model: the Hub repo the weights came from (timm's own repo for a pretrained timm name)
         if kind == "hub":
             wrapped.source = location.partition("@")[0]
         elif kind == "timm-name" and pretrained:
             wrapped.source = cfg.get("hf_hub_id")
         return wrapped
-    return _load_transformers(kind, location, num_classes, image_size=image_size, normalize=normalize, mean=mean,
-                              std=std, logits_index=_saved_logits_index(config), **kwargs)
+    return _load_transformers(
+        kind,
+        location,
+        num_classes,
+        image_size=image_size,
+        normalize=normalize,
+        mean=mean,
+        std=std,
+        logits_index=_saved_logits_index(config),
+        **kwargs,
+    )
 
 
-def _size_kwargs(name: str, config: Optional[Dict[str, Any]], image_size: Optional[ImageSize],
-                 patch_size: Optional[int]) -> Dict[str, Any]:
+def _size_kwargs(
+    name: str, config: Optional[Dict[str, Any]], image_size: Optional[ImageSize], patch_size: Optional[int]
+) -> Dict[str, Any]:
     """img_size/patch_size for models built for one input size (ViTs); CNNs take any size and have no patches."""
     if not _takes_img_size(name, config):
         return {}
@@ -259,9 +305,18 @@ def _size_kwargs(name: str, config: Optional[Dict[str, Any]], image_size: Option
     return out
 
 
-def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, image_size: Optional[ImageSize],
-                       normalize: bool, mean: Optional[Sequence[float]], std: Optional[Sequence[float]],
-                       logits_index: Optional[int] = None, **kwargs) -> nn.Module:
+def _load_transformers(
+    kind: str,
+    location: str,
+    num_classes: Optional[int],
+    *,
+    image_size: Optional[ImageSize],
+    normalize: bool,
+    mean: Optional[Sequence[float]],
+    std: Optional[Sequence[float]],
+    logits_index: Optional[int] = None,
+    **kwargs,
+) -> nn.Module:
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
     if kind == "folder":
@@ -287,7 +342,10 @@ def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, 
             f"normalises its pixels and assumes mean={tuple(mean or assumed)} std={tuple(std or assumed)} (the common "
             "ViT values). "
             "If it was trained with other values, its accuracy and eps are wrong: pass them, e.g. "
-            "load_model(..., mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).", UserWarning, stacklevel=3)
+            "load_model(..., mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)).",
+            UserWarning,
+            stacklevel=3,
+        )
         found_mean = found_std = assumed
     input_size = image_size
     if input_size is None and "input_size" in data_config:
@@ -295,8 +353,13 @@ def _load_transformers(kind: str, location: str, num_classes: Optional[int], *, 
     data_config.pop("input_size", None)
     if image_size is not None:
         data_config["crop_pct"] = 1.0  # a new input size: whole images are resized to it
-    wrapped = PixelNormalized(model, found_mean if mean is None else mean, found_std if std is None else std,
-                              input_size, data_config=data_config)
+    wrapped = PixelNormalized(
+        model,
+        found_mean if mean is None else mean,
+        found_std if std is None else std,
+        input_size,
+        data_config=data_config,
+    )
     if processor is not None and not hasattr(processor, "data_config"):
         wrapped.image_processor = processor
     wrapped.source = location.partition("@")[0] if kind == "hub" else None
@@ -317,7 +380,9 @@ def model_data_config(model: nn.Module) -> Dict[str, Any]:
     inner, normalized = unwrap_normalized(model)
     timm_model = getattr(inner, "timm_model", inner)
     if not hasattr(timm_model, "pretrained_cfg"):
-        raise TypeError(f"{type(inner).__name__} is not a timm model; use model_preprocessing() for its image processor")
+        raise TypeError(
+            f"{type(inner).__name__} is not a timm model; use model_preprocessing() for its image processor"
+        )
     args: Dict[str, Any] = {}
     if normalized is not None:
         if normalized.input_size is not None:
@@ -358,12 +423,15 @@ def _in_model_normalisation(normalized: Optional[PixelNormalized]) -> Tuple[List
         return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     import numpy as np
 
-    return ([float(str(np.float32(v))) for v in normalized.mean.flatten().tolist()],
-            [float(str(np.float32(v))) for v in normalized.std.flatten().tolist()])
+    return (
+        [float(str(np.float32(v))) for v in normalized.mean.flatten().tolist()],
+        [float(str(np.float32(v))) for v in normalized.std.flatten().tolist()],
+    )
 
 
-def conform_image_processor(processor, mean: Sequence[float], std: Sequence[float],
-                            size: Optional[Tuple[int, int]] = None):
+def conform_image_processor(
+    processor, mean: Sequence[float], std: Sequence[float], size: Optional[Tuple[int, int]] = None
+):
     """A new processor like ``processor`` that normalises with ``mean``/``std`` and, when ``size`` is given, resizes
     (and center-crops, if it crops) to ``size``; and the list of settings that had to change (empty: it agreed).
 
@@ -393,15 +461,19 @@ def _rounded(values):
 
 def _is_timm_config(config: Optional[Dict[str, Any]]) -> bool:
     """timm's config.json: an ``architecture`` (singular) and no transformers model type but timm_wrapper."""
-    return config is not None and "architecture" in config and config.get("model_type", "timm_wrapper") == "timm_wrapper"
+    return (
+        config is not None and "architecture" in config and config.get("model_type", "timm_wrapper") == "timm_wrapper"
+    )
 
 
 def _resolve_source(spec: str) -> Tuple[str, str, Optional[Dict[str, Any]]]:
     """(kind, location, config.json or None): kind is 'timm-name', 'folder' or 'hub'."""
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"model={spec!r}: pass a timm name, 'hf-hub:<repo>', 'local-dir:<folder>', a folder or a repo id")
+        raise ValueError(
+            f"model={spec!r}: pass a timm name, 'hf-hub:<repo>', 'local-dir:<folder>', a folder or a repo id"
+        )
     if spec.startswith("local-dir:") or os.path.isdir(spec):
-        folder = spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec
+        folder = spec[len("local-dir:") :] if spec.startswith("local-dir:") else spec
         config_file = os.path.join(folder, "config.json")
         if not os.path.isfile(config_file):
             raise FileNotFoundError(
@@ -410,7 +482,7 @@ def _resolve_source(spec: str) -> Tuple[str, str, Optional[Dict[str, Any]]]:
             )
         return "folder", folder, read_json(config_file)
     if spec.startswith("hf-hub:"):
-        return "hub", spec[len("hf-hub:"):], _hub_config(spec[len("hf-hub:"):])
+        return "hub", spec[len("hf-hub:") :], _hub_config(spec[len("hf-hub:") :])
     if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1 or os.sep != "/" and os.sep in spec:
         raise FileNotFoundError(f"model={spec!r}: no such folder (a Hub repo id is '<user>/<name>')")
     import timm.models
@@ -456,8 +528,11 @@ def _require_safetensors(kind: str, location: str) -> None:
     except LocalEntryNotFoundError:
         from huggingface_hub import try_to_load_from_cache
 
-        pickled = [name for name in NON_SAFETENSORS_WEIGHTS
-                   if isinstance(try_to_load_from_cache(repo_id, name, revision=revision or None), str)]
+        pickled = [
+            name
+            for name in NON_SAFETENSORS_WEIGHTS
+            if isinstance(try_to_load_from_cache(repo_id, name, revision=revision or None), str)
+        ]
         if not pickled:
             raise  # offline and not cached: huggingface_hub's own message says so
         raise ValueError(
@@ -495,8 +570,10 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, str]:
     while True:
         if isinstance(model, (PixelNormalized, SelectLogits)):
             model, prefix = model.model, prefix + "model."
-        elif hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) and type(model).__name__ in (
-            "DistributedDataParallel", "DataParallel", "OptimizedModule"
+        elif (
+            hasattr(model, "module")
+            and isinstance(model.module, nn.Module)
+            and type(model).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule")
         ):
             model, prefix = model.module, prefix + "module."
         else:

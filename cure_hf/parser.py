@@ -13,6 +13,7 @@ error naming it, the file and the closest names. An ``env:`` mapping in the file
 The model and data arguments are shared by ``recipes/train_vit.py`` and ``cure-hf evaluate``, so the same
 flag means the same thing in both.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from transformers import HfArgumentParser
 
-__all__ = ["ConfigArgumentParser", "DefaultsOnceHelpFormatter", "read_config_file", "ModelArguments",
-           "DatasetArguments", "DataTrainingArguments"]
+__all__ = [
+    "ConfigArgumentParser",
+    "DefaultsOnceHelpFormatter",
+    "read_config_file",
+    "ModelArguments",
+    "DatasetArguments",
+    "DataTrainingArguments",
+]
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 # Keys the config file itself uses: a dataclass field of the same name could not be told apart.
@@ -66,8 +73,10 @@ def read_config_file(path: str) -> Dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path}: expected a mapping of argument names to values (name: value), "
-                         f"got a {type(values).__name__}")
+        raise ValueError(
+            f"config file {path}: expected a mapping of argument names to values (name: value), "
+            f"got a {type(values).__name__}"
+        )
     return values
 
 
@@ -81,16 +90,23 @@ class ConfigArgumentParser(HfArgumentParser):
     def __init__(self, dataclass_types=None, **kwargs):
         kwargs.setdefault("allow_abbrev", False)
         kwargs.setdefault("formatter_class", DefaultsOnceHelpFormatter)  # HfArgumentParser's would repeat defaults
-        types = [] if dataclass_types is None else (
-            [dataclass_types] if isinstance(dataclass_types, type) else list(dataclass_types))
+        types = (
+            []
+            if dataclass_types is None
+            else ([dataclass_types] if isinstance(dataclass_types, type) else list(dataclass_types))
+        )
         for dtype in types:
             taken = [name for name in _RESERVED_NAMES if name in dtype.__dataclass_fields__]
             if taken:
-                raise ValueError(f"{dtype.__name__} has a field named {taken[0]!r}, which ConfigArgumentParser "
-                                 f"reserves for the config file; rename the field")
+                raise ValueError(
+                    f"{dtype.__name__} has a field named {taken[0]!r}, which ConfigArgumentParser "
+                    f"reserves for the config file; rename the field"
+                )
         super().__init__(types, **kwargs)
         self.add_argument(
-            "--config", metavar="FILE", default=argparse.SUPPRESS,
+            "--config",
+            metavar="FILE",
+            default=argparse.SUPPRESS,
             help="YAML/JSON file of argument values (or give it as the first argument); flags override it.",
         )
 
@@ -136,8 +152,10 @@ class ConfigArgumentParser(HfArgumentParser):
             else:
                 rest.append(token)
         if len(paths) > 1:
-            raise ValueError(f"several config files {paths}: give one (first, or with --config) and put other "
-                             "values on the command line, where they override the file")
+            raise ValueError(
+                f"several config files {paths}: give one (first, or with --config) and put other "
+                "values on the command line, where they override the file"
+            )
         return (paths[0] if paths else None), rest
 
     @staticmethod
@@ -151,18 +169,25 @@ class ConfigArgumentParser(HfArgumentParser):
             os.environ[str(name)] = str(value)
 
     def _set_defaults_from_file(self, values: Dict[str, Any], path: str) -> None:
-        known = sorted({action.dest for action in self._actions
-                        if action.dest not in (argparse.SUPPRESS, "help", "config")
-                        and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))})
+        known = sorted(
+            {
+                action.dest
+                for action in self._actions
+                if action.dest not in (argparse.SUPPRESS, "help", "config")
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+            }
+        )
         unknown = [key for key in values if key not in known]
         if unknown:
             described = []
             for key in unknown:
                 close = difflib.get_close_matches(str(key), known, n=3)
                 described.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-            raise ValueError(f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} "
-                             f"{', '.join(described)}; fix the spelling or remove "
-                             f"{'them' if len(unknown) > 1 else 'it'} (--help lists every argument)")
+            raise ValueError(
+                f"config file {path}: unknown key{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(described)}; fix the spelling or remove "
+                f"{'them' if len(unknown) > 1 else 'it'} (--help lists every argument)"
+            )
         self.set_defaults(**values)
 
 
@@ -170,30 +195,50 @@ class ConfigArgumentParser(HfArgumentParser):
 class ModelArguments:
     """The model: trained by the recipes, attacked by ``cure-hf evaluate``."""
 
-    model_name_or_path: str = field(metadata={
-        "help": "timm name (untrained unless --pretrained), 'hf-hub:<id>', 'local-dir:<dir>', a Hub id, or a "
-                "folder saved by cure_hf (its weights are loaded)."})
-    pretrained: bool = field(default=False, metadata={
-        "help": "Load pretrained weights of a timm name (needs the Hub); a folder (e.g. a stage-0 output_dir), "
-                "'local-dir:' or 'hf-hub:' source always loads its weights."})
-    image_size: Optional[int] = field(default=None, metadata={
-        "help": "Input resolution; ViTs are adapted to it (default: the model's, 32 for a timm name)."})
-    patch_size: Optional[int] = field(default=None, metadata={
-        "help": "ViT patch size of a timm name built here (default: the model's)."})
-    cpu_threads: int = field(default=0, metadata={
-        "help": "Torch threads when running on CPU: 0 = every core this process may use (divided by the processes "
-                "on this node; OMP_NUM_THREADS when set by hand, except a launcher's default 1), N pins N."})
+    model_name_or_path: str = field(
+        metadata={
+            "help": "timm name (untrained unless --pretrained), 'hf-hub:<id>', 'local-dir:<dir>', a Hub id, or a "
+            "folder saved by cure_hf (its weights are loaded)."
+        }
+    )
+    pretrained: bool = field(
+        default=False,
+        metadata={
+            "help": "Load pretrained weights of a timm name (needs the Hub); a folder (e.g. a stage-0 output_dir), "
+            "'local-dir:' or 'hf-hub:' source always loads its weights."
+        },
+    )
+    image_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Input resolution; ViTs are adapted to it (default: the model's, 32 for a timm name)."},
+    )
+    patch_size: Optional[int] = field(
+        default=None, metadata={"help": "ViT patch size of a timm name built here (default: the model's)."}
+    )
+    cpu_threads: int = field(
+        default=0,
+        metadata={
+            "help": "Torch threads when running on CPU: 0 = every core this process may use (divided by the processes "
+            "on this node; OMP_NUM_THREADS when set by hand, except a launcher's default 1), N pins N."
+        },
+    )
 
 
 @dataclass
 class DatasetArguments:
     """Which images and labels: shared by training and evaluation."""
 
-    dataset_name: str = field(default="digits", metadata={
-        "help": "'digits' (embedded, no network), a Hub dataset id or a local dataset folder (datasets."
-                "load_dataset), or 'imagefolder' with --train_dir / --test_dir."})
-    dataset_config_name: Optional[str] = field(default=None, metadata={
-        "help": "Dataset configuration (the 'name' of datasets.load_dataset), e.g. cropped_digits for SVHN."})
+    dataset_name: str = field(
+        default="digits",
+        metadata={
+            "help": "'digits' (embedded, no network), a Hub dataset id or a local dataset folder (datasets."
+            "load_dataset), or 'imagefolder' with --train_dir / --test_dir."
+        },
+    )
+    dataset_config_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "Dataset configuration (the 'name' of datasets.load_dataset), e.g. cropped_digits for SVHN."},
+    )
     train_dir: Optional[str] = field(default=None, metadata={"help": "imagefolder: training images."})
     test_dir: Optional[str] = field(default=None, metadata={"help": "imagefolder: test images."})
     test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
@@ -206,10 +251,18 @@ class DataTrainingArguments(DatasetArguments):
     """The data of a training run: the dataset, plus the training split, augmentation and truncation."""
 
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    test_split: Optional[str] = field(default=None, metadata={
-        "help": "Split to evaluate on; unset: 'test', or, for a dataset without one, a fixed 10%% carved from the "
-                "training split (said in the log). A named split that does not exist is refused."})
-    augment: str = field(default="none", metadata={
-        "help": "'none', 'crop_flip' (4-pixel pad crop + horizontal flip, the paper's) or 'crop' (no flip: digits)."})
+    test_split: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Split to evaluate on; unset: 'test', or, for a dataset without one, a fixed 10%% carved from the "
+            "training split (said in the log). A named split that does not exist is refused."
+        },
+    )
+    augment: str = field(
+        default="none",
+        metadata={
+            "help": "'none', 'crop_flip' (4-pixel pad crop + horizontal flip, the paper's) or 'crop' (no flip: digits)."
+        },
+    )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})

@@ -2,6 +2,7 @@
 
 matplotlib runs headless (Agg); every function returns the path it wrote.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 __all__ = ["load_log_history", "plot_training_history", "plot_accuracy_vs_eps"]
 
-_LABELS = {"accuracy": "clean", "robust_accuracy": "robust (worst case)", "cw_accuracy": "CW-inf",
-           "autoattack_accuracy": "AutoAttack"}
+_LABELS = {
+    "accuracy": "clean",
+    "robust_accuracy": "robust (worst case)",
+    "cw_accuracy": "CW-inf",
+    "autoattack_accuracy": "AutoAttack",
+}
 
 
 def _pyplot():
@@ -31,8 +36,10 @@ def load_log_history(source: Union[str, Sequence[Mapping[str, Any]]]) -> List[Ma
     path = str(source)
     if os.path.isdir(path):
         candidates = [os.path.join(path, "trainer_state.json")]
-        checkpoints = sorted((d for d in os.listdir(path) if d.startswith("checkpoint-")),
-                             key=lambda d: int(d.split("-")[-1]) if d.split("-")[-1].isdigit() else -1)
+        checkpoints = sorted(
+            (d for d in os.listdir(path) if d.startswith("checkpoint-")),
+            key=lambda d: int(d.split("-")[-1]) if d.split("-")[-1].isdigit() else -1,
+        )
         candidates += [os.path.join(path, d, "trainer_state.json") for d in reversed(checkpoints)]
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
@@ -63,15 +70,17 @@ def plot_training_history(
     for entry in log_history:
         for key, value in entry.items():
             if key.startswith(prefix + "_") and key.endswith("accuracy") and isinstance(value, (int, float)):
-                series.setdefault(key[len(prefix) + 1:], []).append((entry.get("step", 0), float(value)))
+                series.setdefault(key[len(prefix) + 1 :], []).append((entry.get("step", 0), float(value)))
     if not series:
-        raise ValueError(f"no '{prefix}_*accuracy' entries in the log history: run trainer.evaluate() during training "
-                         "(eval_strategy='steps' or 'epoch')")
+        raise ValueError(
+            f"no '{prefix}_*accuracy' entries in the log history: run trainer.evaluate() during training "
+            "(eval_strategy='steps' or 'epoch')"
+        )
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
     colors = {}
     for name in sorted(series, key=lambda n: (n.startswith("validation_"), n != "accuracy", n)):
-        split, metric = ("validation", name[len("validation_"):]) if name.startswith("validation_") else ("", name)
+        split, metric = ("validation", name[len("validation_") :]) if name.startswith("validation_") else ("", name)
         color = colors.setdefault(metric, f"C{len(colors)}")  # one colour per metric, one line style per split
         steps, values = zip(*series[name])
         label = " ".join(filter(None, [split, _LABELS.get(metric, metric.replace("_accuracy", ""))]))
@@ -80,8 +89,16 @@ def plot_training_history(
             best = max(range(len(values)), key=lambda i: values[i])
             label += f" (best {100 * values[best]:.1f} at step {steps[best]}, last {100 * values[-1]:.1f})"
             ax.scatter([steps[best]], [100 * values[best]], s=90, facecolors="none", edgecolors="black", zorder=3)
-        ax.plot(steps, [100 * v for v in values], ":" if split else "-", color=color, marker="o", markersize=3,
-                linewidth=2.2 if robust else 1.3, label=label)
+        ax.plot(
+            steps,
+            [100 * v for v in values],
+            ":" if split else "-",
+            color=color,
+            marker="o",
+            markersize=3,
+            linewidth=2.2 if robust else 1.3,
+            label=label,
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title or "Clean and robust accuracy over training")
@@ -157,8 +174,11 @@ def plot_robustness_tradeoff(
         ax.annotate(str(r.get("label", r.get("method"))), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xlabel("clean accuracy (%)")
     name = robust_key.upper()
-    ax.set_ylabel(f"{name[:3]}-{name[3:]} accuracy (%)" if name.startswith("PGD") and name[3:].isdigit()
-                  else f"{name} accuracy (%)")
+    ax.set_ylabel(
+        f"{name[:3]}-{name[3:]} accuracy (%)"
+        if name.startswith("PGD") and name[3:].isdigit()
+        else f"{name} accuracy (%)"
+    )
     ax.margins(x=0.25, y=0.15)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     ax.set_title(title or "clean vs robust accuracy (marker area: seconds per epoch)", fontsize=10)

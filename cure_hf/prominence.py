@@ -19,6 +19,7 @@ Speed and memory (``benchmarks/bench_mask.py`` compares the alternatives):
   the sort's values and indices (12 bytes per entry; on the CPU a 4-byte partition copy) and a
   bool mask (1 byte), for one chunk, i.e. ``max(CHUNK_ENTRIES, largest tensor)`` entries.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ def _chunks(tensors: Sequence[torch.Tensor]) -> Iterator[List[int]]:
     for (numel, _), indices in groups.items():
         per_chunk = max(1, CHUNK_ENTRIES // max(numel, 1))
         for start in range(0, len(indices), per_chunk):
-            yield indices[start:start + per_chunk]
+            yield indices[start : start + per_chunk]
 
 
 def _stack_rows(tensors: Sequence[torch.Tensor], absolute: bool) -> torch.Tensor:

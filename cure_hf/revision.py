@@ -5,6 +5,7 @@ from a generator of its own, seeded identically on every process, so all replica
 each *parameter* is averaged: g <- m * g + (1 - m) * f with m = min(1 - 1 / (t + 1), d).
 Buffers (BatchNorm statistics) are not averaged: the revision model keeps its own.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,7 +45,9 @@ def ema_update_(ema_params: Iterable[torch.Tensor], params: Iterable[torch.Tenso
 class RevisionModel(nn.Module):
     """Holds the revision copy g, its step counter and its own random generator."""
 
-    def __init__(self, model: nn.Module, rate: float = 0.2, decay: float = 0.999, seed: int = 0, train_mode: bool = True):
+    def __init__(
+        self, model: nn.Module, rate: float = 0.2, decay: float = 0.999, seed: int = 0, train_mode: bool = True
+    ):
         super().__init__()
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
@@ -83,8 +86,13 @@ class RevisionModel(nn.Module):
         (JSON-serialisable state of the method's schedule, returned again by :meth:`load`)."""
         tensors = {f"module.{k}": v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
         tensors["generator_state"] = self.generator.get_state()
-        metadata = {"format": "pt", "step": str(self.step), "rate": repr(self.rate), "decay": repr(self.decay),
-                    "schedule": json.dumps(schedule or {})}
+        metadata = {
+            "format": "pt",
+            "step": str(self.step),
+            "rate": repr(self.rate),
+            "decay": repr(self.decay),
+            "schedule": json.dumps(schedule or {}),
+        }
         path = os.path.join(folder, REVISION_WEIGHTS_NAME)
         safetensors.torch.save_file(tensors, path, metadata=metadata)
         from .files import chmod_as_umask
@@ -104,7 +112,7 @@ class RevisionModel(nn.Module):
         tensors = safetensors.torch.load_file(path, device="cpu")
         with safetensors.safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
-        module_state = {k[len("module."):]: v for k, v in tensors.items() if k.startswith("module.")}
+        module_state = {k[len("module.") :]: v for k, v in tensors.items() if k.startswith("module.")}
         self.module.load_state_dict(module_state, strict=True)
         self.load_state({"step": int(metadata["step"]), "generator": tensors["generator_state"]})
         return json.loads(metadata.get("schedule", "{}"))

@@ -2,6 +2,7 @@
 evaluation under mixed precision, when the clean logits may be reused by the attack, and keeping
 DDP replicas' BatchNorm statistics equal. Pure functions; nothing here knows the Trainer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,9 @@ def refuse_unsupported_parallelism(args, accelerator=None) -> None:
         if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
             found.append(f"accelerate distributed_type={kind}")
         parallelism = getattr(accelerator, "parallelism_config", None)
-        if parallelism is not None and (getattr(parallelism, "tp_enabled", False) or getattr(parallelism, "cp_enabled", False)):
+        if parallelism is not None and (
+            getattr(parallelism, "tp_enabled", False) or getattr(parallelism, "cp_enabled", False)
+        ):
             found.append("tensor/context parallelism (parallelism_config)")
     if found:
         raise ValueError(
@@ -67,8 +70,8 @@ def refuse_unsupported_parallelism(args, accelerator=None) -> None:
         raise ValueError(
             f"ddp_broadcast_buffers=True is invalid for adv_method={args.adv_method!r} under DDP: the clean and the "
             "adversarial batch go through the DDP model before one backward, and DDP's in-place buffer broadcast "
-            "before the second forward breaks the backward of the first on GPUs (\"modified by an inplace "
-            "operation\"). Fix: keep ddp_broadcast_buffers=False (CURETrainer then averages BatchNorm statistics "
+            'before the second forward breaks the backward of the first on GPUs ("modified by an inplace '
+            'operation"). Fix: keep ddp_broadcast_buffers=False (CURETrainer then averages BatchNorm statistics '
             "over the processes after every optimizer step)."
         )
 
@@ -152,8 +155,11 @@ def average_running_stats_(modules: Iterable[nn.Module]) -> None:
     if world_size == 1:
         return
     stats = [
-        buffer for m in modules if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-        for buffer in (m.running_mean, m.running_var) if buffer is not None
+        buffer
+        for m in modules
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+        for buffer in (m.running_mean, m.running_var)
+        if buffer is not None
     ]
     if not stats:
         return
@@ -162,7 +168,7 @@ def average_running_stats_(modules: Iterable[nn.Module]) -> None:
     flat.div_(world_size)
     offset = 0
     for s in stats:
-        s.copy_(flat[offset:offset + s.numel()].view_as(s))
+        s.copy_(flat[offset : offset + s.numel()].view_as(s))
         offset += s.numel()
 
 

@@ -11,6 +11,7 @@ Pure functions and small classes; the trainer (`base_trainer.py`) only calls the
   comparison of a resume's arguments with the checkpoint's `training_args.json`.
 - One writer per folder: :class:`OutputDirLock`, an OS-level lock (``filelock``) on ``output_dir``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -69,14 +70,23 @@ class OutputDirInUseError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def check_attack_budget(*, eps: float, step_size: Optional[float] = None, steps: Optional[int] = None,
-                        restarts: Optional[int] = None, eps_name: str = "eps", norm: str = "Linf") -> None:
+def check_attack_budget(
+    *,
+    eps: float,
+    step_size: Optional[float] = None,
+    steps: Optional[int] = None,
+    restarts: Optional[int] = None,
+    eps_name: str = "eps",
+    norm: str = "Linf",
+) -> None:
     """Refuse budgets that make an attack a no-op (steps < 1, restarts < 1, step 0 with eps > 0) or an eps in the
     wrong units (negative, or, for the L-inf threat model, above :data:`MAX_EPSILON`; an L2 radius grows with the
     image size, e.g. 0.5 on CIFAR-10, so it has no such bound)."""
     if not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
-        raise ValueError(f"{eps_name}={eps!r} is invalid: allowed 0 <= {eps_name} <= {MAX_EPSILON:.4f} (64/255) in "
-                         "pixel units of [0, 1], e.g. 8/255")
+        raise ValueError(
+            f"{eps_name}={eps!r} is invalid: allowed 0 <= {eps_name} <= {MAX_EPSILON:.4f} (64/255) in "
+            "pixel units of [0, 1], e.g. 8/255"
+        )
     if norm == "Linf" and eps > MAX_EPSILON:
         raise ValueError(
             f"{eps_name}={eps:g} is invalid: allowed at most 64/255 = {MAX_EPSILON:.4f} in pixel units of [0, 1] "
@@ -84,34 +94,49 @@ def check_attack_budget(*, eps: float, step_size: Optional[float] = None, steps:
             f"Write it as {eps_name}={eps:g}/255."
         )
     if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps={steps!r} is invalid: allowed an integer >= 1; 0 steps make PGD and CW a no-op "
-                         "(robust accuracy would equal clean accuracy)")
+        raise ValueError(
+            f"steps={steps!r} is invalid: allowed an integer >= 1; 0 steps make PGD and CW a no-op "
+            "(robust accuracy would equal clean accuracy)"
+        )
     if restarts is not None and (not isinstance(restarts, int) or restarts < 1):
-        raise ValueError(f"restarts={restarts!r} is invalid: allowed an integer >= 1; 0 restarts make PGD and CW a "
-                         "no-op (robust accuracy would equal clean accuracy)")
+        raise ValueError(
+            f"restarts={restarts!r} is invalid: allowed an integer >= 1; 0 restarts make PGD and CW a "
+            "no-op (robust accuracy would equal clean accuracy)"
+        )
     if step_size is not None and eps > 0 and not step_size > 0:
-        raise ValueError(f"step_size={step_size!r} is invalid with {eps_name}={eps:g}: allowed > 0 (e.g. eps / 4); a "
-                         "zero step makes PGD and CW a no-op")
+        raise ValueError(
+            f"step_size={step_size!r} is invalid with {eps_name}={eps:g}: allowed > 0 (e.g. eps / 4); a "
+            "zero step makes PGD and CW a no-op"
+        )
 
 
 def check_pixel_values(pixels: torch.Tensor, where: str = "pixel_values") -> None:
     """Refuse pixels that are not floats, not finite, or outside [0, 1] (one min/max pass, one host copy)."""
     if not torch.is_tensor(pixels) or not pixels.is_floating_point():
         dtype = pixels.dtype if torch.is_tensor(pixels) else type(pixels).__name__
-        raise ValueError(f"{where} must be floats in [0, 1], got {dtype} (e.g. uint8 0..255 pixels); convert with "
-                         "ToTensor() / x.float() / 255 in the transform")
+        raise ValueError(
+            f"{where} must be floats in [0, 1], got {dtype} (e.g. uint8 0..255 pixels); convert with "
+            "ToTensor() / x.float() / 255 in the transform"
+        )
     if pixels.numel() == 0:
         return
     low, high = (float(v) for v in torch.aminmax(pixels.detach()))  # NaN anywhere makes both NaN
     if not (math.isfinite(low) and math.isfinite(high)):
         bad = int((~torch.isfinite(pixels)).sum())
-        raise ValueError(f"{where} contain {bad} NaN or infinite values; fix the data or its transform (a division "
-                         "by a zero std, a corrupt image) before training or evaluating on it")
+        raise ValueError(
+            f"{where} contain {bad} NaN or infinite values; fix the data or its transform (a division "
+            "by a zero std, a corrupt image) before training or evaluating on it"
+        )
     tolerance = 1e-4
     if low < -tolerance or high > 1.0 + tolerance:
-        hint = " They look like 0..255 intensities: divide by 255." if high > 2.0 and low >= 0 else (
-            " Attacks work in pixel space: remove Normalize() from the data transform and normalise inside the model "
-            "(cure_hf.models.PixelNormalized / create_model does this).")
+        hint = (
+            " They look like 0..255 intensities: divide by 255."
+            if high > 2.0 and low >= 0
+            else (
+                " Attacks work in pixel space: remove Normalize() from the data transform and normalise inside the model "
+                "(cure_hf.models.PixelNormalized / create_model does this)."
+            )
+        )
         raise ValueError(f"{where} range from {low:.3f} to {high:.3f}, outside [0, 1].{hint}")
 
 
@@ -121,8 +146,10 @@ def check_class_labels(labels: torch.Tensor, num_classes: Optional[int] = None, 
     if labels.is_floating_point():
         if not bool(torch.equal(labels, labels.round())):
             bad = labels[labels != labels.round()][:3].tolist()
-            raise ValueError(f"{where} must be class indices, got non-integer values such as {bad}; map them to "
-                             "integers 0..num_classes-1 (e.g. a datasets ClassLabel column)")
+            raise ValueError(
+                f"{where} must be class indices, got non-integer values such as {bad}; map them to "
+                "integers 0..num_classes-1 (e.g. a datasets ClassLabel column)"
+            )
     elif labels.dtype == torch.bool or labels.is_complex():
         raise ValueError(f"{where} must be integer class indices, got {labels.dtype}")
     labels = labels.long()
@@ -158,8 +185,10 @@ def check_evaluation_batch(pixels: torch.Tensor, labels: torch.Tensor, num_class
 
 
 # ---------------------------------------------------------------------------------------------- models
-_SAVEABLE = ("a timm model (cure_hf.create_model / timm.create_model, optionally inside cure_hf.PixelNormalized) or "
-             "a transformers image-classification model (a PreTrainedModel)")
+_SAVEABLE = (
+    "a timm model (cure_hf.create_model / timm.create_model, optionally inside cure_hf.PixelNormalized) or "
+    "a transformers image-classification model (a PreTrainedModel)"
+)
 
 
 def check_model_saveable(model: nn.Module) -> None:
@@ -195,8 +224,10 @@ def _logits_candidates(output) -> Tuple[Optional[torch.Tensor], str]:
         two_d = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.dim() == 2 and o.shape[0] == batch]
         if two_d == [0]:
             return output[0], "output[0]"
-        return None, (f"a {type(output).__name__} of {len(output)} items with shapes {shapes}: more than one could "
-                      "be the logits (or the logits are not the first item)")
+        return None, (
+            f"a {type(output).__name__} of {len(output)} items with shapes {shapes}: more than one could "
+            "be the logits (or the logits are not the first item)"
+        )
     return None, f"an output of type {type(output).__name__} without .logits"
 
 
@@ -218,20 +249,28 @@ def check_model_output(model: nn.Module, pixels: torch.Tensor, num_classes: Opti
         batch = pixels.shape[0]
         two_d = [i for i, o in enumerate(output) if torch.is_tensor(o) and o.dim() == 2 and o.shape[0] == batch]
         index = two_d[-1] if two_d else 1
-        fix = (f"Fix: wrap it in cure_hf.models.SelectLogits, which returns output[index] and is saved as the network "
-               f"inside (cure_hf.load_model restores the wrapper): from cure_hf.models import SelectLogits; "
-               f"model = SelectLogits(model, index={index})")
+        fix = (
+            f"Fix: wrap it in cure_hf.models.SelectLogits, which returns output[index] and is saved as the network "
+            f"inside (cure_hf.load_model restores the wrapper): from cure_hf.models import SelectLogits; "
+            f"model = SelectLogits(model, index={index})"
+        )
     else:
-        fix = ("Fix: forward(pixel_values) must return the logits, of shape (batch, num_classes), or an output with "
-               ".logits: build the network with its classifier head, e.g. cure_hf.create_model(name, num_classes)")
+        fix = (
+            "Fix: forward(pixel_values) must return the logits, of shape (batch, num_classes), or an output with "
+            ".logits: build the network with its classifier head, e.g. cure_hf.create_model(name, num_classes)"
+        )
     if logits is None:
         raise ValueError(f"cannot tell which part of the model's output is the logits: it returns {how}. {fix}")
     if logits.dim() != 2 or logits.shape[0] != pixels.shape[0]:
-        raise ValueError(f"the model's logits ({how}) have shape {tuple(logits.shape)} for a batch of "
-                         f"{pixels.shape[0]}; expected (batch, num_classes). {fix}")
+        raise ValueError(
+            f"the model's logits ({how}) have shape {tuple(logits.shape)} for a batch of "
+            f"{pixels.shape[0]}; expected (batch, num_classes). {fix}"
+        )
     if num_classes is not None and logits.shape[1] < num_classes:
-        raise ValueError(f"the model has {logits.shape[1]} outputs but the training set has {num_classes} classes; "
-                         f"build it with num_classes={num_classes} (e.g. cure_hf.create_model(name, {num_classes}))")
+        raise ValueError(
+            f"the model has {logits.shape[1]} outputs but the training set has {num_classes} classes; "
+            f"build it with num_classes={num_classes} (e.g. cure_hf.create_model(name, {num_classes}))"
+        )
     return int(logits.shape[1])
 
 
@@ -269,8 +308,13 @@ class NonFiniteGuard:
     never reach this hook. ``describe()`` returns the context of the error: the step, the learning rate, the precision.
     """
 
-    def __init__(self, policy: str, module: Callable[[], nn.Module], describe: Callable[[], Dict[str, Any]],
-                 deferred: bool = False):
+    def __init__(
+        self,
+        policy: str,
+        module: Callable[[], nn.Module],
+        describe: Callable[[], Dict[str, Any]],
+        deferred: bool = False,
+    ):
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_policy={policy!r} is invalid: allowed {NONFINITE_POLICIES}")
         if deferred and policy != "stop":
@@ -335,17 +379,26 @@ class NonFiniteGuard:
                     for p in group["params"]:
                         p.grad = None
                 self.skipped_steps.append(context["step"])
-                logger.warning("step %s: NaN or infinite gradient in %s; skipped this optimizer step "
-                               "(nonfinite_policy='skip', %d skipped so far)", context["step"], where,
-                               len(self.skipped_steps))
+                logger.warning(
+                    "step %s: NaN or infinite gradient in %s; skipped this optimizer step "
+                    "(nonfinite_policy='skip', %d skipped so far)",
+                    context["step"],
+                    where,
+                    len(self.skipped_steps),
+                )
                 return
-            where += f", and the weights themselves are no longer finite ({', '.join(weight_names)}), so skipping " \
-                     "cannot recover"
+            where += (
+                f", and the weights themselves are no longer finite ({', '.join(weight_names)}), so skipping "
+                "cannot recover"
+            )
         raise NonFiniteTrainingError(
             f"training diverged at step {context['step']}: NaN or infinite gradient in {where}. "
-            + ("That step's update was applied in memory (the check reads the device a step late, so the step never "
-               "waits for it), but nothing from it on is saved" if late else
-               "Nothing from this step on is applied or saved")
+            + (
+                "That step's update was applied in memory (the check reads the device a step late, so the step never "
+                "waits for it), but nothing from it on is saved"
+                if late
+                else "Nothing from this step on is applied or saved"
+            )
             + f"{context.get('last_checkpoint', '')}. Likely causes: a learning rate too high "
             f"(learning_rate={context.get('learning_rate')!r}, {context.get('current_lr')!r} at this step: try 10x "
             "lower), an fp16 overflow "
@@ -395,8 +448,14 @@ class OutputDirLock:
             lock.acquire()
         except Timeout:
             owner = self.holder()
-            who = (f"pid {owner.get('pid')} on host {owner.get('host')!r} (user {owner.get('user')!r}, since "
-                   f"{owner.get('since')})") if owner else "another process"
+            who = (
+                (
+                    f"pid {owner.get('pid')} on host {owner.get('host')!r} (user {owner.get('user')!r}, since "
+                    f"{owner.get('since')})"
+                )
+                if owner
+                else "another process"
+            )
             raise OutputDirInUseError(
                 f"output_dir={self.folder!r} is in use by {who}: two trainers writing one folder interleave their "
                 "checkpoints and the last writer's model wins. Fix: give this run its own output_dir, or wait for "
@@ -404,8 +463,12 @@ class OutputDirLock:
                 "released when that process ends, even if it is killed.)"
             ) from None
         self._lock, self._depth = lock, 1
-        owner = {"pid": os.getpid(), "host": socket.gethostname(), "user": _user(),
-                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "user": _user(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
         with open(os.path.join(self.folder, LOCK_OWNER_NAME), "w", encoding="utf-8") as f:
             json.dump(owner, f)
 
@@ -423,7 +486,7 @@ class OutputDirLock:
         lock, self._lock = self._lock, None
         lock.release()
 
-    def __enter__(self) -> "OutputDirLock":
+    def __enter__(self) -> OutputDirLock:
         self.acquire()
         return self
 
@@ -455,8 +518,11 @@ def stale_staging_folders(run_dir: str) -> List[str]:
     """Staging folders left by a process that died while saving (incomplete checkpoints, never resumed from)."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(os.path.join(run_dir, n) for n in os.listdir(run_dir)
-                  if n.startswith(STAGING_PREFIX + "checkpoint-") and os.path.isdir(os.path.join(run_dir, n)))
+    return sorted(
+        os.path.join(run_dir, n)
+        for n in os.listdir(run_dir)
+        if n.startswith(STAGING_PREFIX + "checkpoint-") and os.path.isdir(os.path.join(run_dir, n))
+    )
 
 
 def _fsync_tree(folder: str) -> None:
@@ -507,7 +573,8 @@ def publish_checkpoint(staged: str, final: str) -> None:
 
 def _has_weights(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "model.safetensors")) or os.path.isfile(
-        os.path.join(folder, "model.safetensors.index.json"))
+        os.path.join(folder, "model.safetensors.index.json")
+    )
 
 
 def missing_checkpoint_parts(folder: str, *, required_files: Iterable[Any] = ()) -> List[str]:
@@ -556,8 +623,18 @@ def resumable_checkpoints(run_dir: str, **rules) -> Tuple[Optional[str], Dict[st
 # The arguments a resume must keep: they define the method and its attack, so a checkpoint of one method resumed
 # with another would silently train a mixture (cure -> trades drops the revision model).
 # Restored from the checkpoint's optimizer.pt/scheduler.pt whatever the arguments say: a changed value is not used.
-OPTIMIZER_ARGUMENTS = ("learning_rate", "lr_scheduler_type", "weight_decay", "optim", "sgd_momentum", "warmup_steps",
-                       "warmup_ratio", "adam_beta1", "adam_beta2", "adam_epsilon")
+OPTIMIZER_ARGUMENTS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "weight_decay",
+    "optim",
+    "sgd_momentum",
+    "warmup_steps",
+    "warmup_ratio",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+)
 
 
 def _same(a, b) -> bool:
@@ -568,8 +645,12 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def check_resume_arguments(folder: str, current: Dict[str, Any], method_arguments: Iterable[str],
-                           resolve: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None) -> List[str]:
+def check_resume_arguments(
+    folder: str,
+    current: Dict[str, Any],
+    method_arguments: Iterable[str],
+    resolve: Optional[Callable[[Dict[str, Any]], Dict[str, Any]]] = None,
+) -> List[str]:
     """Compare a resume's arguments (``current``, as `TrainingArguments.to_dict()`) with the checkpoint's
     ``training_args.json``: raise on a changed ``method_arguments`` entry (the method's and its components' fields,
     `cure_hf.components.method_argument_names`), return warnings for changed optimizer arguments. ``resolve`` gives
@@ -578,12 +659,17 @@ def check_resume_arguments(folder: str, current: Dict[str, Any], method_argument
 
     saved = read_json(os.path.join(folder, TRAINING_ARGS_JSON), None)
     if saved is None:
-        return [f"{folder} has no readable {TRAINING_ARGS_JSON}: cannot check that this resume uses the checkpoint's "
-                "method and hyperparameters"]
+        return [
+            f"{folder} has no readable {TRAINING_ARGS_JSON}: cannot check that this resume uses the checkpoint's "
+            "method and hyperparameters"
+        ]
     if resolve is not None:
         saved = resolve(saved)
-    changed = [f"{name}={current.get(name)!r} (checkpoint: {saved.get(name)!r})" for name in method_arguments
-               if name in saved and name in current and not _same(saved[name], current[name])]
+    changed = [
+        f"{name}={current.get(name)!r} (checkpoint: {saved.get(name)!r})"
+        for name in method_arguments
+        if name in saved and name in current and not _same(saved[name], current[name])
+    ]
     if changed:
         raise ValueError(
             f"resume_from_checkpoint={folder!r} was trained with other method settings than this run: "
@@ -591,7 +677,9 @@ def check_resume_arguments(folder: str, current: Dict[str, Any], method_argument
             "checkpoint's values, or start a new run from its weights (cure_hf.load_model(checkpoint) as the model, "
             "without resume_from_checkpoint)"
         )
-    return [f"{name}={current.get(name)!r} differs from the checkpoint's {saved.get(name)!r}; the resumed optimizer "
-            "and schedule are the checkpoint's (optimizer.pt, scheduler.pt), so the new value is not used"
-            for name in OPTIMIZER_ARGUMENTS
-            if name in saved and name in current and not _same(saved[name], current[name])]
+    return [
+        f"{name}={current.get(name)!r} differs from the checkpoint's {saved.get(name)!r}; the resumed optimizer "
+        "and schedule are the checkpoint's (optimizer.pt, scheduler.pt), so the new value is not used"
+        for name in OPTIMIZER_ARGUMENTS
+        if name in saved and name in current and not _same(saved[name], current[name])
+    ]

@@ -22,6 +22,7 @@ here changes what is computed: the CUDA-graph attack replays the eager attack's 
 loader yields the batches the Trainer's DataLoader yields (same order, same crops and flips: see
 ``augmentation_draws``) when the training set is a ``TensorImageDataset``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -159,8 +160,12 @@ def apply_speed_preset(args) -> List[str]:
             "speed_preset='fast' on a CPU (%s): %s left off. They speed up GPUs; on a CPU torch.compile spends minutes "
             "compiling what trains in seconds. The preset still sets logging_nan_inf_filter=False and "
             "dataloader_drop_last=True and keeps the training set in memory when it can. To have them anyway, set "
-            "%s yourself%s.", on_cpu, ", ".join(kept_off), ", ".join(f"{name}=True" for name in kept_off),
-            " (torch_compile=True compiles the model and the attack)" if "torch_compile" in kept_off else "")
+            "%s yourself%s.",
+            on_cpu,
+            ", ".join(kept_off),
+            ", ".join(f"{name}=True" for name in kept_off),
+            " (torch_compile=True compiles the model and the attack)" if "torch_compile" in kept_off else "",
+        )
     # Batches that stay in the DataLoader: copy them to the device without a host synchronisation (accelerate's
     # default is a blocking copy, which waits for the device every step).
     config = getattr(args, "accelerator_config", None)
@@ -196,8 +201,10 @@ def plan_speed(args, device: torch.device) -> SpeedPlan:
     if graph is None and fast:
         graph = cuda
         if not cuda:
-            plan.notes.append(f"speed_preset='fast': attack_cuda_graph is off on {device.type!r} (CUDA graphs need a "
-                              "CUDA device); the attack runs eagerly, with the same numbers")
+            plan.notes.append(
+                f"speed_preset='fast': attack_cuda_graph is off on {device.type!r} (CUDA graphs need a "
+                "CUDA device); the attack runs eagerly, with the same numbers"
+            )
     plan.attack_cuda_graph = bool(graph)
     resident = getattr(args, "device_resident_data", None)
     plan.resident_required = bool(resident)
@@ -237,7 +244,7 @@ def attack_module(model: nn.Module) -> nn.Module:
     return cached
 
 
-_COMPILED_ATTACK_MODULES: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+_COMPILED_ATTACK_MODULES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
 
 
 def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -332,14 +339,33 @@ class GraphedAttack:
 
     def _key(self, model, x, labels, clean_logits, settings) -> tuple:
         autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
-        return (id(model), tuple(x.shape), x.dtype, x.stride(), str(x.device), labels is not None,
-                clean_logits is not None, None if clean_logits is None else tuple(clean_logits.shape), autocast,
-                tuple(sorted(settings.items())))
+        return (
+            id(model),
+            tuple(x.shape),
+            x.dtype,
+            x.stride(),
+            str(x.device),
+            labels is not None,
+            clean_logits is not None,
+            None if clean_logits is None else tuple(clean_logits.shape),
+            autocast,
+            tuple(sorted(settings.items())),
+        )
 
-    def __call__(self, model: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor] = None, *, eps: float,
-                 step_size: float, steps: int, loss: str = "ce", init: str = "uniform",
-                 clean_logits: Optional[torch.Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        *,
+        eps: float,
+        step_size: float,
+        steps: int,
+        loss: str = "ce",
+        init: str = "uniform",
+        clean_logits: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         if loss in ("ce", "margin") and labels is None:
             raise ValueError(f"pgd with loss={loss!r} needs labels")
         settings = dict(eps=eps, step_size=step_size, steps=steps, loss=loss)
@@ -371,26 +397,34 @@ class GraphedAttack:
 
     def _capture(self, key, model, x, x_start, labels, clean_logits, settings):
         if sum(isinstance(e, _Captured) for e in self.graphs.values()) >= self.max_graphs:
-            logger.warning("attack_cuda_graph: %d attack graphs exist already; inputs of shape %s run eagerly",
-                           self.max_graphs, tuple(x.shape))
+            logger.warning(
+                "attack_cuda_graph: %d attack graphs exist already; inputs of shape %s run eagerly",
+                self.max_graphs,
+                tuple(x.shape),
+            )
             self.graphs[key] = _EAGER
             return _EAGER
         static = {
-            "x": x.clone(), "x_start": x_start.clone(),
+            "x": x.clone(),
+            "x_start": x_start.clone(),
             "labels": None if labels is None else labels.clone(),
             "clean_logits": None if clean_logits is None else clean_logits.clone(),
         }
 
         def body() -> torch.Tensor:
-            return _attack_from_start(model, static["x"], static["x_start"], static["labels"], static["clean_logits"],
-                                      **settings)
+            return _attack_from_start(
+                model, static["x"], static["x_start"], static["labels"], static["clean_logits"], **settings
+            )
 
         graph = self.graph_factory()
         try:
             output = graph.capture(body, self.warmup)
         except Exception as error:  # a capture that fails must not stop training: the eager attack is the same
-            logger.warning("attack_cuda_graph: capturing the attack failed (%s: %s); it runs eagerly instead",
-                           type(error).__name__, error)
+            logger.warning(
+                "attack_cuda_graph: capturing the attack failed (%s: %s); it runs eagerly instead",
+                type(error).__name__,
+                error,
+            )
             if x.device.type == "cuda":
                 with contextlib.suppress(Exception):  # let an aborted capture's work finish before going on
                     torch.cuda.synchronize(x.device)
@@ -398,8 +432,9 @@ class GraphedAttack:
             return _EAGER
         entry = _Captured(graph, static, output, _fingerprint(model))
         self.graphs[key] = entry
-        logger.info("attack_cuda_graph: captured the %d-step attack for inputs of shape %s", settings["steps"],
-                    tuple(x.shape))
+        logger.info(
+            "attack_cuda_graph: captured the %d-step attack for inputs of shape %s", settings["steps"], tuple(x.shape)
+        )
         return entry
 
 
@@ -407,8 +442,9 @@ def _attack_from_start(model, x, x_start, labels, clean_logits, *, eps, step_siz
     """``pgd`` after its random start (the model already in attack mode): what a captured graph contains."""
     if loss == "kl" and clean_logits is None:
         clean_logits = clean_logits_of(model, x)
-    return pgd_steps(model, x, x_start, labels, eps=eps, step_size=step_size, steps=steps, loss=loss,
-                     clean_logits=clean_logits)
+    return pgd_steps(
+        model, x, x_start, labels, eps=eps, step_size=step_size, steps=steps, loss=loss, clean_logits=clean_logits
+    )
 
 
 # --------------------------------------------------------------------------------------- pixel checks
@@ -434,14 +470,20 @@ class CheckingCollator:
         if isinstance(pixels, torch.Tensor):
             check_pixel_values(pixels)  # on the CPU, as collators make batches (a device tensor is checked too)
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        if self.num_classes is not None and isinstance(labels, torch.Tensor) and not labels.is_floating_point() \
-                and labels.dtype != torch.bool:
+        if (
+            self.num_classes is not None
+            and isinstance(labels, torch.Tensor)
+            and not labels.is_floating_point()
+            and labels.dtype != torch.bool
+        ):
             check_class_labels(labels, self.num_classes, "labels")
         return batch
 
 
 # --------------------------------------------------------------------------------- device-resident data
-def augmentation_draws(seed: int, epoch: int, size: int, pad: int = 4) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augmentation_draws(
+    seed: int, epoch: int, size: int, pad: int = 4
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The crop offsets (top, left in [0, 2 pad]) and horizontal flips of every example of one epoch.
 
     Drawn at once from a CPU generator seeded with ``seed * 1_000_003 + epoch`` and indexed by the example's index
@@ -453,8 +495,13 @@ def augmentation_draws(seed: int, epoch: int, size: int, pad: int = 4) -> Tuple[
     return offsets[:, 0].contiguous(), offsets[:, 1].contiguous(), flips
 
 
-def crop_flip(images: torch.Tensor, top: Optional[torch.Tensor] = None, left: Optional[torch.Tensor] = None,
-              flip: Optional[torch.Tensor] = None, pad: int = 4) -> torch.Tensor:
+def crop_flip(
+    images: torch.Tensor,
+    top: Optional[torch.Tensor] = None,
+    left: Optional[torch.Tensor] = None,
+    flip: Optional[torch.Tensor] = None,
+    pad: int = 4,
+) -> torch.Tensor:
     """Pad-``pad`` random crop and horizontal flip of a batch, in one gather; pixels to floats in [0, 1].
 
     ``images``: (B, H, W, C), uint8 (0..255) or float ([0, 1]). Returns (B, C, H, W) float32 with channels_last
@@ -486,8 +533,9 @@ class TensorImageDataset(torch.utils.data.Dataset):
         if augment not in DEVICE_AUGMENTS:
             raise ValueError(f"augment={augment!r} is invalid: allowed one of {DEVICE_AUGMENTS}")
         if images.dim() != 4 or len(images) != len(labels):
-            raise ValueError(f"images must be (N, H, W, C) with N == len(labels); got {tuple(images.shape)} and "
-                             f"{len(labels)} labels")
+            raise ValueError(
+                f"images must be (N, H, W, C) with N == len(labels); got {tuple(images.shape)} and {len(labels)} labels"
+            )
         self.images, self.labels = images, torch.as_tensor(labels, dtype=torch.long)
         self.augment, self.pad, self.seed = augment, pad, seed
         self.epoch = 0
@@ -516,7 +564,9 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels[0].contiguous(), "labels": int(self.labels[index])}
 
 
-def resident_arrays(dataset, collate_fn: Callable, batch_size: int = 512, num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def resident_arrays(
+    dataset, collate_fn: Callable, batch_size: int = 512, num_workers: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(images (N, H, W, C), labels (N,))`` of a map-style dataset, to keep on the device.
 
     Images are stored as uint8 when every pixel is a multiple of 1/255 (images decoded from 8-bit files), as
@@ -538,8 +588,9 @@ def resident_arrays(dataset, collate_fn: Callable, batch_size: int = 512, num_wo
                 "training set without augmentation (e.g. load_image_dataset(..., augment='none')) and set "
                 "device_augment='crop_flip' to crop and flip on the device, or set device_resident_data=False."
             )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                         collate_fn=collate_fn)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_fn
+    )
     pixels, labels = [], []
     for batch in loader:
         pixels.append(batch["pixel_values"].float())
@@ -547,7 +598,9 @@ def resident_arrays(dataset, collate_fn: Callable, batch_size: int = 512, num_wo
     images = torch.cat(pixels)
     check_pixel_values(images)
     if images.dim() != 4:
-        raise ValueError(f"device_resident_data needs images (C, H, W); got pixel_values of shape {tuple(images.shape[1:])}")
+        raise ValueError(
+            f"device_resident_data needs images (C, H, W); got pixel_values of shape {tuple(images.shape[1:])}"
+        )
     scaled = images * 255.0
     levels = scaled.round()
     if (scaled - levels).abs().max().item() <= 1e-3:
@@ -560,7 +613,7 @@ class _ResidentBatches(torch.utils.data.IterableDataset):
     can wrap it in a DataLoader with ``batch_size=None``. Its length is the number of examples of a pass (what
     the Trainer's ``num_examples`` reports)."""
 
-    def __init__(self, loader: "DeviceResidentLoader"):
+    def __init__(self, loader: DeviceResidentLoader):
         self.loader = loader
 
     def __iter__(self) -> Iterator[Dict[str, torch.Tensor]]:
@@ -583,10 +636,23 @@ class DeviceResidentLoader:
     before it calls ``set_epoch``), else the previous pass's epoch + 1.
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, device, augment: str = "none",
-                 pad: int = 4, seed: int = 0, sampler_seed: int = 0, drop_last: bool = False,
-                 channels_last: bool = False, num_processes: int = 1, process_index: int = 0,
-                 epoch_source: Optional[Callable[[], int]] = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        batch_size: int,
+        device,
+        augment: str = "none",
+        pad: int = 4,
+        seed: int = 0,
+        sampler_seed: int = 0,
+        drop_last: bool = False,
+        channels_last: bool = False,
+        num_processes: int = 1,
+        process_index: int = 0,
+        epoch_source: Optional[Callable[[], int]] = None,
+    ):
         if augment not in DEVICE_AUGMENTS:
             raise ValueError(f"augment={augment!r} is invalid: allowed one of {DEVICE_AUGMENTS}")
         self.device = torch.device(device)
@@ -634,11 +700,14 @@ class DeviceResidentLoader:
         order = self.permutation(epoch).to(self.device, non_blocking=True)
         draws = None
         if self.augment == "crop_flip":
-            draws = [d.to(self.device, non_blocking=True) for d in augmentation_draws(self.seed, epoch, len(self.labels), self.pad)]
+            draws = [
+                d.to(self.device, non_blocking=True)
+                for d in augmentation_draws(self.seed, epoch, len(self.labels), self.pad)
+            ]
         for number in range(len(self)):
             batch_index = number * self.num_processes + self.process_index
             size = self.per_device_batch_size
-            index = order[batch_index * size:(batch_index + 1) * size]
+            index = order[batch_index * size : (batch_index + 1) * size]
             images = self.images.index_select(0, index)
             if draws is None:
                 pixels = crop_flip(images)
@@ -705,17 +774,27 @@ class SpeedRuntime:
         augment, seed = self.plan.device_augment, args.seed
         if isinstance(dataset, TensorImageDataset) and dataset.augment != "none":
             if augment not in ("none", dataset.augment):
-                raise ValueError(f"device_augment={augment!r} contradicts the training set's own augment="
-                                 f"{dataset.augment!r}; set one of them")
+                raise ValueError(
+                    f"device_augment={augment!r} contradicts the training set's own augment="
+                    f"{dataset.augment!r}; set one of them"
+                )
             augment, seed = dataset.augment, dataset.seed
         elif isinstance(dataset, TensorImageDataset):
             seed = dataset.seed
         sampler_seed = args.data_seed if args.data_seed is not None else torch.random.initial_seed()
         accumulation = max(1, args.gradient_accumulation_steps)
         loader = DeviceResidentLoader(
-            images, labels, batch_size=args.per_device_train_batch_size, device=self.device, augment=augment,
-            pad=getattr(dataset, "pad", 4), seed=seed, sampler_seed=sampler_seed, drop_last=args.dataloader_drop_last,
-            channels_last=bool(getattr(args, "channels_last", False)), num_processes=max(1, args.world_size),
+            images,
+            labels,
+            batch_size=args.per_device_train_batch_size,
+            device=self.device,
+            augment=augment,
+            pad=getattr(dataset, "pad", 4),
+            seed=seed,
+            sampler_seed=sampler_seed,
+            drop_last=args.dataloader_drop_last,
+            channels_last=bool(getattr(args, "channels_last", False)),
+            num_processes=max(1, args.world_size),
             process_index=args.process_index,
         )
         updates_per_epoch = max(1, len(loader) // accumulation)
@@ -730,7 +809,9 @@ class SpeedRuntime:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
                 if needed > free // 2:
-                    raise ValueError(f"the training set needs {needed / 2**30:.2f} GiB, more than half of the "
-                                     f"{free / 2**30:.2f} GiB free on {self.device}")
+                    raise ValueError(
+                        f"the training set needs {needed / 2**30:.2f} GiB, more than half of the "
+                        f"{free / 2**30:.2f} GiB free on {self.device}"
+                    )
             self._resident = (images, labels)
         return self._resident

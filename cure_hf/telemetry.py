@@ -15,6 +15,7 @@ the host once, and returns them as ``telemetry/<quantity>/<block>`` entries, plu
 ``telemetry/updated_fraction/all``, which equals the entry-weighted mean of the blocks' fractions.
 :func:`plot_layer_telemetry` draws them from a Trainer's ``log_history``.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
@@ -62,8 +63,7 @@ class LayerTelemetry:
         index = torch.tensor([self._block_index[id(p)] for p in live], device=device)
         numel = torch.tensor([float(p.numel()) for p in live], device=device)
         l1 = torch.stack(torch._foreach_norm([p.grad.float() for p in live], 1)).float()
-        self._pending = {"live": live, "index": index, "numel": numel, "l1": l1,
-                         "conserved": {}}
+        self._pending = {"live": live, "index": index, "numel": numel, "l1": l1, "conserved": {}}
 
     def observe(self, param: torch.Tensor, conserved_mask: torch.Tensor) -> None:
         """One mask, as ``mask_gradients_``'s ``on_mask`` callback: count its conserved entries (on the device)."""
@@ -89,13 +89,20 @@ class LayerTelemetry:
         updated = per_block(numel - conserved)
         total_l1 = block_l1.sum().clamp_min(torch.finfo(torch.float32).tiny)
         self._numel = block_numel
-        self._steps.append(torch.stack([
-            updated / block_numel,
-            block_l1 / total_l1,
-            torch.where(block_l1 > 0, per_block(kept_l1) / block_l1.clamp_min(torch.finfo(torch.float32).tiny),
-                        torch.ones_like(block_l1)),
-            block_l1 / block_numel,
-        ]))
+        self._steps.append(
+            torch.stack(
+                [
+                    updated / block_numel,
+                    block_l1 / total_l1,
+                    torch.where(
+                        block_l1 > 0,
+                        per_block(kept_l1) / block_l1.clamp_min(torch.finfo(torch.float32).tiny),
+                        torch.ones_like(block_l1),
+                    ),
+                    block_l1 / block_numel,
+                ]
+            )
+        )
 
     def flush(self) -> Dict[str, float]:
         """The mean of every quantity over the steps since the last flush, as log entries (one host copy)."""
@@ -121,12 +128,13 @@ def telemetry_series(history: Sequence[Mapping[str, Any]], quantity: str = "upda
     for entry in history:
         for key, value in entry.items():
             if key.startswith(prefix):
-                series.setdefault(key[len(prefix):], []).append((entry.get("step", len(series)), value))
+                series.setdefault(key[len(prefix) :], []).append((entry.get("step", len(series)), value))
     return series
 
 
-def plot_layer_telemetry(history: Union[str, Sequence[Mapping[str, Any]]], output_path: str,
-                         title: Optional[str] = None) -> str:
+def plot_layer_telemetry(
+    history: Union[str, Sequence[Mapping[str, Any]]], output_path: str, title: Optional[str] = None
+) -> str:
     """A PNG of the updated fraction and the gradient share of every block against the training step.
 
     ``history``: a ``trainer.state.log_history`` or a path accepted by ``cure_hf.plots.load_log_history``.
@@ -136,15 +144,24 @@ def plot_layer_telemetry(history: Union[str, Sequence[Mapping[str, Any]]], outpu
     history = load_log_history(history)
     panels = [("updated_fraction", "fraction of entries updated"), ("grad_share", "share of |gradient| (L1)")]
     if not telemetry_series(history, "updated_fraction"):
-        raise ValueError("no telemetry/* entries in the log history: train CURE with layer_telemetry=True "
-                         "and logging_steps small enough to log during training")
+        raise ValueError(
+            "no telemetry/* entries in the log history: train CURE with layer_telemetry=True "
+            "and logging_steps small enough to log during training"
+        )
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (quantity, label) in zip(axes, panels):
         for block, points in telemetry_series(history, quantity).items():
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o", markersize=3, label=block,
-                    linestyle="--" if block == "all" else "-", color="black" if block == "all" else None)
+            ax.plot(
+                steps,
+                values,
+                marker="o",
+                markersize=3,
+                label=block,
+                linestyle="--" if block == "all" else "-",
+                color="black" if block == "all" else None,
+            )
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

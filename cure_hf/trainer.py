@@ -24,6 +24,7 @@ to `Trainer.training_step`; `compute_loss` runs the training forwards and asks t
 evaluation, saving, resuming, pushing, the optimizer defaults, the hook bus) is in `RobustTrainer`
 (base_trainer.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,10 +85,14 @@ class CURETrainer(RobustTrainer):
             return super().create_scheduler(num_training_steps, optimizer)
         optimizer = self.optimizer if optimizer is None else optimizer
         samples_per_step = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
-        steps_per_epoch = max(1, math.ceil(len(self.train_dataset) / samples_per_step)) if self.train_dataset is not None \
+        steps_per_epoch = (
+            max(1, math.ceil(len(self.train_dataset) / samples_per_step))
+            if self.train_dataset is not None
             else max(1, num_training_steps // max(1, math.ceil(self.args.num_train_epochs)))
+        )
         self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, [int(round(e * steps_per_epoch)) for e in milestones], gamma=self.args.lr_step_factor)
+            optimizer, [int(round(e * steps_per_epoch)) for e in milestones], gamma=self.args.lr_step_factor
+        )
         self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -136,14 +141,17 @@ class CURETrainer(RobustTrainer):
         finally:
             self._batch = None
 
-    def compute_loss(self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch=None):
+    def compute_loss(
+        self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
+    ):
         """Steps 2 and 3: the training forwards and the method's loss with the components' terms, on the batch
         that `training_step` prepared. A batch mean: the Trainer divides it by the accumulation steps."""
         batch = self._batch
         if batch is None:
-            raise RuntimeError("CURETrainer.compute_loss runs inside CURETrainer.training_step, which crafts the "
-                               "adversarial batch first; call trainer.training_step(model, inputs)")
+            raise RuntimeError(
+                "CURETrainer.compute_loss runs inside CURETrainer.training_step, which crafts the "
+                "adversarial batch first; call trainer.training_step(model, inputs)"
+            )
         if batch.natural:  # efficient variant: clean training until the switch
             z_nat, z_adv = logits_of(model(batch.x)), None
             loss, parts = self.method_loss(LossInputs(batch.labels, z_nat), method=_natural_training())

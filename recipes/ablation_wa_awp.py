@@ -19,6 +19,7 @@ Writes ``ablation_wa_awp.md`` (table: mean and standard deviation over the seeds
 run, every epoch, the summary, the settings) and ``ablation_wa_awp.png`` (clean vs AutoAttack, and robust accuracy
 per epoch) to ``--output_dir``. Seconds per epoch are training only (no evaluation), as measured on this machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ METRICS = ("clean", "pgd", "autoattack", "best_robust", "last_robust", "best_min
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (stage 0, init, data order, attacks)")
     parser.add_argument("--model", default="test_resnet")
@@ -68,14 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epsilon", default="24/255")
     parser.add_argument("--attack_step_size", default="12/255", help="5 steps of eps/2: 2.5 eps in all, as 10 x eps/4")
     parser.add_argument("--attack_steps", type=int, default=5)
-    parser.add_argument("--awp_warmup_epochs", type=float, default=1.0,
-                        help="AWP's warm-up (the reference delays it 10 of 200 epochs)")
+    parser.add_argument(
+        "--awp_warmup_epochs", type=float, default=1.0, help="AWP's warm-up (the reference delays it 10 of 200 epochs)"
+    )
     parser.add_argument("--eval_pgd_steps", type=int, default=20)
     parser.add_argument("--autoattack_examples", type=int, default=100)
     parser.add_argument("--max_train_examples", type=int, default=None)
     parser.add_argument("--max_eval_examples", type=int, default=None, help="test examples (default: all 360)")
-    parser.add_argument("--cpu_threads", type=int, default=0,
-                        help="torch threads on a machine without GPU: 0 = every core available, N pins N")
+    parser.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=0,
+        help="torch threads on a machine without GPU: 0 = every core available, N pins N",
+    )
     parser.add_argument("--output_dir", default="outputs/ablation_wa_awp", help="the table, JSON and plot")
     parser.add_argument("--work_dir", default=None, help="the runs' own folders (default: output_dir/runs)")
     args = parser.parse_args(argv)
@@ -99,16 +106,30 @@ class EpochTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def training_arguments(args, name: str, seed: int, epochs: float, learning_rate: float, overrides: dict,
-                       evaluate_every_epoch: bool) -> CURETrainingArguments:
+def training_arguments(
+    args, name: str, seed: int, epochs: float, learning_rate: float, overrides: dict, evaluate_every_epoch: bool
+) -> CURETrainingArguments:
     return CURETrainingArguments(
-        output_dir=os.path.join(args.work_dir, f"seed{seed}", name), num_train_epochs=epochs,
-        learning_rate=learning_rate, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=360,
-        lr_scheduler_type="cosine", epsilon=args.epsilon, attack_step_size=args.attack_step_size,
-        attack_steps=args.attack_steps, eval_attacks=f"clean,pgd{args.eval_pgd_steps}",
-        eval_pgd_steps=args.eval_pgd_steps, eval_strategy="epoch" if evaluate_every_epoch else "no",
-        save_strategy="no", logging_steps=10, report_to="none", disable_tqdm=True, seed=seed, use_cpu=True,
-        dataloader_num_workers=0, **overrides,
+        output_dir=os.path.join(args.work_dir, f"seed{seed}", name),
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=360,
+        lr_scheduler_type="cosine",
+        epsilon=args.epsilon,
+        attack_step_size=args.attack_step_size,
+        attack_steps=args.attack_steps,
+        eval_attacks=f"clean,pgd{args.eval_pgd_steps}",
+        eval_pgd_steps=args.eval_pgd_steps,
+        eval_strategy="epoch" if evaluate_every_epoch else "no",
+        save_strategy="no",
+        logging_steps=10,
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        **overrides,
     )
 
 
@@ -119,23 +140,41 @@ def run_variant(args, name: str, seed: int, natural: torch.nn.Module, data) -> d
         overrides["awp_warmup_epochs"] = args.awp_warmup_epochs
     training_args = training_arguments(args, name, seed, args.epochs, args.learning_rate, overrides, True)
     timer = EpochTimer()
-    trainer = CURETrainer(copy.deepcopy(natural), training_args, train_dataset=data["train"],
-                          eval_dataset=data["test"], callbacks=[timer])
+    trainer = CURETrainer(
+        copy.deepcopy(natural), training_args, train_dataset=data["train"], eval_dataset=data["test"], callbacks=[timer]
+    )
     trainer.train()
     steps = args.eval_pgd_steps
-    epochs = [{"epoch": e["epoch"], "clean": e["eval_accuracy"], "pgd": e[f"eval_pgd{steps}_accuracy"],
-               "robust": e["eval_robust_accuracy"]} for e in trainer.state.log_history if "eval_robust_accuracy" in e]
+    epochs = [
+        {
+            "epoch": e["epoch"],
+            "clean": e["eval_accuracy"],
+            "pgd": e[f"eval_pgd{steps}_accuracy"],
+            "robust": e["eval_robust_accuracy"],
+        }
+        for e in trainer.state.log_history
+        if "eval_robust_accuracy" in e
+    ]
     overfitting = trainer.robust_overfitting_summary()["eval_robust_accuracy"]
     aa_args = copy.copy(training_args)
     aa_args.eval_attacks, aa_args.eval_max_examples = "clean,autoattack", args.autoattack_examples
     trainer.args = aa_args
     aa = trainer.evaluate(metric_key_prefix="aa")  # the weight average when WA is on, as every evaluation
     row = {
-        "variant": name, "label": label, "seed": seed, "clean": epochs[-1]["clean"], "pgd": epochs[-1]["pgd"],
-        "autoattack": aa["aa_autoattack_accuracy"], "n_autoattack": int(aa["aa_n_examples"]),
-        "best_robust": overfitting["best"], "last_robust": overfitting["last"],
-        "best_minus_last": overfitting["gap"], "seconds_per_epoch": statistics.mean(timer.seconds),
-        "epoch_seconds": timer.seconds, "epochs": epochs, "n_eval": len(data["test"]),
+        "variant": name,
+        "label": label,
+        "seed": seed,
+        "clean": epochs[-1]["clean"],
+        "pgd": epochs[-1]["pgd"],
+        "autoattack": aa["aa_autoattack_accuracy"],
+        "n_autoattack": int(aa["aa_n_examples"]),
+        "best_robust": overfitting["best"],
+        "last_robust": overfitting["last"],
+        "best_minus_last": overfitting["gap"],
+        "seconds_per_epoch": statistics.mean(timer.seconds),
+        "epoch_seconds": timer.seconds,
+        "epochs": epochs,
+        "n_eval": len(data["test"]),
     }
     logger.info("%s seed %d: %s", name, seed, {k: row[k] for k in METRICS})
     return row
@@ -144,15 +183,20 @@ def run_variant(args, name: str, seed: int, natural: torch.nn.Module, data) -> d
 def natural_stage(args, seed: int, data, num_classes: int):
     torch.manual_seed(seed)
     model = create_model(args.model, num_classes, image_size=args.image_size)
-    training_args = training_arguments(args, "natural", seed, args.natural_epochs, args.natural_learning_rate,
-                                       {"adv_method": "clean"}, False)
+    training_args = training_arguments(
+        args, "natural", seed, args.natural_epochs, args.natural_learning_rate, {"adv_method": "clean"}, False
+    )
     trainer = CURETrainer(model, training_args, train_dataset=data["train"], eval_dataset=data["test"])
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate()
-    return model, {"seed": seed, "clean": metrics["eval_accuracy"],
-                   "pgd": metrics[f"eval_pgd{args.eval_pgd_steps}_accuracy"], "seconds": seconds}
+    return model, {
+        "seed": seed,
+        "clean": metrics["eval_accuracy"],
+        "pgd": metrics[f"eval_pgd{args.eval_pgd_steps}_accuracy"],
+        "seconds": seconds,
+    }
 
 
 def summarize(rows: List[dict], variants: List[str]) -> List[dict]:
@@ -162,8 +206,11 @@ def summarize(rows: List[dict], variants: List[str]) -> List[dict]:
         entry = {"variant": name, "label": VARIANTS[name][0]}
         for key in METRICS:
             values = [r[key] for r in runs]
-            entry[key] = {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                          "n": len(values)}
+            entry[key] = {
+                "mean": statistics.mean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values),
+            }
         summary.append(entry)
     return summary
 
@@ -175,13 +222,34 @@ def markdown_table(summary: List[dict], args, n_autoattack: int) -> str:
         m, s = entry[key]["mean"] * scale, entry[key]["std"] * scale
         return f"{m:.{digits}f} ± {s:.{digits}f}"
 
-    header = ["variant", "clean", f"PGD-{steps}", f"AutoAttack (first {n_autoattack})", f"best PGD-{steps}",
-              f"last PGD-{steps}", "best − last", "s / epoch"]
+    header = [
+        "variant",
+        "clean",
+        f"PGD-{steps}",
+        f"AutoAttack (first {n_autoattack})",
+        f"best PGD-{steps}",
+        f"last PGD-{steps}",
+        "best − last",
+        "s / epoch",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for e in summary:
-        lines.append("| " + " | ".join([
-            e["label"], cell(e, "clean"), cell(e, "pgd"), cell(e, "autoattack"), cell(e, "best_robust"),
-            cell(e, "last_robust"), cell(e, "best_minus_last"), cell(e, "seconds_per_epoch", 1.0, 1)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    e["label"],
+                    cell(e, "clean"),
+                    cell(e, "pgd"),
+                    cell(e, "autoattack"),
+                    cell(e, "best_robust"),
+                    cell(e, "last_robust"),
+                    cell(e, "best_minus_last"),
+                    cell(e, "seconds_per_epoch", 1.0, 1),
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -193,8 +261,15 @@ def plot(summary: List[dict], rows: List[dict], path: str, title: str) -> str:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for e in summary:
-        left.errorbar(100 * e["clean"]["mean"], 100 * e["autoattack"]["mean"], xerr=100 * e["clean"]["std"],
-                      yerr=100 * e["autoattack"]["std"], fmt="o", capsize=3, label=e["label"])
+        left.errorbar(
+            100 * e["clean"]["mean"],
+            100 * e["autoattack"]["mean"],
+            xerr=100 * e["clean"]["std"],
+            yerr=100 * e["autoattack"]["std"],
+            fmt="o",
+            capsize=3,
+            label=e["label"],
+        )
     left.set_xlabel("clean accuracy (%)")
     left.set_ylabel("AutoAttack accuracy (%)")
     left.set_title("final model (mean ± std over seeds)")
@@ -230,9 +305,13 @@ def main(argv=None) -> List[dict]:
     wall = time.perf_counter()
     rows, naturals = [], []
     for seed in seeds:
-        data, num_classes = load_image_dataset("digits", image_size=args.image_size, seed=seed,
-                                               max_train_samples=args.max_train_examples,
-                                               max_eval_samples=args.max_eval_examples)
+        data, num_classes = load_image_dataset(
+            "digits",
+            image_size=args.image_size,
+            seed=seed,
+            max_train_samples=args.max_train_examples,
+            max_eval_samples=args.max_eval_examples,
+        )
         natural, natural_row = natural_stage(args, seed, data, num_classes)
         naturals.append(natural_row)
         logger.info("stage 0, seed %d: %s", seed, natural_row)
@@ -255,10 +334,24 @@ def main(argv=None) -> List[dict]:
     with open(os.path.join(args.output_dir, "ablation_wa_awp.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + setup + "\n")
     with open(os.path.join(args.output_dir, "ablation_wa_awp.json"), "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "runs": rows, "natural": naturals, "settings": vars(args),
-                   "wall_seconds": wall, "command": command.strip()}, f, indent=2)
-    path = plot(summary, rows, os.path.join(args.output_dir, "ablation_wa_awp.png"),
-                f"digits / {args.model}, eps {args.epsilon}: WA and AWP on CURE and TRADES")
+        json.dump(
+            {
+                "summary": summary,
+                "runs": rows,
+                "natural": naturals,
+                "settings": vars(args),
+                "wall_seconds": wall,
+                "command": command.strip(),
+            },
+            f,
+            indent=2,
+        )
+    path = plot(
+        summary,
+        rows,
+        os.path.join(args.output_dir, "ablation_wa_awp.png"),
+        f"digits / {args.model}, eps {args.epsilon}: WA and AWP on CURE and TRADES",
+    )
     print("\n" + table + "\n\n" + setup + f"\nwritten: {args.output_dir}/ablation_wa_awp.md, .json, {path}")
     return rows
 

@@ -17,6 +17,7 @@ separate the methods). Writes ``results.md`` (Markdown table), ``results.json`` 
 and ``tradeoff.png`` (the means) to ``--output_dir``.
 A YAML/JSON file of these flags given first (or as ``--config FILE``) works too; flags after it override it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,14 +48,15 @@ METHODS: Dict[str, tuple] = {
     "mart": ("MART (beta 6)", {"adv_method": "mart", "trades_beta": 6.0}),
     "fgsm_rs": ("FGSM-RS", {"adv_method": "fgsm_rs"}),
     "cure": ("CURE (released code)", {"adv_method": "cure"}),
-    "cure_paper": ("CURE (paper variant)", {"adv_method": "cure", "prominence": "paper",
-                                            "revision_rate_schedule": "linear"}),
+    "cure_paper": (
+        "CURE (paper variant)",
+        {"adv_method": "cure", "prominence": "paper", "revision_rate_schedule": "linear"},
+    ),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ConfigArgumentParser(description=__doc__.split("\n\n")[0],
-                                  formatter_class=argparse.RawTextHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--dataset_name", default="digits", help="'digits' (embedded), a Hub id or 'imagefolder'")
     parser.add_argument("--train_dir", default=None, help="imagefolder: training images")
@@ -64,8 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--natural_epochs", type=float, default=8, help="stage 0 epochs (the 'clean' row)")
     parser.add_argument("--epochs", type=float, default=4, help="epochs of every adversarial method")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--learning_rate", type=float, default=0.05,
-                        help="every adversarial method (SGD, momentum 0.9)")
+    parser.add_argument(
+        "--learning_rate", type=float, default=0.05, help="every adversarial method (SGD, momentum 0.9)"
+    )
     parser.add_argument("--natural_learning_rate", type=float, default=0.1)
     parser.add_argument("--epsilon", default="24/255", help="training and evaluation budget (L-inf, pixels in [0, 1])")
     parser.add_argument("--attack_steps", type=int, default=5, help="training attack steps (the paper: 10)")
@@ -76,8 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--autoattack_examples", type=int, default=100)
     parser.add_argument("--from_scratch", action="store_true", help="no shared stage 0: each method from the same init")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds; the comparison runs once per seed")
-    parser.add_argument("--cpu_threads", type=int, default=0,
-                        help="torch threads on a machine without GPU: 0 = every core available, N pins N")
+    parser.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=0,
+        help="torch threads on a machine without GPU: 0 = every core available, N pins N",
+    )
     parser.add_argument("--output_dir", default="outputs/compare_methods")
     args = parser.parse_args_and_config(argv)[0]
     unknown = [m for m in args.methods.split(",") if m not in METHODS]
@@ -92,20 +99,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def training_arguments(args, name: str, overrides: dict, epochs: float, learning_rate: float,
-                       seed: int) -> CURETrainingArguments:
+def training_arguments(
+    args, name: str, overrides: dict, epochs: float, learning_rate: float, seed: int
+) -> CURETrainingArguments:
     return CURETrainingArguments(
-        output_dir=os.path.join(args.output_dir, f"seed{seed}", name), num_train_epochs=epochs, learning_rate=learning_rate,
-        per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=256, lr_scheduler_type="cosine",
-        epsilon=args.epsilon, attack_step_size=args.attack_step_size, attack_steps=args.attack_steps,
-        eval_attacks=f"clean,pgd{args.eval_pgd_steps}", eval_pgd_steps=args.eval_pgd_steps,
-        eval_max_examples=args.max_eval_examples, logging_steps=10, eval_strategy="no", save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=seed, **overrides,
+        output_dir=os.path.join(args.output_dir, f"seed{seed}", name),
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=256,
+        lr_scheduler_type="cosine",
+        epsilon=args.epsilon,
+        attack_step_size=args.attack_step_size,
+        attack_steps=args.attack_steps,
+        eval_attacks=f"clean,pgd{args.eval_pgd_steps}",
+        eval_pgd_steps=args.eval_pgd_steps,
+        eval_max_examples=args.max_eval_examples,
+        logging_steps=10,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        **overrides,
     )
 
 
-def run_method(args, name: str, model: torch.nn.Module, data, epochs: float, learning_rate: float,
-               seed: int) -> dict:
+def run_method(args, name: str, model: torch.nn.Module, data, epochs: float, learning_rate: float, seed: int) -> dict:
     label, overrides = METHODS[name]
     training_args = training_arguments(args, name, overrides, epochs, learning_rate, seed)
     trainer = CURETrainer(model, training_args, train_dataset=data["train"], eval_dataset=data["test"])
@@ -114,10 +134,14 @@ def run_method(args, name: str, model: torch.nn.Module, data, epochs: float, lea
     seconds = time.time() - start
     metrics = trainer.evaluate()
     row = {
-        "method": name, "label": label, "epochs": epochs, "seed": seed,
+        "method": name,
+        "label": label,
+        "epochs": epochs,
+        "seed": seed,
         "clean": metrics["eval_accuracy"],
         f"pgd{args.eval_pgd_steps}": metrics[f"eval_pgd{args.eval_pgd_steps}_accuracy"],
-        "seconds_per_epoch": seconds / epochs, "n_eval": int(metrics["eval_n_examples"]),
+        "seconds_per_epoch": seconds / epochs,
+        "n_eval": int(metrics["eval_n_examples"]),
     }
     if args.autoattack:
         aa_args = copy.copy(training_args)
@@ -135,8 +159,12 @@ def summarize(rows: List[dict], pgd_key: str) -> List[dict]:
     summary = []
     for name in dict.fromkeys(r["method"] for r in rows):
         runs = [r for r in rows if r["method"] == name]
-        row = {"method": name, "label": runs[0]["label"], "seeds": [r["seed"] for r in runs],
-               "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in runs)}
+        row = {
+            "method": name,
+            "label": runs[0]["label"],
+            "seeds": [r["seed"] for r in runs],
+            "seconds_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in runs),
+        }
         for key in ("clean", pgd_key, "autoattack"):
             values = [r[key] for r in runs if key in r]
             if values:
@@ -150,8 +178,11 @@ def summarize(rows: List[dict], pgd_key: str) -> List[dict]:
 def markdown_table(rows: List[dict], args) -> str:
     """Rows of :func:`summarize` (or single runs): accuracies in %, "mean [min, max]" when over several seeds."""
     steps = args.eval_pgd_steps
-    header = ["method", "clean acc", f"PGD-{steps} acc"] + (["AutoAttack acc"] if args.autoattack else []) + \
-        ["seconds / epoch"]
+    header = (
+        ["method", "clean acc", f"PGD-{steps} acc"]
+        + (["AutoAttack acc"] if args.autoattack else [])
+        + ["seconds / epoch"]
+    )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cell(r, key):
@@ -205,8 +236,13 @@ def main(argv=None) -> List[dict]:
     for seed in args.seed_list:
         # the test examples are the same for every seed (max_eval_examples keeps the first ones)
         data, num_classes = load_image_dataset(
-            args.dataset_name, image_size=args.image_size, train_dir=args.train_dir, test_dir=args.test_dir,
-            max_eval_samples=args.max_eval_examples, seed=seed)
+            args.dataset_name,
+            image_size=args.image_size,
+            train_dir=args.train_dir,
+            test_dir=args.test_dir,
+            max_eval_samples=args.max_eval_examples,
+            seed=seed,
+        )
         runs.extend(compare_once(args, seed, data, num_classes))
     wall = time.time() - wall
     pgd_key = f"pgd{args.eval_pgd_steps}"
@@ -215,22 +251,40 @@ def main(argv=None) -> List[dict]:
     from cure_hf.plots import plot_robustness_tradeoff
 
     table = markdown_table(rows, args)
-    start = ("each method from the same initialisation" if args.from_scratch else
-             f"stage 0: {args.natural_epochs:g} natural epochs, then {args.epochs:g} epochs per method from its weights")
+    start = (
+        "each method from the same initialisation"
+        if args.from_scratch
+        else f"stage 0: {args.natural_epochs:g} natural epochs, then {args.epochs:g} epochs per method from its weights"
+    )
     seeds = ", ".join(map(str, args.seed_list))
-    setup = (f"{args.dataset_name} at {args.image_size}x{args.image_size}, model {args.model}, eps {args.epsilon} "
-             f"(L-inf), training attack {args.attack_steps} steps of {args.attack_step_size}; {start}; "
-             f"{runs[-1]['n_eval']} test examples; seeds {seeds}"
-             + (" (mean [min, max] over the seeds)" if len(args.seed_list) > 1 else "")
-             + f"; total wall time {wall:.0f} s")
+    setup = (
+        f"{args.dataset_name} at {args.image_size}x{args.image_size}, model {args.model}, eps {args.epsilon} "
+        f"(L-inf), training attack {args.attack_steps} steps of {args.attack_step_size}; {start}; "
+        f"{runs[-1]['n_eval']} test examples; seeds {seeds}"
+        + (" (mean [min, max] over the seeds)" if len(args.seed_list) > 1 else "")
+        + f"; total wall time {wall:.0f} s"
+    )
     with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
         f.write(table + "\n\n" + setup + "\n")
     with open(os.path.join(args.output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump({"rows": rows, "runs": runs, "setup": {k: v for k, v in vars(args).items() if k != "seed_list"},
-                   "seeds": args.seed_list, "wall_seconds": wall}, f, indent=2)
-    plot = plot_robustness_tradeoff(rows, os.path.join(args.output_dir, "tradeoff.png"), robust_key=pgd_key,
-                                    title=f"{args.dataset_name} / {args.model}, eps {args.epsilon}: clean vs "
-                                          f"PGD-{args.eval_pgd_steps} (mean over seeds {seeds})")
+        json.dump(
+            {
+                "rows": rows,
+                "runs": runs,
+                "setup": {k: v for k, v in vars(args).items() if k != "seed_list"},
+                "seeds": args.seed_list,
+                "wall_seconds": wall,
+            },
+            f,
+            indent=2,
+        )
+    plot = plot_robustness_tradeoff(
+        rows,
+        os.path.join(args.output_dir, "tradeoff.png"),
+        robust_key=pgd_key,
+        title=f"{args.dataset_name} / {args.model}, eps {args.epsilon}: clean vs "
+        f"PGD-{args.eval_pgd_steps} (mean over seeds {seeds})",
+    )
     print("\n" + table + "\n\n" + setup + f"\nwritten: {args.output_dir}/results.md, results.json, {plot}")
     return rows
 

@@ -10,6 +10,7 @@ Each run is its own subprocess (`accelerate launch`, or `python` with ``--launch
 writes ``<output_dir>/main_job_grid.json`` and prints a table with the median and the range (max - min) of each
 column. Runs are sequential: on a CPU machine two at a time would only fight for the cores and distort the times.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,18 @@ def _command(seed: int, threads: int, run_dir: str, extra_args: Sequence[str], l
         head = [sys.executable]
     else:
         raise ValueError(f"launcher={launcher!r}: allowed 'accelerate' or 'python'")
-    return head + [TRAIN_VIT, *extra_args, "--seed", str(seed), "--cpu_threads", str(threads),
-                   "--output_dir", run_dir, "--disable_tqdm", "true"]
+    return head + [
+        TRAIN_VIT,
+        *extra_args,
+        "--seed",
+        str(seed),
+        "--cpu_threads",
+        str(threads),
+        "--output_dir",
+        run_dir,
+        "--disable_tqdm",
+        "true",
+    ]
 
 
 def _row(seed: int, threads: int, results: dict, wall: float, load: tuple) -> dict:
@@ -50,11 +61,17 @@ def _row(seed: int, threads: int, results: dict, wall: float, load: tuple) -> di
     natural, final = results.get("natural", {}), results.get(final_name, {})
     pgd = lambda m: next((v for k, v in m.items() if k.startswith("eval_pgd") and k.endswith("_accuracy")), None)
     return {
-        "seed": seed, "threads": threads, "method": final_name,
-        "stage0_clean": natural.get("eval_accuracy"), "stage0_pgd": pgd(natural),
-        "final_clean": final.get("eval_accuracy"), "final_pgd": pgd(final),
-        "stage0_train_seconds": natural.get("train_seconds"), "final_train_seconds": final.get("train_seconds"),
-        "wall_seconds": wall, "load_average_before_after": load,
+        "seed": seed,
+        "threads": threads,
+        "method": final_name,
+        "stage0_clean": natural.get("eval_accuracy"),
+        "stage0_pgd": pgd(natural),
+        "final_clean": final.get("eval_accuracy"),
+        "final_pgd": pgd(final),
+        "stage0_train_seconds": natural.get("train_seconds"),
+        "final_train_seconds": final.get("train_seconds"),
+        "wall_seconds": wall,
+        "load_average_before_after": load,
     }
 
 
@@ -64,10 +81,17 @@ def summarize(runs: Iterable[dict], columns: Sequence[str] = tuple(c for c, _ in
     summary = {}
     for column in columns:
         values = [r[column] for r in runs if r.get(column) is not None]
-        summary[column] = None if not values else {
-            "median": statistics.median(values), "min": min(values), "max": max(values),
-            "range": max(values) - min(values), "n": len(values),
-        }
+        summary[column] = (
+            None
+            if not values
+            else {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "range": max(values) - min(values),
+                "n": len(values),
+            }
+        )
     return summary
 
 
@@ -84,8 +108,13 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_main_job_grid(seeds: Sequence[int], threads: Sequence[int], out_dir: str, extra_args: Sequence[str] = (),
-                      launcher: str = "accelerate") -> dict:
+def run_main_job_grid(
+    seeds: Sequence[int],
+    threads: Sequence[int],
+    out_dir: str,
+    extra_args: Sequence[str] = (),
+    launcher: str = "accelerate",
+) -> dict:
     """Run the main job once per (seed, threads), one after the other; return and save the report.
 
     The report: ``runs`` (one dict per run: seed, threads, stage0_clean, stage0_pgd, final_clean, final_pgd,
@@ -104,22 +133,34 @@ def run_main_job_grid(seeds: Sequence[int], threads: Sequence[int], out_dir: str
             load_before = os.getloadavg()[0]
             start = time.time()
             with open(os.path.join(run_dir, "run.log"), "w") as log:
-                done = subprocess.run(command, env=dict(env, OMP_NUM_THREADS=str(n)), stdout=log,
-                                      stderr=subprocess.STDOUT, cwd=ROOT)
+                done = subprocess.run(
+                    command, env=dict(env, OMP_NUM_THREADS=str(n)), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+                )
             wall = time.time() - start
             if done.returncode != 0:
-                raise RuntimeError(f"run seed={seed} threads={n} failed (exit {done.returncode}); see "
-                                   f"{os.path.join(run_dir, 'run.log')}")
+                raise RuntimeError(
+                    f"run seed={seed} threads={n} failed (exit {done.returncode}); see "
+                    f"{os.path.join(run_dir, 'run.log')}"
+                )
             with open(os.path.join(run_dir, "results.json")) as f:
                 runs.append(_row(seed, n, json.load(f), wall, (load_before, os.getloadavg()[0])))
-            print(f"seed {seed} threads {n}: " + ", ".join(
-                f"{k} {runs[-1][k]:.4f}" for k, _ in COLUMNS[:-1] if runs[-1][k] is not None) + f", {wall:.0f} s",
-                flush=True)
+            print(
+                f"seed {seed} threads {n}: "
+                + ", ".join(f"{k} {runs[-1][k]:.4f}" for k, _ in COLUMNS[:-1] if runs[-1][k] is not None)
+                + f", {wall:.0f} s",
+                flush=True,
+            )
     report = {
-        "command": f"{launcher} recipes/train_vit.py {' '.join(extra_args)} --seed S --cpu_threads T".replace("  ", " "),
-        "seeds": list(seeds), "threads": list(threads), "extra_args": list(extra_args),
-        "cpu_count": os.cpu_count(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "runs": runs, "summary": summarize(runs),
+        "command": f"{launcher} recipes/train_vit.py {' '.join(extra_args)} --seed S --cpu_threads T".replace(
+            "  ", " "
+        ),
+        "seeds": list(seeds),
+        "threads": list(threads),
+        "extra_args": list(extra_args),
+        "cpu_count": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "runs": runs,
+        "summary": summarize(runs),
     }
     with open(os.path.join(out_dir, "main_job_grid.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -128,8 +169,8 @@ def run_main_job_grid(seeds: Sequence[int], threads: Sequence[int], out_dir: str
 
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--threads", default="1,2", help="comma-separated CPU thread counts")

@@ -23,6 +23,7 @@ Resuming (``--resume_from_checkpoint``; the runs need ``save_strategy`` "steps" 
   ``<output_dir>/stage0_natural/checkpoint-N`` resumes stage 0, then runs the method. With a stage 0, a
   checkpoint anywhere else is refused (the recipe cannot tell which stage it belongs to).
 """
+
 import json
 import logging
 import os
@@ -51,8 +52,9 @@ class NaturalStageArguments:
     natural_epochs: float = field(default=0.0, metadata={"help": "Natural epochs before the method (0: none)."})
     natural_optim: str = field(default="adamw_torch", metadata={"help": "Stage-0 optimizer."})
     natural_learning_rate: float = field(default=1e-3, metadata={"help": "Stage-0 learning rate."})
-    natural_warmup_steps: float = field(default=0.1, metadata={
-        "help": "Stage-0 linear warm-up: steps, or a fraction of the stage's steps when < 1."})
+    natural_warmup_steps: float = field(
+        default=0.1, metadata={"help": "Stage-0 linear warm-up: steps, or a fraction of the stage's steps when < 1."}
+    )
     natural_weight_decay: float = field(default=0.05, metadata={"help": "Stage-0 weight decay."})
     natural_max_grad_norm: float = field(default=1.0, metadata={"help": "Stage-0 gradient clipping (0: none)."})
 
@@ -65,20 +67,20 @@ RECIPE_DEFAULTS = dict(
     image_size=32,
     patch_size=8,
     output_dir="outputs/train_vit",
-    augment="crop",                 # random 4-pixel shifts, no flip (a mirrored digit is another symbol)
+    augment="crop",  # random 4-pixel shifts, no flip (a mirrored digit is another symbol)
     adv_method="cure",
-    natural_epochs=100,             # stage 0: AdamW 1e-3, 10% warm-up, cosine, clipping (NaturalStageArguments)
+    natural_epochs=100,  # stage 0: AdamW 1e-3, 10% warm-up, cosine, clipping (NaturalStageArguments)
     num_train_epochs=20,
     per_device_train_batch_size=64,
     per_device_eval_batch_size=180,
-    optim="adamw_torch",            # a ViT trains with AdamW; the paper's ResNets use SGD (the configs for them do)
+    optim="adamw_torch",  # a ViT trains with AdamW; the paper's ResNets use SGD (the configs for them do)
     learning_rate=2e-3,
     weight_decay=0.05,
     max_grad_norm=1.0,
     lr_scheduler_type="cosine",
     warmup_steps=0.1,
-    revision_decay=0.95,            # r = 0.2 kept: horizon 1 / (r (1 - d)) = 100 of the run's 460 steps
-    label_smoothing_factor=0.1,     # both stages, every CE term: steadier runs (docs/recipes.md)
+    revision_decay=0.95,  # r = 0.2 kept: horizon 1 / (r (1 - d)) = 100 of the run's 460 steps
+    label_smoothing_factor=0.1,  # both stages, every CE term: steadier runs (docs/recipes.md)
     logging_steps=10,
     eval_strategy="no",
     save_strategy="no",
@@ -154,21 +156,27 @@ def plan_resume(resume_from_checkpoint, output_dir, two_stages):
         if stage0 is not None:
             return ResumePlan(True, stage0, None)
         searched = f"{output_dir} or {stage0_dir}" if two_stages else output_dir
-        raise ValueError(f"resume_from_checkpoint=True: no checkpoint-<step> folder in {searched}. Set save_strategy "
-                         "('steps' or 'epoch') so that runs write checkpoints, or start without "
-                         "--resume_from_checkpoint")
+        raise ValueError(
+            f"resume_from_checkpoint=True: no checkpoint-<step> folder in {searched}. Set save_strategy "
+            "('steps' or 'epoch') so that runs write checkpoints, or start without "
+            "--resume_from_checkpoint"
+        )
     path = str(resume_from_checkpoint)
     if not os.path.isdir(path):
-        raise ValueError(f"resume_from_checkpoint={path!r} is not a folder: give a checkpoint-<step> folder of "
-                         f"{output_dir} (or of {stage0_dir}), or True for the latest one")
+        raise ValueError(
+            f"resume_from_checkpoint={path!r} is not a folder: give a checkpoint-<step> folder of "
+            f"{output_dir} (or of {stage0_dir}), or True for the latest one"
+        )
     parent = os.path.realpath(os.path.dirname(os.path.normpath(path)))
     if not two_stages or parent == os.path.realpath(output_dir):
         return ResumePlan(False, None, path)
     if parent == os.path.realpath(stage0_dir):
         return ResumePlan(True, path, None)
-    raise ValueError(f"resume_from_checkpoint={path!r} is neither in {output_dir} (the method) nor in {stage0_dir} "
-                     "(stage 0), so the recipe cannot tell which stage it resumes. Give a checkpoint of one of those "
-                     "folders, or --natural_epochs 0 to resume the method alone from it")
+    raise ValueError(
+        f"resume_from_checkpoint={path!r} is neither in {output_dir} (the method) nor in {stage0_dir} "
+        "(stage 0), so the recipe cannot tell which stage it resumes. Give a checkpoint of one of those "
+        "folders, or --natural_epochs 0 to resume the method alone from it"
+    )
 
 
 def train_stage(model, args, data, name, dataset_name, resume_from_checkpoint=None):
@@ -192,45 +200,68 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     if training_args.device.type == "cpu":  # accelerate launch writes OMP_NUM_THREADS=1 on a machine without GPU
-        logger.info("training on CPU with %d torch threads",
-                    use_available_cpu_threads(model_args.cpu_threads, training_args.device))
+        logger.info(
+            "training on CPU with %d torch threads",
+            use_available_cpu_threads(model_args.cpu_threads, training_args.device),
+        )
     set_seed(training_args.seed)
     two_stages = stage_args.natural_epochs > 0 and training_args.adv_method != "clean"
     plan = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir, two_stages)
 
     data, num_classes = load_image_dataset(
-        data_args.dataset_name, image_size=model_args.image_size, augment=data_args.augment,
-        config_name=data_args.dataset_config_name, train_dir=data_args.train_dir, test_dir=data_args.test_dir,
-        train_split=data_args.train_split, test_split=data_args.test_split,
-        image_column=data_args.image_column, label_column=data_args.label_column,
-        max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
+        data_args.dataset_name,
+        image_size=model_args.image_size,
+        augment=data_args.augment,
+        config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        test_dir=data_args.test_dir,
+        train_split=data_args.train_split,
+        test_split=data_args.test_split,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
         seed=training_args.seed,
     )
     # A folder (e.g. a stage-0 output_dir) or hub id carries weights: load them unless told otherwise.
     model = create_model(
-        model_args.model_name_or_path, num_classes, pretrained=model_args.pretrained or None,
-        image_size=model_args.image_size, patch_size=model_args.patch_size,
+        model_args.model_name_or_path,
+        num_classes,
+        pretrained=model_args.pretrained or None,
+        image_size=model_args.image_size,
+        patch_size=model_args.patch_size,
     )
     set_preprocessing(data, model)  # pixels as the model's own preprocessing (and its saved folder) make them
 
     results = {}
     if plan.run_stage0:
         natural_args = training_args.for_method(
-            "clean", num_train_epochs=stage_args.natural_epochs,
-            optim=stage_args.natural_optim, learning_rate=stage_args.natural_learning_rate, max_steps=-1,
-            warmup_steps=stage_args.natural_warmup_steps, weight_decay=stage_args.natural_weight_decay,
+            "clean",
+            num_train_epochs=stage_args.natural_epochs,
+            optim=stage_args.natural_optim,
+            learning_rate=stage_args.natural_learning_rate,
+            max_steps=-1,
+            warmup_steps=stage_args.natural_warmup_steps,
+            weight_decay=stage_args.natural_weight_decay,
             max_grad_norm=stage_args.natural_max_grad_norm,
             # (for_method: the method's own settings and components belong to the method's stage)
-            output_dir=os.path.join(training_args.output_dir, STAGE0_DIR), push_to_hub=False,
+            output_dir=os.path.join(training_args.output_dir, STAGE0_DIR),
+            push_to_hub=False,
         )
-        _, results["natural"] = train_stage(model, natural_args, data, STAGE0_DIR, data_args.dataset_name,
-                                            resume_from_checkpoint=plan.stage0_checkpoint)
+        _, results["natural"] = train_stage(
+            model, natural_args, data, STAGE0_DIR, data_args.dataset_name, resume_from_checkpoint=plan.stage0_checkpoint
+        )
     elif two_stages:
         logger.info("resuming the method from %s: stage 0 is finished, skipped", plan.method_checkpoint)
 
     trainer, results[training_args.adv_method] = train_stage(
-        model, training_args, data, training_args.adv_method, data_args.dataset_name,
-        resume_from_checkpoint=plan.method_checkpoint)
+        model,
+        training_args,
+        data,
+        training_args.adv_method,
+        data_args.dataset_name,
+        resume_from_checkpoint=plan.method_checkpoint,
+    )
     trainer.save_model()
 
     if trainer.is_world_process_zero():
@@ -243,9 +274,11 @@ def main(argv=None):
             robust = m.get(f"{prefix}pgd{steps}_accuracy")  # absent when eval_attacks has no pgd
             robust = f"{robust:>14.4f}" if robust is not None else f"{'-':>14}"
             print(f"{stage:<18}{m[prefix + 'accuracy']:>12.4f}{robust}{m['train_seconds']:>10.1f}")
-        print(f"eps = {training_args.resolved_eval_epsilon:.5f} (L-inf, pixels in [0, 1]); "
-              f"{results[training_args.adv_method][prefix + 'n_examples']} test examples; model saved to "
-              f"{training_args.output_dir}")
+        print(
+            f"eps = {training_args.resolved_eval_epsilon:.5f} (L-inf, pixels in [0, 1]); "
+            f"{results[training_args.adv_method][prefix + 'n_examples']} test examples; model saved to "
+            f"{training_args.output_dir}"
+        )
         print("=" * 64)
         with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)

@@ -4,6 +4,7 @@ Two micro-batches of 8 with gradient_accumulation_steps=2 must give the same mas
 (a model without BatchNorm, so a micro-batch computes what its half of the big batch computes). Masking each
 micro-batch's gradient separately would not: the quantile of a sum is not the sum of the quantiles.
 """
+
 import pytest
 import torch
 
@@ -21,17 +22,27 @@ def train_subset():
     return train
 
 
-
-
 def _train(tiny_model, data, tmp_path, batch, accumulation, **fields):
     args = CURETrainingArguments(
-        output_dir=str(tmp_path / f"b{batch}a{accumulation}"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, max_steps=STEPS, attack_steps=2, learning_rate=0.05,
-        revision_rate=1.0, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, **fields,
+        output_dir=str(tmp_path / f"b{batch}a{accumulation}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=STEPS,
+        attack_steps=2,
+        learning_rate=0.05,
+        revision_rate=1.0,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        **fields,
     )
     trainer = CURETrainer(model=tiny_model("test_vit"), args=args, train_dataset=data)
     calls = []
-    conserve = trainer.component("conservation").before_optimizer_step  # the optimizer pre-step hook calls it through the instance
+    conserve = trainer.component(
+        "conservation"
+    ).before_optimizer_step  # the optimizer pre-step hook calls it through the instance
 
     def counted(*hook_args):
         calls.append(sum(float(p.grad.abs().sum()) for p in trainer.component("conservation").maskable_parameters()))
@@ -44,8 +55,9 @@ def _train(tiny_model, data, tmp_path, batch, accumulation, **fields):
 
 
 @pytest.mark.parametrize("prominence,conservation", [("loss", "soft"), ("paper", "hard")])
-def test_two_micro_batches_match_one_batch_of_twice_the_size(tiny_model, train_subset, tmp_path, one_thread,
-                                                             prominence, conservation):
+def test_two_micro_batches_match_one_batch_of_twice_the_size(
+    tiny_model, train_subset, tmp_path, one_thread, prominence, conservation
+):
     fields = dict(adv_method="cure", prominence=prominence, conservation=conservation)
     accumulated, accumulated_calls = _train(tiny_model, train_subset, tmp_path, 8, 2, **fields)
     big, big_calls = _train(tiny_model, train_subset, tmp_path, 16, 1, **fields)

@@ -8,6 +8,7 @@ whose message names the field. None may pass silently.
 The wrong values are derived here from the annotations, independently of `cure_hf.argument_types`; only the fields
 documented to take more than their annotation says are listed (DOCUMENTED_EXTRA_KINDS).
 """
+
 import dataclasses
 import enum
 import glob
@@ -90,8 +91,15 @@ RANGES = {
 }
 # What a field's range check needs around it to run (else another check refuses the value first).
 CONTEXT = {"awp_warmup_epochs": {"awp_gamma": True}}
-TEXT_NUMBER_FIELDS = {"epsilon", "attack_step_size", "eval_epsilon", "eval_step_size", "weight_averaging",
-                      "awp_gamma", "lr_step_epochs"}  # documented to take numbers written as text too
+TEXT_NUMBER_FIELDS = {
+    "epsilon",
+    "attack_step_size",
+    "eval_epsilon",
+    "eval_step_size",
+    "weight_averaging",
+    "awp_gamma",
+    "lr_step_epochs",
+}  # documented to take numbers written as text too
 
 TRAINING_FIELDS = {f.name for f in dataclasses.fields(TrainingArguments)}
 CURE_FIELDS = [f.name for f in dataclasses.fields(CURETrainingArguments) if f.init]
@@ -133,7 +141,7 @@ def accepted_kinds(name: str, hints: dict) -> set:
     return kinds(hints[name]) | DOCUMENTED_EXTRA_KINDS.get(name, set())
 
 
-SCALARS = st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False), st.text(max_size=5), st.booleans())
+SCALARS = st.one_of(st.integers(-(10**6), 10**6), st.floats(allow_nan=False), st.text(max_size=5), st.booleans())
 
 
 def wrong_values(accepted: set):
@@ -146,22 +154,28 @@ def wrong_values(accepted: set):
     if "bool" not in accepted:
         options.append(st.just(True) if "false" in accepted else st.booleans())
     if "int" not in accepted:
-        options.append(st.integers(-10**12, 10**12))
+        options.append(st.integers(-(10**12), 10**12))
     if "float" not in accepted:
         # an int field refuses every float, 3.0 included; a bool or str field too
         options.append(st.floats(allow_nan=True, allow_infinity=True))
     if "str" not in accepted:
-        options.append(st.one_of(
-            st.text(max_size=8),
-            st.sampled_from(["0.3", "3", "8/255", "1e-3", "true", "false", "none", "[1]"]),
-            st.integers(-1000, 1000).map(str), st.floats(allow_nan=False).map(repr),
-        ))
+        options.append(
+            st.one_of(
+                st.text(max_size=8),
+                st.sampled_from(["0.3", "3", "8/255", "1e-3", "true", "false", "none", "[1]"]),
+                st.integers(-1000, 1000).map(str),
+                st.floats(allow_nan=False).map(repr),
+            )
+        )
     if not accepted & {"list", "list[str]", "list[int]"}:
         options.append(st.lists(SCALARS, max_size=3))
     elif "list" not in accepted:
         # a list with at least one item of a wrong type
-        bad_item = st.one_of(st.integers(), st.floats(), st.booleans(), st.none()) if "list[str]" in accepted \
+        bad_item = (
+            st.one_of(st.integers(), st.floats(), st.booleans(), st.none())
+            if "list[str]" in accepted
             else st.one_of(st.text(max_size=3), st.floats(), st.booleans(), st.none())
+        )
         options.append(st.tuples(st.lists(SCALARS, max_size=2), bad_item).map(lambda t: [*t[0], t[1]]))
     if "dict" not in accepted:
         options.append(st.dictionaries(st.text(max_size=3), SCALARS, max_size=2))
@@ -242,8 +256,10 @@ def test_every_own_numeric_field_refuses_out_of_range_values(name, data):
         assert_refused(lambda: RobustEvaluationArguments(**{name: value}), name, value)
 
 
-@pytest.mark.parametrize("name", [n for n in CURE_FIELDS if "float" in kinds(CURE_HINTS[n])
-                                  or DOCUMENTED_EXTRA_KINDS.get(n, set()) & {"float"}])
+@pytest.mark.parametrize(
+    "name",
+    [n for n in CURE_FIELDS if "float" in kinds(CURE_HINTS[n]) or DOCUMENTED_EXTRA_KINDS.get(n, set()) & {"float"}],
+)
 def test_nan_is_refused_in_every_number_field(name):
     # NaN compares false with every bound, so it would pass `low <= value <= high` checks written as `not (...)`.
     assert_refused(lambda: CURETrainingArguments(**{**BASE, name: math.nan}), name, math.nan)
@@ -265,8 +281,9 @@ def test_conserve_fraction_as_text_names_the_field_and_the_fix():
     with pytest.raises(TypeError) as error:
         CURETrainingArguments(**BASE, conserve_fraction="0.3")
     message = str(error.value)
-    assert message.startswith("conserve_fraction='0.3' is a str; expected a number (float), e.g. "
-                              "conserve_fraction=0.3"), message
+    assert message.startswith(
+        "conserve_fraction='0.3' is a str; expected a number (float), e.g. conserve_fraction=0.3"
+    ), message
     assert "quotes" in message
     assert isinstance(error.value, ValueError)  # also a ValueError, as every other invalid argument
 
@@ -319,8 +336,15 @@ def test_a_yaml_config_with_correct_types_constructs():
     args = CURETrainingArguments(output_dir=OUTPUT_DIR, use_cpu=True, **values)
     assert args.epsilon == pytest.approx(8 / 255) and args.attack_steps == 10 and args.head_modules == ["fc"]
     assert args.weight_averaging_decay == 0.999 and args.resolved_awp_gamma == 5e-3
-    json_args = CURETrainingArguments(output_dir=OUTPUT_DIR, use_cpu=True, epsilon=0.0314, eval_epsilon=0,
-                                      weight_averaging=0.998, lr_step_epochs=100, conserve_fraction=0)
+    json_args = CURETrainingArguments(
+        output_dir=OUTPUT_DIR,
+        use_cpu=True,
+        epsilon=0.0314,
+        eval_epsilon=0,
+        weight_averaging=0.998,
+        lr_step_epochs=100,
+        conserve_fraction=0,
+    )
     assert json_args.lr_step_milestones == [100.0] and json_args.weight_averaging_decay == 0.998
     assert dataclasses.replace(args, output_dir=OUTPUT_DIR + "_copy").attack_steps == 10  # converted values pass
 

@@ -1,10 +1,10 @@
 """`attack_warmup_epochs`: the training attack's eps and step grow linearly from 0 over the first epochs."""
+
 import copy
-import dataclasses
 
 import pytest
-
 from conftest import make_tiny_model
+
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.methods import AttackSettings, warmed_up_attack
 
@@ -25,9 +25,21 @@ def test_the_trainer_attacks_with_the_ramped_budget(tmp_path, method, one_thread
     train = load_digits_dataset()["train"].select(range(16))
     train.set_transform(image_transform(16, train=False))
     args = CURETrainingArguments(
-        output_dir=str(tmp_path), adv_method=method, num_train_epochs=2, per_device_train_batch_size=8,
-        attack_steps=2, epsilon="16/255", attack_step_size="4/255", attack_warmup_epochs=1, save_strategy="no",
-        report_to="none", use_cpu=True, disable_tqdm=True, dataloader_num_workers=0, logging_steps=1)
+        output_dir=str(tmp_path),
+        adv_method=method,
+        num_train_epochs=2,
+        per_device_train_batch_size=8,
+        attack_steps=2,
+        epsilon="16/255",
+        attack_step_size="4/255",
+        attack_warmup_epochs=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train)
     seen = []
     craft = trainer.method.attack.craft

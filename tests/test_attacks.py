@@ -78,8 +78,10 @@ def test_fgsm_rs_in_ball(tiny_model, digits_batch):
 def test_seeded_generator_makes_attack_reproducible(tiny_model, digits_batch):
     model = tiny_model("test_resnet")
     x, y = digits_batch["pixel_values"], digits_batch["labels"]
-    runs = [pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=2, generator=torch.Generator().manual_seed(3))
-            for _ in range(2)]
+    runs = [
+        pgd(model, x, y, eps=EPS, step_size=2 / 255, steps=2, generator=torch.Generator().manual_seed(3))
+        for _ in range(2)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 

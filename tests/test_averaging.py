@@ -1,6 +1,7 @@
 """Weight averaging (`weight_averaging`): the average equals the EMA formula computed here in numpy (decay warm-up,
 BatchNorm buffers included); evaluation and saving use it and put the working weights back exactly; checkpoints
 resume bit-identically; best-model loading and the efficient variant's switch restart it."""
+
 import json
 import os
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from conftest import make_tiny_model, stop_after_save
 from transformers import TrainerCallback
 
-from conftest import make_tiny_model, stop_after_save
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import image_transform
 
@@ -26,10 +27,24 @@ def small_train():
 
 def _args(output_dir, **overrides):
     kwargs = dict(
-        output_dir=str(output_dir), adv_method="pgd", max_steps=10, per_device_train_batch_size=8, attack_steps=1,
-        learning_rate=0.05, weight_averaging=0.5, save_strategy="no", logging_steps=1, report_to="none",
-        use_cpu=True, seed=3, dataloader_num_workers=0, disable_tqdm=True, eval_strategy="no",
-        eval_attacks="clean,pgd2", eval_max_examples=8, per_device_eval_batch_size=8,
+        output_dir=str(output_dir),
+        adv_method="pgd",
+        max_steps=10,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        weight_averaging=0.5,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=3,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        eval_strategy="no",
+        eval_attacks="clean,pgd2",
+        eval_max_examples=8,
+        per_device_eval_batch_size=8,
     )
     kwargs.update(overrides)
     return CURETrainingArguments(**kwargs)
@@ -59,8 +74,12 @@ class RecordWeights(TrainerCallback):
 def test_average_is_the_ema_formula_with_decay_warmup_and_batchnorm_buffers(tmp_path, small_train, one_thread):
     decay, steps = 0.5, 10  # (1 + t) / (10 + t) < 0.5 for t < 8: the warm-up and the cap both act
     record = RecordWeights()
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, weight_averaging=decay, max_steps=steps),
-                          train_dataset=small_train, callbacks=[record])
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, weight_averaging=decay, max_steps=steps),
+        train_dataset=small_train,
+        callbacks=[record],
+    )
     record.trainer = trainer
     trainer.train()
     assert len(record.states) == steps + 1 and trainer.weight_average.step == steps
@@ -81,8 +100,10 @@ def test_average_is_the_ema_formula_with_decay_warmup_and_batchnorm_buffers(tmp_
     final = record.states[-1]
     bn_mean = next(k for k in final if k.endswith("running_mean"))
     assert not torch.allclose(averaged[bn_mean], final[bn_mean])
-    assert torch.equal(averaged[bn_mean.replace("running_mean", "num_batches_tracked")],
-                       final[bn_mean.replace("running_mean", "num_batches_tracked")])
+    assert torch.equal(
+        averaged[bn_mean.replace("running_mean", "num_batches_tracked")],
+        final[bn_mean.replace("running_mean", "num_batches_tracked")],
+    )
     assert not torch.allclose(averaged["model.fc.weight"], final["model.fc.weight"])
     # the normalisation buffers never change: the average keeps them bit for bit
     assert torch.equal(averaged["mean"], final["mean"]) and torch.equal(averaged["std"], final["std"])
@@ -97,8 +118,12 @@ def _accuracy(model, dataset, n):
 
 
 def test_evaluate_save_and_card_use_the_average_and_restore_the_working_weights(tmp_path, small_train, one_thread):
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "run", max_steps=6),
-                          train_dataset=small_train, eval_dataset=small_train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path / "run", max_steps=6),
+        train_dataset=small_train,
+        eval_dataset=small_train,
+    )
     trainer.train()
     working = _working(trainer)
     before = _state(working)
@@ -108,7 +133,8 @@ def test_evaluate_save_and_card_use_the_average_and_restore_the_working_weights(
     # Every forward during evaluate() (clean pass and PGD) sees the averaged weights.
     seen = []
     handle = working.register_forward_pre_hook(
-        lambda module, inputs: seen.append(torch.equal(module.model.fc.weight, average["model.fc.weight"])))
+        lambda module, inputs: seen.append(torch.equal(module.model.fc.weight, average["model.fc.weight"]))
+    )
     metrics = trainer.evaluate()
     handle.remove()
     assert len(seen) > 2 and all(seen)
@@ -154,8 +180,9 @@ def test_push_to_hub_uploads_the_average(tmp_path, small_train, monkeypatch, one
 
 
 def test_without_weight_averaging_nothing_is_swapped(tmp_path, small_train, one_thread):
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, max_steps=2, weight_averaging=None),
-                          train_dataset=small_train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, max_steps=2, weight_averaging=None), train_dataset=small_train
+    )
     trainer.train()
     assert trainer.weight_average is None
     with trainer.averaged_weights() as model:
@@ -163,13 +190,25 @@ def test_without_weight_averaging_nothing_is_swapped(tmp_path, small_train, one_
 
 
 def test_interrupted_then_resumed_is_bit_identical_with_weight_averaging(tmp_path, small_train, one_thread):
-    overrides = dict(adv_method="cure", max_steps=4, save_strategy="steps", save_steps=2, revision_rate=0.5,
-                     awp_gamma=True, awp_warmup_epochs=0)
-    full = CURETrainer(make_tiny_model("test_resnet", seed=1), _args(tmp_path / "full", **overrides),
-                       train_dataset=small_train)
+    overrides = dict(
+        adv_method="cure",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        revision_rate=0.5,
+        awp_gamma=True,
+        awp_warmup_epochs=0,
+    )
+    full = CURETrainer(
+        make_tiny_model("test_resnet", seed=1), _args(tmp_path / "full", **overrides), train_dataset=small_train
+    )
     full.train()
-    cut = CURETrainer(make_tiny_model("test_resnet", seed=1), _args(tmp_path / "cut", **overrides),
-                      train_dataset=small_train, callbacks=[stop_after_save(2)])
+    cut = CURETrainer(
+        make_tiny_model("test_resnet", seed=1),
+        _args(tmp_path / "cut", **overrides),
+        train_dataset=small_train,
+        callbacks=[stop_after_save(2)],
+    )
     cut.train()
     checkpoint = tmp_path / "cut" / "checkpoint-2"
     # the checkpoint's model file is the average (what a push or best-model loading takes)
@@ -178,26 +217,41 @@ def test_interrupted_then_resumed_is_bit_identical_with_weight_averaging(tmp_pat
     assert all(torch.equal(v, average[f"model.{k}"]) for k, v in saved.items())
     assert (checkpoint / "weight_average.safetensors").is_file()
 
-    resumed = CURETrainer(make_tiny_model("test_resnet", seed=99), _args(tmp_path / "cut", **overrides),
-                          train_dataset=small_train)
+    resumed = CURETrainer(
+        make_tiny_model("test_resnet", seed=99), _args(tmp_path / "cut", **overrides), train_dataset=small_train
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
-    for name, a, b in [("working model", _working(full), _working(resumed)),
-                       ("average", full.weight_average.module, resumed.weight_average.module),
-                       ("revision", full.revision.module, resumed.revision.module)]:
+    for name, a, b in [
+        ("working model", _working(full), _working(resumed)),
+        ("average", full.weight_average.module, resumed.weight_average.module),
+        ("revision", full.revision.module, resumed.revision.module),
+    ]:
         a, b = a.state_dict(), b.state_dict()
         different = [k for k in a if not torch.equal(a[k], b[k])]
         assert not different, f"{name}: {different[:3]} differ after resume"
     assert resumed.weight_average.step == full.weight_average.step == 4
 
-    off = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "cut", **{**overrides, "weight_averaging": None}),
-                      train_dataset=small_train)
+    off = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path / "cut", **{**overrides, "weight_averaging": None}),
+        train_dataset=small_train,
+    )
     with pytest.raises(ValueError, match="weight_averaging"):
         off.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_best_model_loading_keeps_the_best_checkpoints_average(tmp_path, small_train, one_thread):
-    args = _args(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
-                 load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False)
+    args = _args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=False,
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=small_train, eval_dataset=small_train)
     trainer.train()
     best = safetensors.torch.load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
@@ -209,15 +263,23 @@ def test_best_model_loading_keeps_the_best_checkpoints_average(tmp_path, small_t
 
 
 def test_the_average_starts_at_the_efficient_variants_switch(tmp_path, small_train, one_thread):
-    args = _args(tmp_path, adv_method="cure", max_steps=-1, num_train_epochs=2, natural_warmup_epochs=1,
-                 per_device_train_batch_size=16)  # 2 steps per epoch: 2 natural steps, then 2 CURE steps
+    args = _args(
+        tmp_path,
+        adv_method="cure",
+        max_steps=-1,
+        num_train_epochs=2,
+        natural_warmup_epochs=1,
+        per_device_train_batch_size=16,
+    )  # 2 steps per epoch: 2 natural steps, then 2 CURE steps
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=small_train)
     trainer.train()
     assert trainer.state.global_step == 4 and trainer.weight_average.step == 2
 
 
-@pytest.mark.parametrize("value, decay", [(True, 0.999), ("true", 0.999), ("0.998", 0.998), (0.9, 0.9), (None, None),
-                                          (False, None), ("false", None)])
+@pytest.mark.parametrize(
+    "value, decay",
+    [(True, 0.999), ("true", 0.999), ("0.998", 0.998), (0.9, 0.9), (None, None), (False, None), ("false", None)],
+)
 def test_weight_averaging_argument(tmp_path, value, decay):
     assert _args(tmp_path, weight_averaging=value).weight_averaging_decay == decay
 

@@ -1,15 +1,16 @@
 """Adversarial weight perturbation (`awp_gamma`): the layer-wise perturbation against independent computations,
 the update gradient taken at the perturbed weights, its exact removal, the hook order with hard conservation,
 once per optimizer step under gradient accumulation, the warm-up, bf16, and the arguments."""
+
 import copy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_tiny_model
 from transformers import TrainerCallback
 
-from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.awp import AdversarialWeightPerturbation
 from cure_hf.data import image_transform
@@ -36,10 +37,26 @@ def batch(small_train):
 def _args(output_dir, **overrides):
     # Plain SGD: no momentum, no weight decay, no clipping, constant lr, so a step is w - lr * grad.
     kwargs = dict(
-        output_dir=str(output_dir), adv_method="pgd", max_steps=2, per_device_train_batch_size=8, attack_steps=1,
-        optim="sgd", sgd_momentum=0.0, weight_decay=0.0, max_grad_norm=0.0, learning_rate=0.05,
-        lr_scheduler_type="constant", awp_gamma=GAMMA, awp_warmup_epochs=0, save_strategy="no", logging_steps=1,
-        report_to="none", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        adv_method="pgd",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        optim="sgd",
+        sgd_momentum=0.0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        learning_rate=0.05,
+        lr_scheduler_type="constant",
+        awp_gamma=GAMMA,
+        awp_warmup_epochs=0,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     kwargs.update(overrides)
     return CURETrainingArguments(**kwargs)
@@ -100,8 +117,10 @@ class Spy(TrainerCallback):
         self.trainer, self.start, self.pre_step, self.grads, self.after = None, [], [], [], []
 
     def _weights(self):
-        return {k: v.detach().clone() for k, v in self.trainer.accelerator.unwrap_model(self.trainer.model)
-                .state_dict().items()}
+        return {
+            k: v.detach().clone()
+            for k, v in self.trainer.accelerator.unwrap_model(self.trainer.model).state_dict().items()
+        }
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.start.append(self._weights())
@@ -143,7 +162,8 @@ def test_the_update_uses_the_gradient_at_the_perturbed_weights(tmp_path, small_t
     lr = trainer.args.learning_rate
     assert len(perturbations) == len(crafted) == len(spy.after) == 2
     for step, ((x_adv, labels), v, start, pre, grads, after) in enumerate(
-            zip(crafted, perturbations, spy.start, spy.pre_step, spy.grads, spy.after)):
+        zip(crafted, perturbations, spy.start, spy.pre_step, spy.grads, spy.after)
+    ):
         # v, computed again here: gamma ||w|| g / ||g|| with g at the unperturbed weights
         g0 = _grad_at(net, start, x_adv, labels)
         for name in v:
@@ -159,7 +179,7 @@ def test_the_update_uses_the_gradient_at_the_perturbed_weights(tmp_path, small_t
             torch.testing.assert_close(g, g1[name], rtol=1e-4, atol=1e-6)
         assert any(not torch.allclose(grads[n], g_unperturbed[n], rtol=1e-4, atol=1e-6) for n in grads)
         # the step starts from the unperturbed w: w - lr * grad, bit for bit (SGD's own arithmetic, add with alpha)
-        for name, p in net.named_parameters():
+        for name, _ in net.named_parameters():
             assert torch.equal(after[name], start[name].add(grads[name], alpha=-lr)), f"step {step}: {name}"
 
 
@@ -174,8 +194,9 @@ def test_the_perturbation_is_removed_bit_for_bit(tmp_path, small_train, one_thre
 
 
 def test_hard_conservation_keeps_the_unperturbed_values(tmp_path, small_train, one_thread):
-    trainer, spy, _, perturbations = _spied_trainer(tmp_path, small_train, adv_method="cure", conservation="hard",
-                                                    max_steps=1)
+    trainer, spy, _, perturbations = _spied_trainer(
+        tmp_path, small_train, adv_method="cure", conservation="hard", max_steps=1
+    )
     conserved = []
     conserve = trainer.component("conservation").before_optimizer_step
 
@@ -201,14 +222,17 @@ def test_hard_conservation_keeps_the_unperturbed_values(tmp_path, small_train, o
 
 
 def test_gradient_accumulation_perturbs_once_per_optimizer_step(tmp_path, small_train, one_thread):
-    trainer, spy, crafted, perturbations = _spied_trainer(tmp_path, small_train, gradient_accumulation_steps=2,
-                                                          per_device_train_batch_size=4)
+    trainer, spy, crafted, perturbations = _spied_trainer(
+        tmp_path, small_train, gradient_accumulation_steps=2, per_device_train_batch_size=4
+    )
     seen = []  # the weights each micro-batch's update forward runs at
     net = trainer.accelerator.unwrap_model(trainer.model)
     # (the proxy, a deep copy, carries the hook too: only the working model's own training forwards count)
     handle = net.register_forward_pre_hook(
-        lambda module, inputs: seen.append(module.model.fc.weight.detach().clone())
-        if module is net and module.training else None)
+        lambda module, inputs: (
+            seen.append(module.model.fc.weight.detach().clone()) if module is net and module.training else None
+        )
+    )
     trainer.train()
     handle.remove()
     assert trainer.state.global_step == 2 and len(crafted) == 4  # 2 optimizer steps of 2 micro-batches
@@ -216,14 +240,15 @@ def test_gradient_accumulation_perturbs_once_per_optimizer_step(tmp_path, small_
     for step in range(2):
         perturbed_fc = spy.start[step]["model.fc.weight"] + perturbations[step]["model.fc.weight"]
         assert torch.equal(spy.pre_step[step]["model.fc.weight"], perturbed_fc)
-        micro = [w for w in seen[step * len(seen) // 2:(step + 1) * len(seen) // 2]]
+        micro = [w for w in seen[step * len(seen) // 2 : (step + 1) * len(seen) // 2]]
         assert micro and all(torch.equal(w, perturbed_fc) for w in micro)  # both micro-batches at w + v
 
 
 def test_no_perturbation_during_the_warmup(tmp_path, small_train, one_thread):
     # 32 examples, batch 16: 2 steps per epoch; AWP from epoch 1 on
-    trainer, _, _, perturbations = _spied_trainer(tmp_path, small_train, per_device_train_batch_size=16, max_steps=4,
-                                                  awp_warmup_epochs=1)
+    trainer, _, _, perturbations = _spied_trainer(
+        tmp_path, small_train, per_device_train_batch_size=16, max_steps=4, awp_warmup_epochs=1
+    )
     steps = []
     perturb = trainer.awp.perturb_
     trainer.awp.perturb_ = lambda *a, **k: (steps.append(trainer.state.global_step), perturb(*a, **k))[1]
@@ -247,8 +272,10 @@ def test_bf16_autocast_keeps_the_layerwise_norm_and_restores(tmp_path, one_threa
         assert torch.equal(pre[name], start[name] + v)
 
 
-@pytest.mark.parametrize("method, gamma, warmup", [("pgd", 1e-2, 0.0), ("fgsm_rs", 1e-2, 0.0), ("trades", 5e-3, 10.0),
-                                                   ("mart", 5e-3, 10.0), ("cure", 5e-3, 10.0)])
+@pytest.mark.parametrize(
+    "method, gamma, warmup",
+    [("pgd", 1e-2, 0.0), ("fgsm_rs", 1e-2, 0.0), ("trades", 5e-3, 10.0), ("mart", 5e-3, 10.0), ("cure", 5e-3, 10.0)],
+)
 def test_published_defaults_per_method(tmp_path, method, gamma, warmup):
     args = _args(tmp_path, adv_method=method, awp_gamma=True, awp_warmup_epochs=None)
     assert args.resolved_awp_gamma == gamma and args.resolved_awp_warmup_epochs == warmup
@@ -256,15 +283,24 @@ def test_published_defaults_per_method(tmp_path, method, gamma, warmup):
     assert _args(tmp_path, adv_method=method, awp_gamma=0, awp_warmup_epochs=None).resolved_awp_gamma is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"adv_method": "clean"}, "awp_gamma=.* is invalid with adv_method='clean'"),
-    ({"fp16": True}, "is invalid with fp16=True.*bf16"),
-    ({"adv_method": "trades", "attack_reuse_clean_logits": True}, "attack_reuse_clean_logits=True is invalid with awp"),
-    ({"awp_gamma": None, "awp_warmup_epochs": 3}, "awp_warmup_epochs=3 is invalid: allowed only together with awp_gamma"),
-    ({"awp_gamma": 1.5}, r"awp_gamma=1.5 is invalid: allowed True"),
-    ({"awp_gamma": "strong"}, r"awp_gamma='strong' is invalid"),
-    ({"awp_warmup_epochs": -1}, "awp_warmup_epochs=-1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"adv_method": "clean"}, "awp_gamma=.* is invalid with adv_method='clean'"),
+        ({"fp16": True}, "is invalid with fp16=True.*bf16"),
+        (
+            {"adv_method": "trades", "attack_reuse_clean_logits": True},
+            "attack_reuse_clean_logits=True is invalid with awp",
+        ),
+        (
+            {"awp_gamma": None, "awp_warmup_epochs": 3},
+            "awp_warmup_epochs=3 is invalid: allowed only together with awp_gamma",
+        ),
+        ({"awp_gamma": 1.5}, r"awp_gamma=1.5 is invalid: allowed True"),
+        ({"awp_gamma": "strong"}, r"awp_gamma='strong' is invalid"),
+        ({"awp_warmup_epochs": -1}, "awp_warmup_epochs=-1 is invalid"),
+    ],
+)
 def test_refused_combinations(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **overrides)

@@ -3,6 +3,7 @@ measures keep CURE's semantics.
 
 No timing is asserted here (the CI machine is shared); the benchmark's numbers live in docs/benchmarks.md.
 """
+
 import math
 import os
 import re
@@ -31,13 +32,16 @@ def test_gpu_run_dry_run_on_cpu_without_datasets(tmp_path):
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(
-        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in BLOCKED))
+        "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in BLOCKED)
+    )
     out = tmp_path / "out"
     root = os.path.dirname(BENCHMARKS)
-    env = dict(os.environ, OUT=str(out), DRY_RUN="1", PYTHONPATH=str(site), OMP_NUM_THREADS="1",
-               CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(["bash", "benchmarks/gpu_run.sh"], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=900)
+    env = dict(
+        os.environ, OUT=str(out), DRY_RUN="1", PYTHONPATH=str(site), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""
+    )
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_run.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900
+    )
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
     files = sorted(p.name for p in out.iterdir())
@@ -45,11 +49,17 @@ def test_gpu_run_dry_run_on_cpu_without_datasets(tmp_path):
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+", f) and (out / f).stat().st_size < 16 * 2**20 for f in files)
     text = (out / "bench.txt").read_text()
     assert "FAILED" not in text and "SKIPPED" not in text and "Traceback" not in text, text[-6000:]
-    tail = text[text.index("## ratios and targets"):].splitlines()[1:]
+    tail = text[text.index("## ratios and targets") :].splitlines()[1:]
     assert tail and all(line.startswith(("RATIO ", "TARGET ")) for line in tail if line.strip()), tail
-    for name in ("cure_epoch_fast", "bf16_speedup[bf16_cl]", "trainer_overhead[cure fp32]",
-                 "trainer_overhead[cure fast]", "trainer_overhead[clean fast]", "robust_accuracy[training]",
-                 "robust_accuracy[one model, fast vs fp32 PGD-20]"):
+    for name in (
+        "cure_epoch_fast",
+        "bf16_speedup[bf16_cl]",
+        "trainer_overhead[cure fp32]",
+        "trainer_overhead[cure fast]",
+        "trainer_overhead[clean fast]",
+        "robust_accuracy[training]",
+        "robust_accuracy[one model, fast vs fp32 PGD-20]",
+    ):
         assert any(line.startswith(f"TARGET {name} = ") for line in tail), name
     assert re.search(r"TARGET trainer_overhead\[pgd fast\] = [-+][\d.]+% \(target <= 5%: (met|NOT met)\)", text)
     assert "matches (|difference| <= 1e-6)" in text and "100.00% of pixels identical" in text
@@ -71,12 +81,38 @@ def test_time_budget_skips_the_tail_and_says_which(capsys):
         sys.path.remove(BENCHMARKS)
     threads = torch.get_num_threads()
     try:
-        results = bench_step.main([
-            "--device", "cpu", "--model", "test_resnet", "--image-size", "16", "--batch-size", "2",
-            "--attack-steps", "1", "--warmup", "1", "--steps", "1", "--methods", "cure,pgd", "--configs", "fp32,bf16",
-            "--base-workers", "0", "--robust-steps", "0", "--check-entries", "1001", "--threads", "1",
-            "--time-budget-s", "0.001",
-        ])
+        results = bench_step.main(
+            [
+                "--device",
+                "cpu",
+                "--model",
+                "test_resnet",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "2",
+                "--attack-steps",
+                "1",
+                "--warmup",
+                "1",
+                "--steps",
+                "1",
+                "--methods",
+                "cure,pgd",
+                "--configs",
+                "fp32,bf16",
+                "--base-workers",
+                "0",
+                "--robust-steps",
+                "0",
+                "--check-entries",
+                "1001",
+                "--threads",
+                "1",
+                "--time-budget-s",
+                "0.001",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
@@ -113,11 +149,13 @@ def test_mask_gradients_streams_masks_with_on_mask():
 
 
 def test_hard_conservation_restores_conserved_entries_and_channels_last(tmp_path):
-    from cure_hf import CURETrainer, CURETrainingArguments
     from conftest import make_tiny_model
 
-    args = CURETrainingArguments(output_dir=str(tmp_path), conservation="hard", channels_last=True, use_cpu=True,
-                                 report_to=[], max_steps=1)
+    from cure_hf import CURETrainer, CURETrainingArguments
+
+    args = CURETrainingArguments(
+        output_dir=str(tmp_path), conservation="hard", channels_last=True, use_cpu=True, report_to=[], max_steps=1
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args)
     convs = [m.weight for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

@@ -4,6 +4,7 @@ The processes train on different shards of the batch, so the AWP proxy's gradien
 averaged, and each process's BatchNorm statistics differ until they are averaged after the step: the average and
 the perturbation must nevertheless be bit-identical on both ranks.
 """
+
 import json
 from pathlib import Path
 
@@ -16,8 +17,12 @@ from tests.conftest import run_two_processes
 SCRIPT = Path(__file__).parent / "scripts" / "dist_wa_awp.py"
 RUNS = [
     {"name": "cure_wa_awp"},
-    {"name": "trades_wa_awp_accumulation", "adv_method": "trades", "gradient_accumulation_steps": 2,
-     "per_device_train_batch_size": 4},
+    {
+        "name": "trades_wa_awp_accumulation",
+        "adv_method": "trades",
+        "gradient_accumulation_steps": 2,
+        "per_device_train_batch_size": 4,
+    },
 ]
 
 

@@ -1,6 +1,7 @@
 """The WA/AWP recipes (CIFAR-10 ResNet-18 and WRN-34-10, CURE and TRADES) and the robust-ViT fine-tuning recipe:
 each parses, carries the published settings its comments cite, and builds its trainer offline (models built with
 pretrained=False); the ablation script runs end to end on a sliver of the digits."""
+
 import glob
 import json
 import os
@@ -28,8 +29,11 @@ def _architecture(values) -> str:
     """The timm name the config trains: its own, or its stage-0 config's when it starts from a stage-0 folder."""
     name = values["model_name_or_path"]
     if name.startswith("./"):
-        stage0 = [c for c in glob.glob(os.path.join(RECIPES, "configs", "*.yaml"))
-                  if _read(c).get("output_dir") == name.removeprefix("./")]
+        stage0 = [
+            c
+            for c in glob.glob(os.path.join(RECIPES, "configs", "*.yaml"))
+            if _read(c).get("output_dir") == name.removeprefix("./")
+        ]
         assert len(stage0) == 1, f"no config writes the stage-0 folder {name}"
         name = _read(stage0[0])["model_name_or_path"]
     return name
@@ -102,8 +106,9 @@ def test_vit_recipe_follows_the_robust_vit_practice_and_builds_offline(digits_da
     args = replace(args, output_dir=str(tmp_path), dataloader_num_workers=0, use_cpu=True)
     trainer = CURETrainer(model, args, train_dataset=digits_data["train"], eval_dataset=digits_data["test"])
     trainer.create_optimizer_and_scheduler(num_training_steps=20)
-    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
-                      torch.optim.AdamW)
+    assert isinstance(
+        trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer, torch.optim.AdamW
+    )
     lrs = []
     for _ in range(20):
         lrs.append(trainer.lr_scheduler.get_last_lr()[0])
@@ -119,10 +124,30 @@ def test_ablation_script_runs_end_to_end(tmp_path, one_thread):
     import ablation_wa_awp
 
     out = tmp_path / "ablation"
-    rows = ablation_wa_awp.main([
-        "--seeds", "0", "--variants", "cure,cure_wa_awp", "--natural_epochs", "1", "--epochs", "1",
-        "--max_train_examples", "32", "--max_eval_examples", "16", "--autoattack_examples", "4",
-        "--attack_steps", "1", "--eval_pgd_steps", "2", "--output_dir", str(out)])
+    rows = ablation_wa_awp.main(
+        [
+            "--seeds",
+            "0",
+            "--variants",
+            "cure,cure_wa_awp",
+            "--natural_epochs",
+            "1",
+            "--epochs",
+            "1",
+            "--max_train_examples",
+            "32",
+            "--max_eval_examples",
+            "16",
+            "--autoattack_examples",
+            "4",
+            "--attack_steps",
+            "1",
+            "--eval_pgd_steps",
+            "2",
+            "--output_dir",
+            str(out),
+        ]
+    )
     assert [r["variant"] for r in rows] == ["cure", "cure_wa_awp"]
     for name in ("ablation_wa_awp.md", "ablation_wa_awp.json", "ablation_wa_awp.png"):
         assert (out / name).is_file()

@@ -1,6 +1,7 @@
 """The trainer's structure may change; its numbers may not. Each case of tests/golden/bit_identity_cases.py trains a
 fixed-seed run and must end with the recorded final state: model, revision model (weights, step, generator), weight
 average and optimizer state, bit for bit on the machine kind of the record."""
+
 import json
 import math
 
@@ -30,7 +31,7 @@ def _compare_sums(name, recorded, current, tolerance):
 def test_fixed_seed_run_ends_with_the_recorded_state(name):
     recorded, current = RECORDS[name], run_digest(name)
     assert sorted(current) == sorted(recorded), f"{name}: the final state has other tensors than the record"
-    for key, (sha, dtype, shape, *_rest) in recorded.items():
+    for key, (_, dtype, shape, *_rest) in recorded.items():
         assert current[key][1:3] == [dtype, shape], f"{name}: {key} changed dtype or shape"
     same_platform = RECORDS["_platform"] == platform()
     if name in NOT_BIT_IDENTICAL or not same_platform:

@@ -1,4 +1,5 @@
 """`cure-hf evaluate` / `cure-hf plot-history` on a checkpoint folder CURETrainer saved; the config-file parser."""
+
 import json
 import os
 import re
@@ -12,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_model
 
 from cure_hf.cli import EvaluationSweepArguments, default_output_file, main
 from cure_hf.data import collate_pixels
 from cure_hf.parser import ConfigArgumentParser
-
-from conftest import make_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,29 @@ def trained_run(tmp_path_factory, digits):
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("cli") / "run"
     args = CURETrainingArguments(
-        output_dir=str(run), adv_method="fgsm_rs", max_steps=4, per_device_train_batch_size=16, learning_rate=0.05,
-        eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=4, eval_attacks="clean,pgd2",
-        eval_pgd_steps=2, eval_max_examples=8, report_to=[], use_cpu=True, disable_tqdm=True,
+        output_dir=str(run),
+        adv_method="fgsm_rs",
+        max_steps=4,
+        per_device_train_batch_size=16,
+        learning_rate=0.05,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=4,
+        eval_attacks="clean,pgd2",
+        eval_pgd_steps=2,
+        eval_max_examples=8,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
         dataloader_num_workers=0,
     )
-    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=digits["train"].select(range(64)),
-                          eval_dataset=digits["test"])
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        args,
+        train_dataset=digits["train"].select(range(64)),
+        eval_dataset=digits["test"],
+    )
     trainer.train()
     torch.set_num_threads(threads)
     return run, run / "checkpoint-4", trainer
@@ -51,11 +67,30 @@ def test_cli_evaluates_a_trainer_checkpoint(trained_run, digits, tmp_path):
     command = [installed] if installed else [sys.executable, "-m", "cure_hf.cli"]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(
-        command + ["evaluate", "--model_name_or_path", str(checkpoint), "--dataset_name", "digits",
-                   "--eval_attacks", "clean,pgd5,cw,autoattack", "--autoattack_version", "custom",
-                   "--autoattack_attacks", "apgd-ce", "--eval_max_examples", "16", "--eval_epsilon", "8/255",
-                   "--output_file", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        command
+        + [
+            "evaluate",
+            "--model_name_or_path",
+            str(checkpoint),
+            "--dataset_name",
+            "digits",
+            "--eval_attacks",
+            "clean,pgd5,cw,autoattack",
+            "--autoattack_version",
+            "custom",
+            "--autoattack_attacks",
+            "apgd-ce",
+            "--eval_max_examples",
+            "16",
+            "--eval_epsilon",
+            "8/255",
+            "--output_file",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     header = result.stdout.splitlines()[0].split()
@@ -74,9 +109,26 @@ def test_cli_evaluates_a_trainer_checkpoint(trained_run, digits, tmp_path):
 def test_cli_eps_sweep_plot_history_and_errors(trained_run, tmp_path, capsys):
     run, checkpoint, _ = trained_run
     plot = tmp_path / "eps.png"
-    assert main(["evaluate", "--model_name_or_path", str(checkpoint), "--eval_attacks", "clean,pgd3",
-                 "--eval_max_examples", "8", "--eval_epsilon", "0,4/255,8/255", "--output_file",
-                 str(tmp_path / "sweep.json"), "--plot", str(plot)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model_name_or_path",
+                str(checkpoint),
+                "--eval_attacks",
+                "clean,pgd3",
+                "--eval_max_examples",
+                "8",
+                "--eval_epsilon",
+                "0,4/255,8/255",
+                "--output_file",
+                str(tmp_path / "sweep.json"),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [round(r["eps"] * 255) for r in sweep["runs"]] == [0, 4, 8] and plot.stat().st_size > 5000
     assert [round(r["settings"]["step_size"] * 255 * 4) for r in sweep["runs"]] == [0, 4, 8]  # eps / 4 each
@@ -106,13 +158,22 @@ def test_version_is_the_package_version(capsys):
 
 
 # Written out here rather than imported: the test states what each old flag became.
-OLD_FLAGS = [("--eps", "8/255", "--eval_epsilon"), ("--attacks", "clean", "--eval_attacks"),
-             ("--n-examples", "16", "--eval_max_examples"), ("--steps", "5", "--eval_pgd_steps"),
-             ("--restarts", "2", "--eval_restarts"), ("--batch-size", "8", "--eval_attack_batch_size"),
-             ("--dataset", "digits", "--dataset_name"), ("--model", "test_resnet", "--model_name_or_path"),
-             ("--output", "out.json", "--output_file"), ("--split", "train", "--test_split"),
-             ("--data-dir", "images", "--test_dir"), ("--step-size", "2/255", "--eval_step_size"),
-             ("--norm", "L2", "--eval_norm"), ("--seed", "1", "--eval_seed")]
+OLD_FLAGS = [
+    ("--eps", "8/255", "--eval_epsilon"),
+    ("--attacks", "clean", "--eval_attacks"),
+    ("--n-examples", "16", "--eval_max_examples"),
+    ("--steps", "5", "--eval_pgd_steps"),
+    ("--restarts", "2", "--eval_restarts"),
+    ("--batch-size", "8", "--eval_attack_batch_size"),
+    ("--dataset", "digits", "--dataset_name"),
+    ("--model", "test_resnet", "--model_name_or_path"),
+    ("--output", "out.json", "--output_file"),
+    ("--split", "train", "--test_split"),
+    ("--data-dir", "images", "--test_dir"),
+    ("--step-size", "2/255", "--eval_step_size"),
+    ("--norm", "L2", "--eval_norm"),
+    ("--seed", "1", "--eval_seed"),
+]
 
 
 @pytest.mark.parametrize("old,value,new", OLD_FLAGS, ids=[f[0] for f in OLD_FLAGS])
@@ -138,20 +199,38 @@ def test_results_are_written_next_to_the_model(trained_run, tmp_path, monkeypatc
     folder = tmp_path / "my_model"
     shutil.copytree(checkpoint, folder)
     monkeypatch.chdir(tmp_path)
-    assert main(["evaluate", "--model_name_or_path", str(folder), "--eval_attacks", "clean",
-                 "--eval_max_examples", "8"]) == 0
+    assert (
+        main(["evaluate", "--model_name_or_path", str(folder), "--eval_attacks", "clean", "--eval_max_examples", "8"])
+        == 0
+    )
     written = folder / "robust_eval.json"
     assert json.loads(written.read_text())["runs"][0]["metrics"]["n_examples"] == 8
     assert f"wrote {written}" in capsys.readouterr().out
-    assert main(["evaluate", "--model_name_or_path", f"local-dir:{folder}", "--eval_attacks", "clean",
-                 "--eval_max_examples", "4"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model_name_or_path",
+                f"local-dir:{folder}",
+                "--eval_attacks",
+                "clean",
+                "--eval_max_examples",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert json.loads(written.read_text())["runs"][0]["metrics"]["n_examples"] == 4
     # A timm name (an untrained model) or a Hub id has no folder: ./robust_eval/<name>.json, "/" and ":" as "--".
-    assert main(["evaluate", "--model_name_or_path", "test_resnet", "--eval_attacks", "clean",
-                 "--eval_max_examples", "8"]) == 0
+    assert (
+        main(["evaluate", "--model_name_or_path", "test_resnet", "--eval_attacks", "clean", "--eval_max_examples", "8"])
+        == 0
+    )
     assert (tmp_path / "robust_eval" / "test_resnet.json").is_file()
     assert "wrote robust_eval/test_resnet.json" in capsys.readouterr().out
-    assert default_output_file("hf-hub:timm/resnet18.a1_in1k") == os.path.join("robust_eval", "timm--resnet18.a1_in1k.json")
+    assert default_output_file("hf-hub:timm/resnet18.a1_in1k") == os.path.join(
+        "robust_eval", "timm--resnet18.a1_in1k.json"
+    )
     assert default_output_file("someone/robust-vit") == os.path.join("robust_eval", "someone--robust-vit.json")
     assert sorted(os.listdir(tmp_path)) == ["my_model", "robust_eval"]  # nothing else in the working directory
 
@@ -199,10 +278,14 @@ def svhn_like(tmp_path_factory, trained_run):
         labels = [int(p) if i < 12 else int(p + 1) % 10 for i, p in enumerate(predicted)]
         os.makedirs(root / config)
         Dataset.from_dict({"picture": images, "digit": labels}, features=features).to_parquet(
-            str(root / config / "test-00000-of-00001.parquet"))
+            str(root / config / "test-00000-of-00001.parquet")
+        )
         examples[config] = (images, labels)
-    front_matter = {"configs": [{"config_name": c, "data_files": [{"split": "test", "path": f"{c}/test-*.parquet"}]}
-                                for c in content]}
+    front_matter = {
+        "configs": [
+            {"config_name": c, "data_files": [{"split": "test", "path": f"{c}/test-*.parquet"}]} for c in content
+        ]
+    }
     (root / "README.md").write_text(f"---\n{yaml.safe_dump(front_matter)}---\n# digits laid out like SVHN\n")
     return root, examples
 
@@ -218,12 +301,34 @@ def test_cli_evaluates_a_dataset_config_with_custom_columns(trained_run, svhn_li
     _, checkpoint, trainer = trained_run
     root, examples = svhn_like
     config = tmp_path / "eval_svhn.yaml"
-    config.write_text(yaml.safe_dump({"dataset_name": str(root), "dataset_config_name": "cropped_digits",
-                                      "image_column": "picture", "label_column": "digit",
-                                      "eval_attacks": "clean,pgd3", "eval_pgd_steps": 2}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "dataset_name": str(root),
+                "dataset_config_name": "cropped_digits",
+                "image_column": "picture",
+                "label_column": "digit",
+                "eval_attacks": "clean,pgd3",
+                "eval_pgd_steps": 2,
+            }
+        )
+    )
     out = tmp_path / "svhn.json"
-    assert main(["evaluate", str(config), "--model_name_or_path", str(checkpoint), "--eval_attacks", "clean,pgd2",
-                 "--output_file", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(config),
+                "--model_name_or_path",
+                str(checkpoint),
+                "--eval_attacks",
+                "clean,pgd2",
+                "--output_file",
+                str(out),
+            ]
+        )
+        == 0
+    )
     saved = json.loads(out.read_text())
     metrics = saved["runs"][0]["metrics"]
     assert saved["dataset_config_name"] == "cropped_digits" and metrics["n_examples"] == 16  # not extra's 8
@@ -232,8 +337,23 @@ def test_cli_evaluates_a_dataset_config_with_custom_columns(trained_run, svhn_li
     by_hand = float(np.mean(_predict_by_hand(trainer.accelerator.unwrap_model(trainer.model), images) == labels))
     assert by_hand == 12 / 16 and metrics["accuracy"] == pytest.approx(by_hand)
     assert metrics["pgd2_accuracy"] <= metrics["accuracy"]
-    assert main(["evaluate", str(config), "--model_name_or_path", str(checkpoint), "--eval_attacks", "clean",
-                 "--dataset_config_name", "extra", "--output_file", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(config),
+                "--model_name_or_path",
+                str(checkpoint),
+                "--eval_attacks",
+                "clean",
+                "--dataset_config_name",
+                "extra",
+                "--output_file",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())["runs"][0]["metrics"]
     assert metrics["n_examples"] == 8 and metrics["accuracy"] == 1.0  # its 8 labels are all the predictions
 
@@ -261,8 +381,12 @@ def test_config_file_then_flags_precedence(form, tmp_path):
     path = tmp_path / ("config.json" if form == "json" else "config.yaml")
     path.write_text(json.dumps(values) if form == "json" else yaml.safe_dump(values))
     flags = ["--d", "0.25", "--note", "flag"]
-    argv = {"first": [str(path)] + flags, "--config": flags + ["--config", str(path)],
-            "--config=": [f"--config={path}"] + flags, "json": [str(path)] + flags}[form]
+    argv = {
+        "first": [str(path)] + flags,
+        "--config": flags + ["--config", str(path)],
+        "--config=": [f"--config={path}"] + flags,
+        "json": [str(path)] + flags,
+    }[form]
     (toy,) = _toy_parser().parse_args_and_config(argv)
     # dataclass default < set_defaults < file < flag
     assert (toy.name, toy.a, toy.b, toy.c, toy.d, toy.note) == ("from-file", 1, 20, 300, 0.25, "flag")

@@ -106,10 +106,25 @@ def test_clean_training_allows_zero_epsilon():
 def test_hf_argument_parser_flags_and_yaml(tmp_path):
     parser = HfArgumentParser(CURETrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--epsilon", "4/255", "--adv_method", "trades", "--conservation", "soft",
-         "--head_modules", "head", "fc", "--revision", "true"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--epsilon",
+            "4/255",
+            "--adv_method",
+            "trades",
+            "--conservation",
+            "soft",
+            "--head_modules",
+            "head",
+            "fc",
+            "--revision",
+            "true",
+        ]
     )
-    assert args.epsilon == pytest.approx(4 / 255) and args.adv_method == "trades" and args.head_modules == ["head", "fc"]
+    assert (
+        args.epsilon == pytest.approx(4 / 255) and args.adv_method == "trades" and args.head_modules == ["head", "fc"]
+    )
     assert args.conservation == "soft" and args.revision is True
     config = tmp_path / "c.yaml"
     config.write_text(f"output_dir: {tmp_path}\nepsilon: 2/255\nconservation: hard\nreport_to: none\n")

@@ -3,6 +3,7 @@
 One torchrun launch (tests/scripts/dist_train.py) trains every run below; each rank writes its final
 state (parameters, BatchNorm statistics, revision model) to safetensors, compared here.
 """
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,8 +20,14 @@ COMMON = {"steps": STEPS, "examples": 48}
 RUNS = [
     # BatchNorm model, several forward passes before one backward (the DDP trap), both prominence modes.
     {"name": "bn_cure", "model": "test_resnet", "adv_method": "cure", **COMMON},
-    {"name": "bn_cure_paper_hard", "model": "test_resnet", "adv_method": "cure", "prominence": "paper",
-     "conservation": "hard", **COMMON},
+    {
+        "name": "bn_cure_paper_hard",
+        "model": "test_resnet",
+        "adv_method": "cure",
+        "prominence": "paper",
+        "conservation": "hard",
+        **COMMON,
+    },
     # No BatchNorm: two processes of 8 must equal one process of 16.
     {"name": "vit_cure", "model": "test_vit", "adv_method": "cure", "ce_attack": True, **COMMON},
     {"name": "vit_pgd", "model": "test_vit", "adv_method": "pgd", "attack_random_start": False, **COMMON},
@@ -98,6 +105,7 @@ def test_fsdp_is_refused_at_start_up(tiny_model, tmp_path):
 @pytest.mark.parametrize("setting", ["deepspeed", "accelerate_fsdp", "accelerate_deepspeed"])
 def test_deepspeed_and_sharded_launch_configs_are_refused(setting):
     from accelerate.utils import DistributedType
+
     from cure_hf.runtime import refuse_unsupported_parallelism as _refuse_unsupported_parallelism
 
     # DeepSpeed is not installed here (TrainingArguments itself needs it to accept `deepspeed=`), so the check
@@ -107,8 +115,10 @@ def test_deepspeed_and_sharded_launch_configs_are_refused(setting):
     accelerator = SimpleNamespace(distributed_type=kind or DistributedType.NO, parallelism_config=None)
     with pytest.raises(ValueError, match=r"does not support .*(deepspeed|FSDP|DEEPSPEED).*Supported: "):
         _refuse_unsupported_parallelism(args, accelerator)
-    _refuse_unsupported_parallelism(SimpleNamespace(fsdp=None, deepspeed=None),
-                                    SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, parallelism_config=None))
+    _refuse_unsupported_parallelism(
+        SimpleNamespace(fsdp=None, deepspeed=None),
+        SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, parallelism_config=None),
+    )
 
 
 def test_buffer_broadcast_with_two_forward_passes_is_refused_under_ddp():
@@ -137,9 +147,21 @@ def test_torch_compile_runs_the_attack_loop_and_paper_prominence_like_eager(tmp_
             # The "eager" backend runs TorchDynamo's capture without code generation: seconds on a CPU.
             extra = dict(torch_compile=True, torch_compile_backend="eager") if compiled else {}
             args = CURETrainingArguments(
-                output_dir=str(tmp_path / str(compiled)), per_device_train_batch_size=8, max_steps=2, attack_steps=2,
-                adv_method="cure", prominence="paper", conservation="hard", revision_rate=1.0, learning_rate=0.05,
-                save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=0, **extra,
+                output_dir=str(tmp_path / str(compiled)),
+                per_device_train_batch_size=8,
+                max_steps=2,
+                attack_steps=2,
+                adv_method="cure",
+                prominence="paper",
+                conservation="hard",
+                revision_rate=1.0,
+                learning_rate=0.05,
+                save_strategy="no",
+                report_to=[],
+                disable_tqdm=True,
+                use_cpu=True,
+                seed=0,
+                **extra,
             )
             trainer = CURETrainer(model=script.tiny_model("test_resnet"), args=args, train_dataset=data)
             trainer.train()

@@ -1,4 +1,5 @@
 """trainer.evaluate() on two CPU processes (torchrun, gloo) counts each example once and agrees with one process."""
+
 import json
 from pathlib import Path
 
@@ -29,8 +30,9 @@ def test_two_processes_count_each_example_once(two_process_metrics):
     for metrics in (rank0["metrics"], rank1["metrics"]):
         assert all(key in metrics for key in timing[:3] + ("eval_loss",)), "the Trainer's own evaluation ran"
     same = {k: v for k, v in rank0["metrics"].items() if k not in timing}
-    assert same == {k: v for k, v in rank1["metrics"].items() if k not in timing}, \
+    assert same == {k: v for k, v in rank1["metrics"].items() if k not in timing}, (
         "every process reports the same, gathered numbers"
+    )
     metrics = rank0["metrics"]
     assert metrics["eval_n_examples"] == N_EXAMPLES
     assert metrics["eval_pgd3_accuracy"] <= metrics["eval_accuracy"]

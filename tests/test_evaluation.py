@@ -1,10 +1,12 @@
 """Robust evaluation: attack orderings that must hold, AutoAttack through pyautoattack, gradient-masking
 warnings, the shipped `evaluate` metrics, the trainer's evaluate() / best-vs-last / validation split, plots."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import make_tiny_model
 
 from cure_hf.attacks import cross_entropy_loss, fgsm_rs, logits_of
 from cure_hf.data import collate_pixels
@@ -16,8 +18,6 @@ from cure_hf.evaluation import (
     parse_attacks,
     robust_overfitting_summary,
 )
-
-from conftest import make_tiny_model
 
 # APGD (100 iterations, adaptive step) may miss an example PGD-20 finds, from another random start:
 # allowed up to one example in 32 above PGD-20, never more.
@@ -48,7 +48,7 @@ def trained_model(digits, one_thread):
     order = torch.randperm(len(train["labels"]), generator=generator)
     model.train()
     for start in range(0, len(order), 32):
-        idx = order[start:start + 32]
+        idx = order[start : start + 32]
         x, y = train["pixel_values"][idx], train["labels"][idx]
         loss = cross_entropy_loss(logits_of(model(fgsm_rs(model, x, y, eps=8 / 255, generator=generator))), y)
         optimizer.zero_grad()
@@ -75,8 +75,12 @@ def test_parse_attacks_names_metrics_and_errors():
     assert parse_attacks("pgd")[0] == AttackSpec("pgd", 20)
     assert parse_attacks("pgd", default_steps=7)[0].metric == "pgd7_accuracy"
     assert parse_attacks("cw30")[0] == AttackSpec("cw", 30)
-    for bad, needle in [("fgsm", "not understood"), ("pgd0", "not understood"), ("pgd20,pgd", "twice"),
-                        ("clean5", "not understood")]:
+    for bad, needle in [
+        ("fgsm", "not understood"),
+        ("pgd0", "not understood"),
+        ("pgd20,pgd", "twice"),
+        ("clean5", "not understood"),
+    ]:
         with pytest.raises(ValueError, match=needle):
             parse_attacks(bad)
     with pytest.raises(ValueError, match="version='custom'"):
@@ -115,7 +119,10 @@ def test_attacks_run_with_gradients_under_no_grad_and_leave_the_model_as_found(t
 
 def test_apgd_not_above_pgd20_on_a_trained_model(trained_model, test_batch):
     result = evaluate_robustness(
-        trained_model, [test_batch], "clean,pgd20,autoattack", eps=8 / 255,
+        trained_model,
+        [test_batch],
+        "clean,pgd20,autoattack",
+        eps=8 / 255,
         autoattack=AutoAttackConfig(version="custom", attacks=["apgd-ce"]),
     )
     m = result.metrics
@@ -128,19 +135,32 @@ def test_apgd_not_above_pgd20_on_a_trained_model(trained_model, test_batch):
 
 def test_autoattack_l2_threat_model(trained_model, test_batch):
     few = {k: v[:8] for k, v in test_batch.items()}
-    l2 = evaluate_robustness(trained_model, [few], "clean,autoattack", eps=2.0,
-                             autoattack=AutoAttackConfig(version="custom", attacks=["apgd-ce"], norm="L2", n_iter=10))
+    l2 = evaluate_robustness(
+        trained_model,
+        [few],
+        "clean,autoattack",
+        eps=2.0,
+        autoattack=AutoAttackConfig(version="custom", attacks=["apgd-ce"], norm="L2", n_iter=10),
+    )
     assert l2.settings["norm"] == "L2" and l2.metrics["autoattack_accuracy"] < l2.metrics["accuracy"]
 
 
 def test_gradient_masking_model_triggers_the_warning(trained_model, test_batch):
     masked = RoundedInput(trained_model).eval()
     result = evaluate_robustness(
-        masked, [collate_pixels([{"pixel_values": x, "labels": y} for x, y in
-                                 zip(test_batch["pixel_values"][:16], test_batch["labels"][:16])])],
+        masked,
+        [
+            collate_pixels(
+                [
+                    {"pixel_values": x, "labels": y}
+                    for x, y in zip(test_batch["pixel_values"][:16], test_batch["labels"][:16])
+                ]
+            )
+        ],
         # 32/255 spans about two quantisation levels (1/15 = 17/255), so Square's random search breaks many
         # examples (8 of 14 here, against 1 at 16/255), while every gradient is zero
-        "clean,pgd20,autoattack", eps=32 / 255,
+        "clean,pgd20,autoattack",
+        eps=32 / 255,
         autoattack=AutoAttackConfig(version="custom", attacks=["apgd-dlr", "square"], n_queries=300),
     )
     m, stages = result.metrics, result.autoattack_stages
@@ -167,10 +187,15 @@ def test_metric_modules_load_offline_by_path():
     accuracy = evaluate.load(metric_path("accuracy"))
     assert accuracy.compute(predictions=[1, 2, 3, 0], references=[1, 2, 0, 0])["accuracy"] == 0.75
     robust = evaluate.load(metric_path("robust_accuracy"))
-    out = robust.compute(predictions=[[1, 1, 1], [2, 2, 0], [3, 0, 0]], references=[1, 2, 3],
-                         attack_names=["clean", "pgd20", "cw"])
-    assert out == {"robust_accuracy": pytest.approx(1 / 3), "clean_accuracy": 1.0,
-                   "pgd20_accuracy": pytest.approx(2 / 3), "cw_accuracy": pytest.approx(1 / 3)}
+    out = robust.compute(
+        predictions=[[1, 1, 1], [2, 2, 0], [3, 0, 0]], references=[1, 2, 3], attack_names=["clean", "pgd20", "cw"]
+    )
+    assert out == {
+        "robust_accuracy": pytest.approx(1 / 3),
+        "clean_accuracy": 1.0,
+        "pgd20_accuracy": pytest.approx(2 / 3),
+        "cw_accuracy": pytest.approx(1 / 3),
+    }
     with pytest.raises(ValueError, match="one name per column"):
         robust.compute(predictions=[[1, 1]], references=[1], attack_names=["clean"])
     with pytest.raises(ValueError, match="not shipped"):
@@ -201,14 +226,28 @@ def _trainer(tmp_path, digits, **overrides):
     train = digits["train"].select(range(96))
     train.set_transform(digits["train"].format["format_kwargs"]["transform"])
     fields = dict(
-        output_dir=str(tmp_path / "run"), adv_method="fgsm_rs", max_steps=4, per_device_train_batch_size=16,
-        learning_rate=0.05, eval_attacks="clean,pgd3,cw", eval_pgd_steps=3, eval_max_examples=12,
-        eval_attack_batch_size=5, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+        output_dir=str(tmp_path / "run"),
+        adv_method="fgsm_rs",
+        max_steps=4,
+        per_device_train_batch_size=16,
+        learning_rate=0.05,
+        eval_attacks="clean,pgd3,cw",
+        eval_pgd_steps=3,
+        eval_max_examples=12,
+        eval_attack_batch_size=5,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
         dataloader_num_workers=0,
     )
     fields.update(overrides)
-    return CURETrainer(make_tiny_model("test_resnet"), CURETrainingArguments(**fields), train_dataset=train,
-                       eval_dataset=digits["test"])
+    return CURETrainer(
+        make_tiny_model("test_resnet"),
+        CURETrainingArguments(**fields),
+        train_dataset=train,
+        eval_dataset=digits["test"],
+    )
 
 
 def test_trainer_evaluate_records_and_batches(tmp_path, digits, trained_model):
@@ -230,9 +269,19 @@ def test_trainer_evaluate_records_and_batches(tmp_path, digits, trained_model):
 
 
 def test_validation_split_selection_and_best_vs_last(tmp_path, digits):
-    trainer = _trainer(tmp_path, digits, validation_fraction=0.25, eval_strategy="steps", eval_steps=2,
-                       save_strategy="steps", save_steps=2, load_best_model_at_end=True,
-                       metric_for_best_model="robust_accuracy", eval_attacks="clean,pgd2", eval_pgd_steps=2)
+    trainer = _trainer(
+        tmp_path,
+        digits,
+        validation_fraction=0.25,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="robust_accuracy",
+        eval_attacks="clean,pgd2",
+        eval_pgd_steps=2,
+    )
     assert trainer.args.metric_for_best_model == "validation_robust_accuracy"
     assert len(trainer.train_dataset) == 72 and len(trainer.validation_dataset) == 24
     assert trainer.eval_dataset["test"] is digits["test"], "the test set stays an evaluation set, never split"
@@ -240,7 +289,8 @@ def test_validation_split_selection_and_best_vs_last(tmp_path, digits):
     output = trainer.train()
     for key in ("eval_validation_robust_accuracy", "eval_test_robust_accuracy"):
         assert output.metrics[f"{key}_best_minus_last"] == pytest.approx(
-            output.metrics[f"{key}_best"] - output.metrics[f"{key}_last"])
+            output.metrics[f"{key}_best"] - output.metrics[f"{key}_last"]
+        )
     assert "eval_test_robust_accuracy_at_selected" in output.metrics
     summary = json.loads((tmp_path / "run" / "robust_overfitting.json").read_text())
     assert summary["eval_validation_robust_accuracy"]["n_evaluations"] == 2
@@ -250,9 +300,13 @@ def test_config_rejects_bad_evaluation_fields(tmp_path):
     from cure_hf import CURETrainingArguments
 
     base = dict(output_dir=str(tmp_path), report_to=[])
-    for bad, needle in [({"eval_attacks": "clean,fgsm"}, "eval_attacks"), ({"validation_fraction": 1.5}, "validation_fraction"),
-                        ({"eval_norm": "L2"}, "eval_norm"), ({"autoattack_version": "fast"}, "autoattack version"),
-                        ({"eval_attack_batch_size": 0}, "eval_attack_batch_size")]:
+    for bad, needle in [
+        ({"eval_attacks": "clean,fgsm"}, "eval_attacks"),
+        ({"validation_fraction": 1.5}, "validation_fraction"),
+        ({"eval_norm": "L2"}, "eval_norm"),
+        ({"autoattack_version": "fast"}, "autoattack version"),
+        ({"eval_attack_batch_size": 0}, "eval_attack_batch_size"),
+    ]:
         with pytest.raises(ValueError, match=needle):
             CURETrainingArguments(**base, **bad)
 
@@ -263,12 +317,21 @@ def test_plots_write_pngs(tmp_path):
 
     from cure_hf.plots import plot_accuracy_vs_eps, plot_training_history
 
-    history = [{"eval_accuracy": 0.9 - 0.01 * i, "eval_pgd20_accuracy": 0.5 - 0.02 * abs(i - 3),
-                "eval_robust_accuracy": 0.48 - 0.02 * abs(i - 3), "step": 10 * i} for i in range(8)]
+    history = [
+        {
+            "eval_accuracy": 0.9 - 0.01 * i,
+            "eval_pgd20_accuracy": 0.5 - 0.02 * abs(i - 3),
+            "eval_robust_accuracy": 0.48 - 0.02 * abs(i - 3),
+            "step": 10 * i,
+        }
+        for i in range(8)
+    ]
     path = plot_training_history(history, str(tmp_path / "history.png"))
     assert Image.open(path).format == "PNG" and os.path.getsize(path) > 5000
-    curves = {"CURE": {0.0: {"robust_accuracy": 0.9}, 4 / 255: {"robust_accuracy": 0.6}, 8 / 255: {"robust_accuracy": 0.4}},
-              "TRADES": {0.0: {"robust_accuracy": 0.85}, 8 / 255: {"robust_accuracy": 0.38}}}
+    curves = {
+        "CURE": {0.0: {"robust_accuracy": 0.9}, 4 / 255: {"robust_accuracy": 0.6}, 8 / 255: {"robust_accuracy": 0.4}},
+        "TRADES": {0.0: {"robust_accuracy": 0.85}, 8 / 255: {"robust_accuracy": 0.38}},
+    }
     path = plot_accuracy_vs_eps(curves, str(tmp_path / "eps.png"))
     assert Image.open(path).size[0] > 300
     with pytest.raises(ValueError, match="no 'eval_\\*accuracy'"):

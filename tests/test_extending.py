@@ -1,6 +1,6 @@
 """The method API: a method written in a user's file (or an installed package) trains, saves, resumes and is carded
 like a built-in one; conservation and revision compose with every method; the Trainer's own step features work."""
-import json
+
 import math
 import os
 import subprocess
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_tiny_model, stop_after_save
+
 from cure_hf import AdversarialMethod, AttackSpec, CURETrainer, CURETrainingArguments, register_method
 from cure_hf import methods as methods_module
 from cure_hf.methods import METHODS, get_method
@@ -32,8 +32,7 @@ class ScaledTRADES(AdversarialMethod):
 
     def loss(self, inputs, hp):
         ce = F.cross_entropy(inputs.z_nat.float(), inputs.labels, label_smoothing=hp["label_smoothing_factor"])
-        kl = F.kl_div(F.log_softmax(inputs.z_adv.float(), 1), F.softmax(inputs.z_nat.float(), 1),
-                      reduction="batchmean")
+        kl = F.kl_div(F.log_softmax(inputs.z_adv.float(), 1), F.softmax(inputs.z_nat.float(), 1), reduction="batchmean")
         return ce + hp["trades_beta"] * hp["beta_scale"] * kl, {"ce_nat": ce.detach(), "kl_adv": kl.detach()}
 
 
@@ -54,9 +53,20 @@ def small_train():
 
 
 def _args(tmp_path, **kwargs):
-    defaults = dict(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, attack_steps=1,
-                    learning_rate=0.05, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
-                    dataloader_num_workers=0, logging_steps=1)
+    defaults = dict(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
     return CURETrainingArguments(**{**defaults, **kwargs})
 
 
@@ -64,16 +74,27 @@ def _weights(trainer):
     return {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
 
 
-def test_a_method_from_a_test_file_trains_saves_resumes_bit_identically_and_is_carded(registered, tmp_path,
-                                                                                     small_train, one_thread):
+def test_a_method_from_a_test_file_trains_saves_resumes_bit_identically_and_is_carded(
+    registered, tmp_path, small_train, one_thread
+):
     assert "scaled_trades" in METHODS and registered.options == {"beta_scale": 1.0}
-    common = dict(adv_method="scaled_trades", trades_beta=2.0, method_options="beta_scale=0.5", max_steps=4,
-                  save_strategy="steps", save_steps=2)
+    common = dict(
+        adv_method="scaled_trades",
+        trades_beta=2.0,
+        method_options="beta_scale=0.5",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+    )
     full = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "full", **common), train_dataset=small_train)
     full.train()
     # interrupted after its step-2 checkpoint, then resumed from it
-    first = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "cut", **common), train_dataset=small_train,
-                        callbacks=[stop_after_save(2)])
+    first = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path / "cut", **common),
+        train_dataset=small_train,
+        callbacks=[stop_after_save(2)],
+    )
     first.train()
     assert first.state.global_step == 2
     resumed = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "cut", **common), train_dataset=small_train)
@@ -85,9 +106,11 @@ def test_a_method_from_a_test_file_trains_saves_resumes_bit_identically_and_is_c
     assert "Scaled TRADES" in card and "scaled2026" in card and "method-scaled_trades" in card
     assert "beta_scale" in card and "trades_beta" in card
     # a resume with another option value is refused: the option is part of the method's settings
-    changed = CURETrainer(make_tiny_model("test_resnet"),
-                          _args(tmp_path / "cut", **{**common, "method_options": "beta_scale=0.25"}),
-                          train_dataset=small_train)
+    changed = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path / "cut", **{**common, "method_options": "beta_scale=0.25"}),
+        train_dataset=small_train,
+    )
     with pytest.raises(ValueError, match="method_options"):
         changed.train(resume_from_checkpoint=os.path.join(str(tmp_path / "cut"), "checkpoint-2"))
 
@@ -126,7 +149,7 @@ def test_registration_refuses_bad_methods_and_unknown_names_list_the_registered_
         _args(tmp_path, adv_method="nope")
 
 
-PLUGIN = textwrap.dedent('''
+PLUGIN = textwrap.dedent("""
     import torch.nn.functional as F
     from cure_hf import AdversarialMethod, AttackSpec
 
@@ -139,7 +162,7 @@ PLUGIN = textwrap.dedent('''
         def loss(self, inputs, hp):
             loss = F.cross_entropy(inputs.z_adv.float(), inputs.labels)
             return loss, {"ce_adv": loss.detach()}
-''')
+""")
 
 
 def _install_plugin(root):
@@ -170,11 +193,37 @@ def test_the_recipe_trains_an_installed_method_by_name(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plugin), ROOT]), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "recipes", "train_vit.py"), "--adv_method", "plugin_pgd",
-         "--natural_epochs", "0", "--max_steps", "2", "--num_train_epochs", "1", "--attack_steps", "1",
-         "--per_device_train_batch_size", "16", "--eval_max_examples", "16", "--output_dir", str(out),
-         "--eval_strategy", "no", "--save_strategy", "no", "--cpu_threads", "1"],
-        env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "recipes", "train_vit.py"),
+            "--adv_method",
+            "plugin_pgd",
+            "--natural_epochs",
+            "0",
+            "--max_steps",
+            "2",
+            "--num_train_epochs",
+            "1",
+            "--attack_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "16",
+            "--eval_max_examples",
+            "16",
+            "--output_dir",
+            str(out),
+            "--eval_strategy",
+            "no",
+            "--save_strategy",
+            "no",
+            "--cpu_threads",
+            "1",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "Plugin PGD" in card and "@misc{plugin" in card
@@ -209,8 +258,9 @@ def _expected_refusal(method, subset):
 
 @pytest.mark.parametrize("subset", SUBSETS, ids=lambda s: "+".join(s) or "alone")
 @pytest.mark.parametrize("method", ["clean", "pgd", "trades", "mart", "fgsm_rs", "cure"])
-def test_every_method_with_every_combination_of_components_trains_or_is_refused(tmp_path, small_train, method, subset,
-                                                                                one_thread):
+def test_every_method_with_every_combination_of_components_trains_or_is_refused(
+    tmp_path, small_train, method, subset, one_thread
+):
     settings = {k: v for name in subset for k, v in COMPONENT_SETTINGS[name].items()}
     if method == "cure":  # CURE's own two are on by default: the subset says which stay on
         settings.setdefault("conservation", "none")
@@ -220,8 +270,9 @@ def test_every_method_with_every_combination_of_components_trains_or_is_refused(
         with pytest.raises(ValueError, match=refusal):
             _args(tmp_path, adv_method=method, **settings)
         return
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method=method, **settings),
-                          train_dataset=small_train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, adv_method=method, **settings), train_dataset=small_train
+    )
     names = {c.name for c in trainer.components}
     assert ("conservation" in names) == ("conservation" in subset)
     assert ("revision" in names) == ("revision" in subset)
@@ -240,8 +291,10 @@ def test_combinations_that_cannot_work_are_refused_with_the_reason(tmp_path):
         _args(tmp_path, adv_method="trades", layer_telemetry=True)
     with pytest.raises(ValueError, match="prominence='paper' is invalid: .*'clean' has no adversarial batch"):
         _args(tmp_path, adv_method="clean", conservation="soft", prominence="paper")
-    with pytest.raises(ValueError, match="conserve_fraction=0.5 is invalid with adv_method='trades': it is read by "
-                                         "the conservation component"):
+    with pytest.raises(
+        ValueError,
+        match="conserve_fraction=0.5 is invalid with adv_method='trades': it is read by the conservation component",
+    ):
         _args(tmp_path, adv_method="trades", conserve_fraction=0.5)
     with pytest.raises(ValueError, match="revision_rate=0.9 is invalid with adv_method='cure'.*revision=True"):
         _args(tmp_path, adv_method="cure", revision=False, revision_rate=0.9)
@@ -262,8 +315,14 @@ class _StepRecorder:
             loss = step(model, inputs, return_outputs, num_items_in_batch)
             if "loss" not in self.seen:
                 batch = trainer._batch
-                self.seen.update(loss=loss.detach().double(), labels=batch.labels, x=batch.x, x_adv=batch.x_adv,
-                                 r_nat=batch.r_nat, r_adv=batch.r_adv)
+                self.seen.update(
+                    loss=loss.detach().double(),
+                    labels=batch.labels,
+                    x=batch.x,
+                    x_adv=batch.x_adv,
+                    r_nat=batch.r_nat,
+                    r_adv=batch.r_adv,
+                )
             return loss
 
         trainer.compute_loss = compute_loss
@@ -272,6 +331,7 @@ class _StepRecorder:
 def _hand_computed_cure_loss(model, seen, alpha, gamma, with_revision):
     """alpha CE(f(x)) + (1 - alpha) CE(f(x_adv)) [+ gamma (KL(g(x) || f(x)) + KL(g(x_adv) || f(x_adv)))], in
     float64 from a fresh forward of a copy of the model taken before the step (same train-mode BatchNorm)."""
+
     def kl(student, teacher):
         p = F.softmax(teacher.double(), 1)
         return (p * (F.log_softmax(teacher.double(), 1) - F.log_softmax(student.double(), 1))).sum(1).mean()
@@ -289,8 +349,10 @@ def _hand_computed_cure_loss(model, seen, alpha, gamma, with_revision):
 def test_the_papers_ablations_match_hand_computed_expectations(tmp_path, small_train, ablation, one_thread):
     import copy
 
-    switch = {"without_revision": {"revision": False, "conserve_fraction": 0.4},
-              "without_conservation": {"conservation": "none", "consistency_weight": 0.7}}[ablation]
+    switch = {
+        "without_revision": {"revision": False, "conserve_fraction": 0.4},
+        "without_conservation": {"conservation": "none", "consistency_weight": 0.7},
+    }[ablation]
     args = _args(tmp_path, adv_method="cure", max_steps=1, clean_weight=0.2, **switch)
     model = make_tiny_model("test_resnet")
     trainer = CURETrainer(model, args, train_dataset=small_train)
@@ -331,18 +393,32 @@ def test_the_papers_ablations_match_hand_computed_expectations(tmp_path, small_t
 
 # ----------------------------------------------------------------------------------- the Trainer's step
 @pytest.mark.parametrize("family", ["timm", "transformers"])
-def test_the_trainers_step_divides_the_batch_mean_loss_by_the_accumulation_steps(tmp_path, small_train, one_thread,
-                                                                                family):
+def test_the_trainers_step_divides_the_batch_mean_loss_by_the_accumulation_steps(
+    tmp_path, small_train, one_thread, family
+):
     """The method's loss is a batch mean, so the Trainer must divide it by the accumulation steps; a transformers
     model's forward takes loss kwargs, for which the Trainer would instead expect a loss summed over
     `num_items_in_batch` and skip the division: CURETrainer tells it the model computes no loss."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    model = make_tiny_model("test_resnet") if family == "timm" else ViTForImageClassification(ViTConfig(
-        image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        num_labels=10))
-    trainer = CURETrainer(model, _args(tmp_path, adv_method="pgd", gradient_accumulation_steps=2, max_steps=1),
-                          train_dataset=small_train)
+    model = (
+        make_tiny_model("test_resnet")
+        if family == "timm"
+        else ViTForImageClassification(
+            ViTConfig(
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=10,
+            )
+        )
+    )
+    trainer = CURETrainer(
+        model, _args(tmp_path, adv_method="pgd", gradient_accumulation_steps=2, max_steps=1), train_dataset=small_train
+    )
     assert trainer.model_accepts_loss_kwargs is False
     seen, returned = [], []
     compute_loss, training_step = trainer.compute_loss, trainer.training_step
@@ -374,9 +450,11 @@ def test_torch_empty_cache_steps_reaches_the_trainers_cache_clearing(tmp_path, s
 
     calls = []
     monkeypatch.setattr(hf_trainer, "clear_device_cache", lambda *a, **k: calls.append(1))
-    trainer = CURETrainer(make_tiny_model("test_resnet"),
-                          _args(tmp_path, adv_method="pgd", torch_empty_cache_steps=1, max_steps=2),
-                          train_dataset=small_train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, adv_method="pgd", torch_empty_cache_steps=1, max_steps=2),
+        train_dataset=small_train,
+    )
     trainer.train()
     assert len(calls) >= 2
 
@@ -394,8 +472,9 @@ def test_a_schedule_free_optimizer_is_put_in_train_mode_by_the_trainers_step(tmp
     model = make_tiny_model("test_resnet")
     optimizer = TrainModeSGD(model.parameters(), lr=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = CURETrainer(model, _args(tmp_path, adv_method="trades"), train_dataset=small_train,
-                          optimizers=(optimizer, scheduler))
+    trainer = CURETrainer(
+        model, _args(tmp_path, adv_method="trades"), train_dataset=small_train, optimizers=(optimizer, scheduler)
+    )
     trainer.train()
     assert TrainModeSGD.train_calls >= 2
 
@@ -407,7 +486,8 @@ def test_lomo_and_data_parallel_are_refused_with_the_reason(tmp_path):
 
     with pytest.raises(ValueError, match="optim='lomo' is invalid for CURETrainer: LOMO fuses the backward"):
         _args(tmp_path, optim="lomo")
-    args = SimpleNamespace(n_gpu=2, fsdp="", deepspeed=None, adv_method="cure", ddp_broadcast_buffers=False,
-                           world_size=1)
+    args = SimpleNamespace(
+        n_gpu=2, fsdp="", deepspeed=None, adv_method="cure", ddp_broadcast_buffers=False, world_size=1
+    )
     with pytest.raises(ValueError, match=r"nn.DataParallel \(n_gpu=2"):
         refuse_unsupported_parallelism(args, accelerator=SimpleNamespace(distributed_type="NO"))

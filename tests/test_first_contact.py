@@ -5,6 +5,7 @@
 - the robust-evaluation progress bar leaves no cursor moves in a log file;
 - speed_preset="fast" on a CPU does not compile for minutes, and says so.
 """
+
 import json
 import logging
 import os
@@ -15,9 +16,9 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from conftest import make_tiny_model
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments, load_model
 from cure_hf.data import collate_pixels, image_transform, load_digits_dataset
 from cure_hf.evaluation import evaluate_robustness
@@ -36,10 +37,23 @@ def tiny():
 
 
 def _args(output_dir, **overrides):
-    fields = dict(output_dir=str(output_dir), adv_method="pgd", max_steps=1, per_device_train_batch_size=8,
-                  per_device_eval_batch_size=8, attack_steps=1, learning_rate=0.05, eval_pgd_steps=1, report_to="none",
-                  use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                  logging_steps=1)
+    fields = dict(
+        output_dir=str(output_dir),
+        adv_method="pgd",
+        max_steps=1,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        eval_pgd_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
     fields.update(overrides)
     return CURETrainingArguments(**fields)
 
@@ -83,13 +97,18 @@ def test_saved_files_get_the_permissions_of_the_umask(tmp_path, tiny, umask, mas
     trainer.save_model()
     checkpoint = _modes(run / "checkpoint-1")
     assert {"model.safetensors", "revision.safetensors", "optimizer.pt"} <= set(checkpoint)
-    assert any(name.endswith(".safetensors") and name not in ("model.safetensors", "revision.safetensors")
-               for name in checkpoint), "the weight average's file"
+    assert any(
+        name.endswith(".safetensors") and name not in ("model.safetensors", "revision.safetensors")
+        for name in checkpoint
+    ), "the weight average's file"
     wrong = {name: oct(mode) for name, mode in checkpoint.items() if mode != file_mode}
     assert wrong == {}, f"checkpoint files not {oct(file_mode)}"
     assert stat.S_IMODE(os.stat(run / "checkpoint-1").st_mode) == dir_mode
-    final = {name: oct(mode) for name, mode in _modes(run).items()
-             if not name.startswith("checkpoint-1") and os.path.isfile(run / name) and mode != file_mode}
+    final = {
+        name: oct(mode)
+        for name, mode in _modes(run).items()
+        if not name.startswith("checkpoint-1") and os.path.isfile(run / name) and mode != file_mode
+    }
     assert final == {}, f"files of the final save not {oct(file_mode)}"
 
 
@@ -123,9 +142,20 @@ class FeaturesAndLogitsNet(nn.Module):
         return features, self.fc(features)
 
 
-default_cfgs = generate_default_cfgs({"first_contact_features_and_logits": {  # read by register_model
-    "num_classes": 10, "input_size": (3, 16, 16), "crop_pct": 1.0, "interpolation": "bilinear",
-    "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "first_conv": "conv", "classifier": "fc"}})
+default_cfgs = generate_default_cfgs(
+    {
+        "first_contact_features_and_logits": {  # read by register_model
+            "num_classes": 10,
+            "input_size": (3, 16, 16),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.25, 0.25, 0.25),
+            "first_conv": "conv",
+            "classifier": "fc",
+        }
+    }
+)
 
 
 @register_model
@@ -137,8 +167,11 @@ def test_a_features_and_logits_network_is_refused_with_a_fix_that_trains_saves_a
     train, test = tiny
     torch.manual_seed(0)
     model = create_model("first_contact_features_and_logits", 10)  # PixelNormalized(FeaturesAndLogitsNet)
-    with pytest.raises(ValueError, match=r"tuple of 2 items.*from cure_hf\.models import SelectLogits; "
-                                         r"model = SelectLogits\(model, index=1\)") as refused:
+    with pytest.raises(
+        ValueError,
+        match=r"tuple of 2 items.*from cure_hf\.models import SelectLogits; "
+        r"model = SelectLogits\(model, index=1\)",
+    ) as refused:
         CURETrainer(model, _args(tmp_path / "refused"), train_dataset=train)
     assert "LogitsOnly" not in str(refused.value)
 
@@ -167,8 +200,11 @@ def test_a_features_and_logits_network_is_refused_with_a_fix_that_trains_saves_a
         features, logits = net((pixels - mean) / std)
         torch.testing.assert_close(logits, expected)
     # resuming from the checkpoint loads its weights into the wrapped model
-    resumed = CURETrainer(SelectLogits(create_model("first_contact_features_and_logits", 10), 1),
-                          _args(tmp_path / "run", adv_method="cure", max_steps=2), train_dataset=train)
+    resumed = CURETrainer(
+        SelectLogits(create_model("first_contact_features_and_logits", 10), 1),
+        _args(tmp_path / "run", adv_method="cure", max_steps=2),
+        train_dataset=train,
+    )
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
 
 
@@ -213,8 +249,9 @@ def test_fast_preset_on_a_cpu_does_not_compile_and_says_how_to(tmp_path, caplog)
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cure_hf.speed"):
-        forced = CURETrainingArguments(output_dir=str(tmp_path), use_cpu=True, speed_preset="fast", report_to="none",
-                                       torch_compile=True)
+        forced = CURETrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, speed_preset="fast", report_to="none", torch_compile=True
+        )
     assert forced.torch_compile is True and forced.bf16 is False
     message = " ".join(r.getMessage() for r in caplog.records if r.name == "cure_hf.speed")
     assert "bf16, channels_last left off" in message and "torch_compile" not in message.split("left off")[0]
@@ -241,8 +278,11 @@ def test_cure_arguments_given_to_trades_switch_on_what_reads_them_or_are_refused
     from cure_hf.components import components_for
 
     common = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, adv_method="trades")
-    with pytest.raises(ValueError, match=r"revision_rate=0.9 is invalid with adv_method='trades': it is read by the "
-                                         r"revision component, which this run does not use.*revision=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"revision_rate=0.9 is invalid with adv_method='trades': it is read by the "
+        r"revision component, which this run does not use.*revision=True",
+    ):
         CURETrainingArguments(conservation="hard", conserve_fraction=0.5, revision_rate=0.9, **common)
     args = CURETrainingArguments(conservation="hard", conserve_fraction=0.5, **common)
     assert "conservation" in [c.name for c in components_for(args)]

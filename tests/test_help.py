@@ -6,6 +6,7 @@ The scripts are found by glob and the subcommands from ``cure_hf.cli.build_parse
 without editing this file. The subprocesses (each imports torch, ~10 s) are started together, a few at a time,
 when the first test of this module runs; each test then waits for its own.
 """
+
 import argparse
 import glob
 import os
@@ -22,8 +23,11 @@ TIMEOUT_S = 300
 
 
 def _scripts():
-    return sorted(os.path.relpath(path, ROOT) for folder in ("recipes", "benchmarks")
-                  for path in glob.glob(os.path.join(ROOT, folder, "*.py")))
+    return sorted(
+        os.path.relpath(path, ROOT)
+        for folder in ("recipes", "benchmarks")
+        for path in glob.glob(os.path.join(ROOT, folder, "*.py"))
+    )
 
 
 def _subcommands():
@@ -36,9 +40,24 @@ def _subcommands():
 def _commands():
     """(test id, argv without the interpreter)."""
     commands = [(script, [script]) for script in _scripts()]
-    commands.append(("accelerate launch recipes/train_vit.py",
-                     ["-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                      "--mixed_precision", "no", "--dynamo_backend", "no", "recipes/train_vit.py"]))
+    commands.append(
+        (
+            "accelerate launch recipes/train_vit.py",
+            [
+                "-m",
+                "accelerate.commands.launch",
+                "--num_processes",
+                "1",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "recipes/train_vit.py",
+            ],
+        )
+    )
     commands.append(("cure-hf", ["-m", "cure_hf.cli"]))
     commands += [(f"cure-hf {name}", ["-m", "cure_hf.cli", name]) for name in _subcommands()]
     return commands
@@ -48,17 +67,27 @@ COMMANDS = dict(_commands())
 
 
 def _run_help(argv):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, *argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    )
+    return subprocess.run(
+        [sys.executable, *argv, "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 @pytest.fixture(scope="module")
 def help_runs(request):
     """Test id -> future of its CompletedProcess: the commands of this module's selected tests, run concurrently."""
-    wanted = [item.callspec.params["name"] for item in request.session.items
-              if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params]
+    wanted = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params
+    ]
     workers = min(len(wanted) or 1, (os.cpu_count() or 1) + 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield {name: pool.submit(_run_help, COMMANDS[name]) for name in dict.fromkeys(wanted)}
@@ -93,8 +122,9 @@ def test_help(name, help_runs):
 
 def test_commands_discovered():
     """The discovery finds what is there: the main recipe, both benchmarks, cure-hf evaluate and plot-history."""
-    assert {"recipes/train_vit.py", "benchmarks/bench_step.py", "cure-hf evaluate", "cure-hf plot-history"} \
-        <= set(COMMANDS)
+    assert {"recipes/train_vit.py", "benchmarks/bench_step.py", "cure-hf evaluate", "cure-hf plot-history"} <= set(
+        COMMANDS
+    )
 
 
 def test_console_script_is_the_tested_main():
@@ -110,7 +140,9 @@ def test_console_script_is_the_tested_main():
 
 def test_help_entries_catch_a_repeated_default():
     """The check itself: a wrapped entry with two defaults is one entry, and two entries are two."""
-    text = ("options:\n  --image_size IMAGE_SIZE\n                        Input size (default: the\n"
-            "                        model's). (default: None)\n  --seed SEED           Seed. (default: 0)\n")
+    text = (
+        "options:\n  --image_size IMAGE_SIZE\n                        Input size (default: the\n"
+        "                        model's). (default: None)\n  --seed SEED           Seed. (default: 0)\n"
+    )
     entries = help_entries(text)
     assert [len(STATED_DEFAULT.findall(entry)) for entry in entries] == [0, 2, 1]

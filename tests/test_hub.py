@@ -2,6 +2,7 @@
 the model card parses and carries the metrics. No network: Hub ids resolve offline from a local Hub cache,
 through the real huggingface_hub / timm / transformers code; only the upload's network call is replaced.
 """
+
 import concurrent.futures
 import json
 import os
@@ -14,11 +15,11 @@ import safetensors.torch
 import timm
 import torch
 import transformers
+from conftest import make_tiny_model
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import image_transform, load_digits_dataset
 from cure_hf.hub import load_model, save_pretrained
@@ -62,9 +63,19 @@ def publish_to_cache(cache, repo_id, folder, files):
 
 
 def _args(output_dir, **overrides):
-    kwargs = dict(output_dir=str(output_dir), adv_method="cure", max_steps=1, per_device_train_batch_size=8,
-                  attack_steps=1, learning_rate=0.05, save_strategy="no", report_to="none", use_cpu=True,
-                  disable_tqdm=True, eval_strategy="no")
+    kwargs = dict(
+        output_dir=str(output_dir),
+        adv_method="cure",
+        max_steps=1,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        eval_strategy="no",
+    )
     kwargs.update(overrides)
     return CURETrainingArguments(**kwargs)
 
@@ -122,13 +133,28 @@ def fake_upload(monkeypatch, hub_cache):
     def create_repo(self, repo_id, **kwargs):
         return types.SimpleNamespace(repo_id=repo_id)
 
-    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, allow_patterns=None, ignore_patterns=None,
-                      run_as_future=False, **kwargs):
-        files = sorted(filter_repo_objects(
-            [os.path.relpath(os.path.join(root, f), folder_path) for root, _, names in os.walk(folder_path)
-             for f in names],
-            allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
-        ))
+    def upload_folder(
+        self,
+        *,
+        repo_id,
+        folder_path,
+        path_in_repo=None,
+        allow_patterns=None,
+        ignore_patterns=None,
+        run_as_future=False,
+        **kwargs,
+    ):
+        files = sorted(
+            filter_repo_objects(
+                [
+                    os.path.relpath(os.path.join(root, f), folder_path)
+                    for root, _, names in os.walk(folder_path)
+                    for f in names
+                ],
+                allow_patterns=allow_patterns,
+                ignore_patterns=ignore_patterns,
+            )
+        )
         uploads.append({"repo_id": repo_id, "folder": str(folder_path), "files": files, "path_in_repo": path_in_repo})
         if path_in_repo is None:
             publish_to_cache(hub_cache, repo_id, folder_path, files)
@@ -146,8 +172,15 @@ def fake_upload(monkeypatch, hub_cache):
 
 def test_push_uploads_exactly_the_folder_that_loads(tmp_path, tiny_digits, fake_upload):
     train, test = tiny_digits
-    args = _args(tmp_path / "run", max_steps=2, push_to_hub=True, hub_model_id="me/cure-tiny", save_strategy="steps",
-                 save_steps=1, hub_strategy="checkpoint")
+    args = _args(
+        tmp_path / "run",
+        max_steps=2,
+        push_to_hub=True,
+        hub_model_id="me/cure-tiny",
+        save_strategy="steps",
+        save_steps=1,
+        hub_strategy="checkpoint",
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train)
     trainer.train()
     # --push_to_hub: every checkpoint pushed its model folder (plus the resumable checkpoint, as asked)
@@ -171,8 +204,13 @@ def test_push_uploads_exactly_the_folder_that_loads(tmp_path, tiny_digits, fake_
 
 def test_model_card_parses_and_carries_the_metrics(tmp_path, tiny_digits):
     train, test = tiny_digits
-    args = _args(tmp_path / "run", eval_attacks="clean,pgd", eval_pgd_steps=2, eval_max_examples=16,
-                 per_device_eval_batch_size=16)
+    args = _args(
+        tmp_path / "run",
+        eval_attacks="clean,pgd",
+        eval_pgd_steps=2,
+        eval_max_examples=16,
+        per_device_eval_batch_size=16,
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train, eval_dataset=test)
     trainer.card_overrides = {"dataset": "digits", "dataset_id": "sklearn/digits"}
     metrics = trainer.evaluate()
@@ -193,11 +231,20 @@ def test_model_card_parses_and_carries_the_metrics(tmp_path, tiny_digits):
 
 
 def test_write_model_card_with_autoattack(tmp_path):
-    path = write_model_card(str(tmp_path), {
-        "architecture": "cifar_resnet18", "method": "cure", "dataset": "CIFAR-10", "dataset_id": "uoft-cs/cifar10",
-        "eps": 8 / 255, "clean_accuracy": 0.8676, "pgd20_accuracy": 0.5492, "autoattack_accuracy": 49.69,
-        "base_model": "timm/resnet18.a1_in1k",
-    })
+    path = write_model_card(
+        str(tmp_path),
+        {
+            "architecture": "cifar_resnet18",
+            "method": "cure",
+            "dataset": "CIFAR-10",
+            "dataset_id": "uoft-cs/cifar10",
+            "eps": 8 / 255,
+            "clean_accuracy": 0.8676,
+            "pgd20_accuracy": 0.5492,
+            "autoattack_accuracy": 49.69,
+            "base_model": "timm/resnet18.a1_in1k",
+        },
+    )
     card = ModelCard.load(path)
     values = {r.metric_config: r.metric_value for r in card.data.eval_results}
     assert values == {"clean": 86.76, "pgd20": 54.92, "autoattack": 49.69}
@@ -228,11 +275,19 @@ def _front_matter(card_path):
 
 
 def test_card_escapes_user_text_and_keeps_its_yaml_valid(tmp_path):
-    path = write_model_card(str(tmp_path), {
-        "model_name": HOSTILE, "architecture": "test_resnet", "method": "trades", "dataset": HOSTILE,
-        "dataset_id": HOSTILE, "hyperparameters": {"optim": HOSTILE, "epsilon": "8/255"}, "clean_accuracy": 0.5,
-        "weight_averaging": {"method": "ema", "note": HOSTILE},
-    })
+    path = write_model_card(
+        str(tmp_path),
+        {
+            "model_name": HOSTILE,
+            "architecture": "test_resnet",
+            "method": "trades",
+            "dataset": HOSTILE,
+            "dataset_id": HOSTILE,
+            "hyperparameters": {"optim": HOSTILE, "epsilon": "8/255"},
+            "clean_accuracy": 0.5,
+            "weight_averaging": {"method": "ema", "note": HOSTILE},
+        },
+    )
     metadata, body = _front_matter(path)
     assert metadata["robustness"]["dataset"] == HOSTILE and metadata["model-index"][0]["name"] == HOSTILE
     assert "datasets" not in metadata  # not a Hub id: no datasets entry
@@ -243,11 +298,15 @@ def test_card_escapes_user_text_and_keeps_its_yaml_valid(tmp_path):
     assert "Averaged weights" in body and "method=ema" in body
 
 
-@pytest.mark.parametrize("method, title, cited", [
-    ("trades", "TRADES", TRADES_CITATION),
-    ("pgd", "PGD-AT", PGD_AT_CITATION),
-    ("cure", "CURE", CURE_CITATION),
-], ids=["trades", "pgd", "cure"])
+@pytest.mark.parametrize(
+    "method, title, cited",
+    [
+        ("trades", "TRADES", TRADES_CITATION),
+        ("pgd", "PGD-AT", PGD_AT_CITATION),
+        ("cure", "CURE", CURE_CITATION),
+    ],
+    ids=["trades", "pgd", "cure"],
+)
 def test_card_cites_the_method_of_the_model_and_only_it(tmp_path, method, title, cited):
     card = ModelCard.load(write_model_card(str(tmp_path), {"method": method}))
     others = [m.citation for m in METHODS.values() if m.citation and m.citation != cited]
@@ -266,9 +325,16 @@ def test_card_shows_the_loading_code_of_the_folders_format_and_the_versions(tmp_
     assert 'load_model("me/m")' in timm_card.text and timm_card.data.library_name == "timm"
     hf_card = ModelCard.load(write_model_card(str(tmp_path / "h"), {"library_name": "transformers", "repo_id": "me/m"}))
     assert "timm.create_model" not in hf_card.text and "timm" not in hf_card.data.tags
-    assert 'AutoModelForImageClassification.from_pretrained("me/m")' in hf_card.text and 'load_model("me/m")' in hf_card.text
-    for name, version in (("cure_hf", cure_hf.__version__), ("PyTorch", torch.__version__),
-                          ("transformers", transformers.__version__), ("timm", timm.__version__)):
+    assert (
+        'AutoModelForImageClassification.from_pretrained("me/m")' in hf_card.text
+        and 'load_model("me/m")' in hf_card.text
+    )
+    for name, version in (
+        ("cure_hf", cure_hf.__version__),
+        ("PyTorch", torch.__version__),
+        ("transformers", transformers.__version__),
+        ("timm", timm.__version__),
+    ):
         assert f"- {name} {version}" in timm_card.text and f"- {name} {version}" in hf_card.text
 
 
@@ -335,8 +401,15 @@ def test_stale_shards_of_an_earlier_save_are_removed_and_not_pushed(tmp_path, fa
     from cure_hf.models import PixelNormalized
 
     folder = tmp_path / "model"
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, num_labels=10)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
     vit = PixelNormalized(ViTForImageClassification(config), (0.5,) * 3, (0.5,) * 3, input_size=16)
     sharded = save_pretrained(vit, folder, max_shard_size="20KB")
     shards = [f for f in sharded if f.startswith("model-")]
@@ -359,8 +432,15 @@ def test_checkpoint_push_refuses_to_overwrite_the_users_readme(tmp_path, tiny_di
     run = tmp_path / "run"
     run.mkdir()
     (run / "README.md").write_text("# my notes\n")
-    args = _args(run, max_steps=1, push_to_hub=True, hub_model_id="me/cure-tiny", save_strategy="steps",
-                 save_steps=1, hub_strategy="every_save")
+    args = _args(
+        run,
+        max_steps=1,
+        push_to_hub=True,
+        hub_model_id="me/cure-tiny",
+        save_strategy="steps",
+        save_steps=1,
+        hub_strategy="every_save",
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train)
     with pytest.raises(FileExistsError, match=r"\['README.md'\], which cure_hf did not write.*another folder"):
         trainer.train()

@@ -4,11 +4,12 @@ out per example, the constructor with a timm and a transformers model, and a spy
 Smoothing applies to the cross-entropy terms against the labels only: (1 - s) * (-log p_y) + s * mean_k(-log p_k)
 per example; the KL terms (TRADES, MART, CURE's consistency) compare two distributions of the model's own.
 """
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.methods import method_loss
 
@@ -50,10 +51,16 @@ ORACLES = {
     "fgsm_rs": lambda z, s: _smoothed_ce(z["z_adv"], z["y"], s),
     "trades": lambda z, s: _smoothed_ce(z["z_nat"], z["y"], s) + BETA * _kl(z["z_nat"], z["z_adv"]),
     "mart": lambda z, s: _mart(z["z_nat"], z["z_adv"], z["y"], s),
-    "cure": lambda z, s: (ALPHA * _smoothed_ce(z["z_nat"], z["y"], s) + (1 - ALPHA) * _smoothed_ce(z["z_adv"], z["y"], s)
-                          + GAMMA * (_kl(z["r_nat"], z["z_nat"]) + _kl(z["r_adv"], z["z_adv"]))),
-    "cure_paper": lambda z, s: (_smoothed_ce(z["z_nat"], z["y"], s) + _kl(z["z_nat"], z["z_adv"])
-                                + GAMMA * (_kl(z["r_nat"], z["z_nat"]) + _kl(z["r_adv"], z["z_adv"]))),
+    "cure": lambda z, s: (
+        ALPHA * _smoothed_ce(z["z_nat"], z["y"], s)
+        + (1 - ALPHA) * _smoothed_ce(z["z_adv"], z["y"], s)
+        + GAMMA * (_kl(z["r_nat"], z["z_nat"]) + _kl(z["r_adv"], z["z_adv"]))
+    ),
+    "cure_paper": lambda z, s: (
+        _smoothed_ce(z["z_nat"], z["y"], s)
+        + _kl(z["z_nat"], z["z_adv"])
+        + GAMMA * (_kl(z["r_nat"], z["z_nat"]) + _kl(z["r_adv"], z["z_adv"]))
+    ),
 }
 
 
@@ -70,19 +77,44 @@ def logits():
 def test_each_method_loss_matches_the_smoothed_formula(logits, method, smoothing):
     name, prominence = ("cure", "paper") if method == "cure_paper" else (method, "loss")
     loss, _ = method_loss(
-        name, logits["y"], z_nat=logits["z_nat"], z_adv=logits["z_adv"], r_nat=logits["r_nat"], r_adv=logits["r_adv"],
-        beta=BETA, alpha=ALPHA, gamma=GAMMA, prominence=prominence, label_smoothing=smoothing)
+        name,
+        logits["y"],
+        z_nat=logits["z_nat"],
+        z_adv=logits["z_adv"],
+        r_nat=logits["r_nat"],
+        r_adv=logits["r_adv"],
+        beta=BETA,
+        alpha=ALPHA,
+        gamma=GAMMA,
+        prominence=prominence,
+        label_smoothing=smoothing,
+    )
     expected = ORACLES[method]({k: v.double().numpy() if k != "y" else v.numpy() for k, v in logits.items()}, smoothing)
     assert loss.item() == pytest.approx(expected, rel=1e-5, abs=1e-6)
     if smoothing:  # the factor changes the loss: not silently ignored
-        assert abs(expected - ORACLES[method]({k: v.double().numpy() if k != "y" else v.numpy()
-                                               for k, v in logits.items()}, 0.0)) > 1e-3
+        assert (
+            abs(
+                expected
+                - ORACLES[method]({k: v.double().numpy() if k != "y" else v.numpy() for k, v in logits.items()}, 0.0)
+            )
+            > 1e-3
+        )
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, attack_steps=1,
-                  label_smoothing_factor=0.1, report_to="none", use_cpu=True, save_strategy="no",
-                  disable_tqdm=True, dataloader_num_workers=0, logging_steps=1)
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=4,
+        attack_steps=1,
+        label_smoothing_factor=0.1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
     kwargs.update(overrides)
     return CURETrainingArguments(**kwargs)
 
@@ -90,8 +122,15 @@ def _args(tmp_path, **overrides):
 def test_constructor_keeps_the_factor_with_a_timm_and_a_transformers_model(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=10)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=10,
+    )
     for model in (make_tiny_model("test_resnet"), ViTForImageClassification(config)):
         args = _args(tmp_path)
         trainer = CURETrainer(model, args)
@@ -108,7 +147,9 @@ def tiny_train():
     return train
 
 
-@pytest.mark.parametrize("method", ["clean", "pgd", "trades", "mart", "fgsm_rs", "cure", "cure_paper", "natural_warmup"])
+@pytest.mark.parametrize(
+    "method", ["clean", "pgd", "trades", "mart", "fgsm_rs", "cure", "cure_paper", "natural_warmup"]
+)
 def test_the_factor_reaches_every_cross_entropy_from_the_trainer(tmp_path, tiny_train, monkeypatch, method, one_thread):
     import cure_hf.components
     import cure_hf.methods

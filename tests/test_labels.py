@@ -1,11 +1,11 @@
 """Labels at first contact: string labels, a label column other than `label`, and labels the model has no class for
 each stop with the fix (or just work), before the first step and without a device sync in it."""
+
 import json
-import os
 
 import pytest
 import torch
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel
 
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import collate_pixels, dataset_label_feature, image_transform, load_digits_dataset, load_image_dataset
@@ -30,9 +30,21 @@ def _relabel(dataset, column, values, feature=None):
 
 
 def _args(tmp_path, **overrides):
-    fields = dict(output_dir=str(tmp_path), adv_method="trades", max_steps=2, per_device_train_batch_size=8,
-                  attack_steps=1, learning_rate=0.05, report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
-                  disable_tqdm=True, save_strategy="no", logging_steps=1)
+    fields = dict(
+        output_dir=str(tmp_path),
+        adv_method="trades",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
     fields.update(overrides)
     return CURETrainingArguments(**fields)
 
@@ -41,8 +53,15 @@ def _tiny_vit(num_labels=10):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=num_labels)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+    )
     return ViTForImageClassification(config)
 
 
@@ -81,9 +100,11 @@ def test_load_image_dataset_class_encodes_string_labels_in_both_splits(tmp_path,
     folder.mkdir()
     # the test split has a class ("emu") the training split lacks: it still gets one index in both
     _relabel(digits16.select(range(12)), "label", [ANIMALS[i % 3] for i in range(12)]).to_parquet(
-        str(folder / "train.parquet"))
+        str(folder / "train.parquet")
+    )
     _relabel(digits16.select(range(12, 16)), "label", ["cat", "emu", "dog", "cat"]).to_parquet(
-        str(folder / "test.parquet"))
+        str(folder / "test.parquet")
+    )
     data, num_classes = load_image_dataset(str(folder), image_size=16)
     names = ["bird", "cat", "dog", "emu"]  # sorted, as datasets' class_encode_column sorts them
     assert num_classes == 4
@@ -91,15 +112,18 @@ def test_load_image_dataset_class_encodes_string_labels_in_both_splits(tmp_path,
     assert dataset_label_feature(data["train"]).names == names
     # the same names and indices datasets' own class_encode_column gives
     encoded = _relabel(digits16.select(range(12)), "label", [ANIMALS[i % 3] for i in range(12)]).class_encode_column(
-        "label")
+        "label"
+    )
     assert encoded.features["label"].names == ["bird", "cat", "dog"]
-    assert [data["train"][i]["labels"] for i in range(12)] == [names.index(encoded.features["label"].int2str(v))
-                                                                for v in encoded["label"]]
+    assert [data["train"][i]["labels"] for i in range(12)] == [
+        names.index(encoded.features["label"].int2str(v)) for v in encoded["label"]
+    ]
     assert [data["test"][i]["labels"] for i in range(4)] == [1, 3, 2, 1]
     assert collate_pixels([data["train"][i] for i in range(4)])["labels"].tolist() == [2, 1, 0, 2]
     # and training works, the saved folder naming the classes
-    trainer = CURETrainer(make_tiny_model("test_resnet", num_classes), _args(tmp_path / "run"),
-                          train_dataset=data["train"])
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet", num_classes), _args(tmp_path / "run"), train_dataset=data["train"]
+    )
     trainer.train()
     trainer.save_model()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["label_names"] == names
@@ -111,7 +135,8 @@ def _fine_labelled(digits16, coarse=True):
     fine = _relabel(digits16, "fine_label", list(digits16["label"]), ClassLabel(names=DIGIT_NAMES))
     if coarse:
         fine = fine.add_column("coarse_label", [v % 2 for v in digits16["label"]]).cast_column(
-            "coarse_label", ClassLabel(names=["even", "odd"]))
+            "coarse_label", ClassLabel(names=["even", "odd"])
+        )
     fine.set_transform(image_transform(16, train=True, label_column="fine_label"))
     return fine
 
@@ -125,8 +150,11 @@ def test_dataset_label_feature_reads_the_transforms_column(digits16):
     plain = digits16.with_transform(lambda batch: batch)
     assert dataset_label_feature(plain).names == [str(i) for i in range(10)]
     # the transform's column is not a ClassLabel: no names, not another column's
-    ints = _relabel(digits16, "fine_label", list(digits16["label"])).add_column("label", [0] * 16).cast_column(
-        "label", ClassLabel(names=["x", "y"]))
+    ints = (
+        _relabel(digits16, "fine_label", list(digits16["label"]))
+        .add_column("label", [0] * 16)
+        .cast_column("label", ClassLabel(names=["x", "y"]))
+    )
     ints.set_transform(image_transform(16, train=True, label_column="fine_label"))
     assert dataset_label_feature(ints) is None
     assert dataset_label_feature(torch.utils.data.TensorDataset(torch.zeros(2))) is None
@@ -154,8 +182,10 @@ def test_the_transforms_column_decides_the_class_count_checked_at_construction(t
 
 
 # ------------------------------------------------------------------- training labels checked like evaluation's
-OUT_OF_RANGE = (r"labels range from 10 to 12, but the model has 10 classes \(0\.\.9\): 10, 11, 12 are no class of "
-                r"the model; give the model a head with as many outputs as the dataset has classes")
+OUT_OF_RANGE = (
+    r"labels range from 10 to 12, but the model has 10 classes \(0\.\.9\): 10, 11, 12 are no class of "
+    r"the model; give the model a head with as many outputs as the dataset has classes"
+)
 
 
 def test_training_labels_the_model_lacks_stop_in_the_collator(tmp_path, digits16):
@@ -195,6 +225,8 @@ def test_an_iterable_training_set_is_checked_against_the_models_declared_classes
 def test_check_model_output_returns_the_class_count_and_soft_labels_are_left_alone():
     model = make_tiny_model("test_resnet", 7)
     assert check_model_output(model, torch.rand(1, 3, 16, 16)) == 7
-    collator = CheckingCollator(lambda examples: {"pixel_values": torch.rand(2, 3, 4, 4),
-                                                  "labels": torch.tensor([[0.2, 0.8], [1.0, 0.0]])}, num_classes=2)
+    collator = CheckingCollator(
+        lambda examples: {"pixel_values": torch.rand(2, 3, 4, 4), "labels": torch.tensor([[0.2, 0.8], [1.0, 0.0]])},
+        num_classes=2,
+    )
     assert collator([None])["labels"].shape == (2, 2)  # float targets of a collator of one's own: not indices

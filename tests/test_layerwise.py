@@ -1,11 +1,18 @@
 """The layer-wise study: blocks by name, settings such as U-23, frozen blocks bit-identical through training."""
+
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.layerwise import (block_of, freeze_for_setting, model_blocks, parameter_blocks, parse_setting,
-                               reinitialize_blocks)
+from cure_hf.layerwise import (
+    block_of,
+    freeze_for_setting,
+    model_blocks,
+    parameter_blocks,
+    parse_setting,
+    reinitialize_blocks,
+)
 
 
 def test_blocks_of_resnet_and_vit():
@@ -38,8 +45,16 @@ def test_frozen_blocks_stay_bit_identical_through_adversarial_training(digits, t
     blocks = parameter_blocks(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     args = CURETrainingArguments(
-        output_dir=str(tmp_path), adv_method="pgd", max_steps=2, per_device_train_batch_size=16, attack_steps=1,
-        learning_rate=0.1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+        output_dir=str(tmp_path),
+        adv_method="pgd",
+        max_steps=2,
+        per_device_train_batch_size=16,
+        attack_steps=1,
+        learning_rate=0.1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
     )
     CURETrainer(model, args, train_dataset=digits["train"].select(range(32))).train()
     after = model.state_dict()

@@ -1,4 +1,5 @@
 """Each method's loss against a direct, per-example computation on a fixed batch."""
+
 import math
 
 import pytest
@@ -78,8 +79,9 @@ def test_cure_released_code(logits):
 
 def test_cure_paper_variant(logits):
     y = logits["labels"]
-    loss, _ = method_loss("cure", y, **{k: v for k, v in logits.items() if k != "labels"}, gamma=0.5,
-                          prominence="paper")
+    loss, _ = method_loss(
+        "cure", y, **{k: v for k, v in logits.items() if k != "labels"}, gamma=0.5, prominence="paper"
+    )
     consistency = _kl(logits["r_nat"], logits["z_nat"]) + _kl(logits["r_adv"], logits["z_adv"])
     expected = _ce(logits["z_nat"], y) + _kl(logits["z_nat"], logits["z_adv"]) + 0.5 * consistency
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -88,8 +90,9 @@ def test_cure_paper_variant(logits):
 def test_gradients_flow_to_both_views_but_never_to_revision(logits):
     z_nat = logits["z_nat"].clone().requires_grad_(True)
     z_adv = logits["z_adv"].clone().requires_grad_(True)
-    loss, _ = method_loss("cure", logits["labels"], z_nat=z_nat, z_adv=z_adv, r_nat=logits["r_nat"],
-                          r_adv=logits["r_adv"])
+    loss, _ = method_loss(
+        "cure", logits["labels"], z_nat=z_nat, z_adv=z_adv, r_nat=logits["r_nat"], r_adv=logits["r_adv"]
+    )
     loss.backward()
     assert z_nat.grad.abs().sum() > 0 and z_adv.grad.abs().sum() > 0
 

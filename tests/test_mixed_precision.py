@@ -1,4 +1,5 @@
 """Mixed precision on CPU: bf16 (and fp16) autocast for training and attacks, fp32 evaluation by default."""
+
 import math
 
 import pytest
@@ -21,8 +22,6 @@ def data():
     return train, test
 
 
-
-
 def _record_conv_dtypes(model):
     """(training?, output dtype) of every forward through the model's first convolution."""
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
@@ -34,18 +33,31 @@ def _record_conv_dtypes(model):
 def _trainer(tiny_model, data, tmp_path, use_cpu=True, **fields):
     train, test = data
     args = CURETrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=STEPS, attack_steps=2,
-        learning_rate=0.05, eval_pgd_steps=1, save_strategy="no", report_to=[],
-        disable_tqdm=True, use_cpu=use_cpu, seed=0,
-        **({"revision_rate": 1.0} if fields.get("adv_method", "cure") == "cure" else {}), **fields,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=STEPS,
+        attack_steps=2,
+        learning_rate=0.05,
+        eval_pgd_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=use_cpu,
+        seed=0,
+        **({"revision_rate": 1.0} if fields.get("adv_method", "cure") == "cure" else {}),
+        **fields,
     )
     model = tiny_model("test_resnet")
     return CURETrainer(model=model, args=args, train_dataset=train, eval_dataset=test), model
 
 
 METHODS = [
-    dict(adv_method="clean"), dict(adv_method="pgd"), dict(adv_method="trades"), dict(adv_method="mart"),
-    dict(adv_method="fgsm_rs"), dict(adv_method="cure"),
+    dict(adv_method="clean"),
+    dict(adv_method="pgd"),
+    dict(adv_method="trades"),
+    dict(adv_method="mart"),
+    dict(adv_method="fgsm_rs"),
+    dict(adv_method="cure"),
     dict(adv_method="cure", prominence="paper", conservation="hard"),
 ]
 
@@ -96,8 +108,18 @@ def test_fp16_attack_gradients_do_not_underflow(tiny_model):
     with torch.no_grad():
         clean = model(x)
     with torch.autocast("cpu", dtype=torch.float16):
-        x_adv = pgd(model, x, None, eps=8 / 255, step_size=1 / 255, steps=1, loss="kl", init="normal",
-                    clean_logits=clean, generator=torch.Generator().manual_seed(1))
+        x_adv = pgd(
+            model,
+            x,
+            None,
+            eps=8 / 255,
+            step_size=1 / 255,
+            steps=1,
+            loss="kl",
+            init="normal",
+            clean_logits=clean,
+            generator=torch.Generator().manual_seed(1),
+        )
         # The control: the plain gradient of the same objective, as an unprotected attack would take it.
         with attack_mode(model):
             probe = start.clone().requires_grad_(True)
@@ -123,8 +145,16 @@ class _CountSkippedSteps(TrainerCallback):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="accelerate runs fp16 (autocast + GradScaler) on GPUs only")
 @pytest.mark.parametrize("prominence", ["loss", "paper"])
 def test_fp16_scaler_skipped_step_runs_no_mask_and_no_revision(tiny_model, data, tmp_path, prominence):
-    trainer, model = _trainer(tiny_model, data, tmp_path, use_cpu=False, fp16=True, adv_method="cure",
-                              prominence=prominence, conservation="hard")
+    trainer, model = _trainer(
+        tiny_model,
+        data,
+        tmp_path,
+        use_cpu=False,
+        fp16=True,
+        adv_method="cure",
+        prominence=prominence,
+        conservation="hard",
+    )
     scaler = trainer.accelerator.scaler
     assert scaler is not None and scaler.is_enabled()
     seen = _record_conv_dtypes(model)
@@ -144,6 +174,8 @@ def test_fp16_scaler_skipped_step_runs_no_mask_and_no_revision(tiny_model, data,
     assert trainer.state.global_step == STEPS and counter.skipped >= 1 and 0 not in masks
     taken = STEPS - counter.skipped
     assert len(masks) == trainer.revision.step == taken, "mask and revision must run on taken steps only"
-    assert trainer.component("conservation")._paper_grads is None, "the paper scores' gradient sums must be consumed by the step"
+    assert trainer.component("conservation")._paper_grads is None, (
+        "the paper scores' gradient sums must be consumed by the step"
+    )
     assert {dtype for _, dtype in seen} == {torch.float16}
     assert all(torch.isfinite(p).all() for p in model.parameters())

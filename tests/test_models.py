@@ -1,4 +1,5 @@
 """cure_hf.models: timm names, local folders, transformers models, in-model normalisation, CIFAR networks."""
+
 import pytest
 import timm
 import torch
@@ -10,10 +11,13 @@ from cure_hf.models import PixelNormalized, create_model, find_head_modules, loa
 
 
 # ----------------------------------------------------------------------------------- CIFAR networks
-@pytest.mark.parametrize("name, params, feature_map", [
-    ("cifar_resnet18", 11_173_962, 4),
-    ("cifar_preact_resnet18", 11_172_170, 4),
-])
+@pytest.mark.parametrize(
+    "name, params, feature_map",
+    [
+        ("cifar_resnet18", 11_173_962, 4),
+        ("cifar_preact_resnet18", 11_172_170, 4),
+    ],
+)
 def test_cifar_resnets_are_registered_in_timm(name, params, feature_map):
     model = timm.create_model(name, num_classes=10)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -100,8 +104,15 @@ def _tiny_vit_folder(path, mean, std):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=4)
+    config = ViTConfig(
+        image_size=16,
+        patch_size=4,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=4,
+    )
     ViTForImageClassification(config).save_pretrained(path)
     ViTImageProcessor(image_mean=mean, image_std=std, size={"height": 16, "width": 16}).save_pretrained(path)
 
@@ -136,11 +147,14 @@ def test_pickled_folder_is_refused_with_the_fix(tmp_path):
         load_model(f"local-dir:{tmp_path / 'm'}", library="transformers")
 
 
-@pytest.mark.parametrize("spec, kwargs, error, message", [
-    ("not_a_model_xyz", {}, ValueError, "neither a timm model name"),
-    ("resnet18", {"library": "keras"}, ValueError, "library='keras'"),
-    ("test_resnet", {"library": "transformers"}, ValueError, "needs a folder or a Hub repo id"),
-])
+@pytest.mark.parametrize(
+    "spec, kwargs, error, message",
+    [
+        ("not_a_model_xyz", {}, ValueError, "neither a timm model name"),
+        ("resnet18", {"library": "keras"}, ValueError, "library='keras'"),
+        ("test_resnet", {"library": "transformers"}, ValueError, "needs a folder or a Hub repo id"),
+    ],
+)
 def test_bad_specs_name_the_problem(spec, kwargs, error, message):
     with pytest.raises(error, match=message):
         load_model(spec, 10, **kwargs)
@@ -158,11 +172,20 @@ def test_model_data_config_is_timms_with_the_trained_size_and_the_in_model_norma
     assert vit.model.pos_embed.shape[1] == (48 // 8) * (32 // 8) + vit.model.num_prefix_tokens  # built non-square
     config = model_data_config(vit)
     pretrained = timm.create_model("test_vit").pretrained_cfg  # timm's own preprocessing of the architecture
-    assert config == {"input_size": (3, 48, 32), "interpolation": pretrained["interpolation"], "crop_pct": 1.0,
-                      "crop_mode": pretrained["crop_mode"], "mean": (0.2, 0.3, 0.4), "std": (0.4, 0.3, 0.2)}
+    assert config == {
+        "input_size": (3, 48, 32),
+        "interpolation": pretrained["interpolation"],
+        "crop_pct": 1.0,
+        "crop_mode": pretrained["crop_mode"],
+        "mean": (0.2, 0.3, 0.4),
+        "std": (0.4, 0.3, 0.2),
+    }
     untouched = create_model("test_resnet", 3)  # no new size: timm's pretrained config as it is
-    expected = {k: pretrained_value for k, pretrained_value in timm.create_model("test_resnet").pretrained_cfg.items()
-                if k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")}
+    expected = {
+        k: pretrained_value
+        for k, pretrained_value in timm.create_model("test_resnet").pretrained_cfg.items()
+        if k in ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+    }
     assert model_data_config(untouched) == expected
     with pytest.raises(ValueError, match=r"image_size=\(48, 0\)"):
         create_model("test_resnet", 3, image_size=(48, 0))

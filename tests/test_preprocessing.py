@@ -5,6 +5,7 @@ their own preprocessing, on images of any size. Also: datasets' split handling, 
 The expected logits always come from the training side (the trainer's evaluation transform and the trained model
 in memory); each library's logits come from its own loader and preprocessing reading the saved folder.
 """
+
 import json
 import logging
 
@@ -18,7 +19,13 @@ from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from cure_hf import CURETrainer, CURETrainingArguments
-from cure_hf.data import DIGITS_DATASET_NAME, image_transform, load_digits_dataset, load_image_dataset, set_preprocessing
+from cure_hf.data import (
+    DIGITS_DATASET_NAME,
+    image_transform,
+    load_digits_dataset,
+    load_image_dataset,
+    set_preprocessing,
+)
 from cure_hf.hub import load_model
 from cure_hf.models import PixelNormalized, create_model
 
@@ -33,16 +40,28 @@ def _pil_images(n, width, height, seed=0):
 
 def _image_dataset(n, width=64, height=40, seed=0):
     features = Features({"image": Image(), "label": ClassLabel(names=LABELS)})
-    return Dataset.from_dict({"image": _pil_images(n, width, height, seed), "label": [i % 3 for i in range(n)]},
-                             features=features)
+    return Dataset.from_dict(
+        {"image": _pil_images(n, width, height, seed), "label": [i % 3 for i in range(n)]}, features=features
+    )
 
 
 def _trained(model, tmp_path, train, test, processing_class=None):
-    args = dict(output_dir=str(tmp_path / "run"), adv_method="trades", max_steps=1, per_device_train_batch_size=4,
-                attack_steps=1, learning_rate=0.05, save_strategy="no", report_to="none", use_cpu=True,
-                disable_tqdm=True, eval_strategy="no")
-    trainer = CURETrainer(model, CURETrainingArguments(**args), train_dataset=train, eval_dataset=test,
-                          processing_class=processing_class)
+    args = dict(
+        output_dir=str(tmp_path / "run"),
+        adv_method="trades",
+        max_steps=1,
+        per_device_train_batch_size=4,
+        attack_steps=1,
+        learning_rate=0.05,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        eval_strategy="no",
+    )
+    trainer = CURETrainer(
+        model, CURETrainingArguments(**args), train_dataset=train, eval_dataset=test, processing_class=processing_class
+    )
     trainer.train()
     return trainer
 
@@ -68,7 +87,11 @@ def test_non_square_model_reloads_with_the_trained_logits_in_timm_transformers_a
 
     config = json.loads((folder / "config.json").read_text())
     saved = config["pretrained_cfg"]
-    assert saved["input_size"] == [3, 48, 32] and saved["mean"] == pytest.approx(MEAN) and saved["std"] == pytest.approx(STD)
+    assert (
+        saved["input_size"] == [3, 48, 32]
+        and saved["mean"] == pytest.approx(MEAN)
+        and saved["std"] == pytest.approx(STD)
+    )
     assert saved["crop_pct"] == 1.0 and config["label_names"] == LABELS
 
     pixels, images = _eval_inputs(test)
@@ -78,8 +101,9 @@ def test_non_square_model_reloads_with_the_trained_logits_in_timm_transformers_a
         expected = trained(pixels)
         tm = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
         timm_transform = timm.data.create_transform(**timm.data.resolve_data_config(model=tm))
-        torch.testing.assert_close(tm(torch.stack([timm_transform(img) for img in images])), expected,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            tm(torch.stack([timm_transform(img) for img in images])), expected, rtol=1e-5, atol=1e-5
+        )
 
         hf = AutoModelForImageClassification.from_pretrained(folder).eval()
         processor = AutoImageProcessor.from_pretrained(folder)
@@ -95,8 +119,15 @@ def _tiny_vit(num_labels=3, image_size=(48, 32)):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=64, num_labels=num_labels)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=num_labels,
+    )
     return ViTForImageClassification(config)
 
 
@@ -164,8 +195,10 @@ def test_embedded_digits_pixels_are_unchanged_at_32x32(tmp_path):
     """The main job's pixels: at the model's own 32x32 the transform only converts, as before (numpy oracle)."""
     data, num_classes = load_image_dataset("digits")
     raw = load_digits_dataset()
-    oracle = [torch.from_numpy(np.asarray(raw["test"][i]["image"].convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-              for i in range(16)]
+    oracle = [
+        torch.from_numpy(np.asarray(raw["test"][i]["image"].convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        for i in range(16)
+    ]
     assert num_classes == 10
     assert all(torch.equal(data["test"][i]["pixel_values"], oracle[i]) for i in range(16))
     set_preprocessing(data, create_model("test_vit", 10, image_size=32, patch_size=8))  # the main job's model

@@ -1,4 +1,5 @@
 """What `import cure_hf` offers: the names the README and the recipes use are importable from the package."""
+
 import cure_hf
 import cure_hf.data
 

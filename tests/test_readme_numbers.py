@@ -5,6 +5,7 @@ to, and, independently of the renderer, every decimal number printed in it is a 
 fraction, a percentage, or seconds/minutes), so neither a hand edit of the README nor a renderer that prints the
 wrong field gets through.
 """
+
 import json
 import os
 import re
@@ -47,7 +48,7 @@ def _explained(printed: str, values) -> bool:
     /60 (minutes), or as a ratio/difference of two values (overheads, ranges, epochs) when nothing simpler fits."""
     decimals = len(printed.split(".")[1])
     target = float(printed)
-    half = 0.5 * 10 ** -decimals + 1e-9
+    half = 0.5 * 10**-decimals + 1e-9
     for v in values:
         for scaled in (v, 100 * v, 1000 * v, v / 60):
             if abs(scaled - target) <= half or abs(-scaled - target) <= half:
@@ -76,7 +77,8 @@ def test_every_numbers_block_is_what_the_results_file_renders(document):
     for name, block in reproduce_readme.blocks(text).items():
         assert block == reproduce_readme.blocks(rendered)[name], (
             f"{document}: the numbers:{name} block differs from {reproduce_readme.RESULTS_FILE}; regenerate it with "
-            "`python recipes/reproduce_readme.py --render_only` (or rerun the part), never by hand")
+            "`python recipes/reproduce_readme.py --render_only` (or rerun the part), never by hand"
+        )
 
 
 @pytest.mark.parametrize("document", sorted(DOCUMENTS))
@@ -101,7 +103,9 @@ def test_the_checker_catches_a_hand_edited_number(tmp_path):
     median = f"{results['main_job']['summary']['final_pgd']['median']:.4f}"
     assert median in block
     edited = text.replace(median, f"{float(median) + 0.0123:.4f}")
-    assert reproduce_readme.blocks(reproduce_readme.render_document(edited, results))["main_job"] != \
-        reproduce_readme.blocks(edited)["main_job"]
+    assert (
+        reproduce_readme.blocks(reproduce_readme.render_document(edited, results))["main_job"]
+        != reproduce_readme.blocks(edited)["main_job"]
+    )
     values = _numbers_in(results["main_job"])
     assert not _explained(f"{float(median) + 0.0123:.4f}", values)

@@ -1,5 +1,6 @@
 """Recipes: every YAML config parses and builds its trainer; imagefolder data with the paper's augmentation;
 the two-stage flow (stage-0 weights, fresh optimizer); the efficient variant; the step schedule."""
+
 import glob
 import os
 import sys
@@ -8,9 +9,9 @@ from dataclasses import replace
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_model
 from transformers import TrainerCallback
 
-from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import load_image_dataset
 
@@ -39,8 +40,9 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def folder_data(image_folder):
-    return load_image_dataset("imagefolder", train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test"),
-                              augment="crop_flip")
+    return load_image_dataset(
+        "imagefolder", train_dir=str(image_folder / "train"), test_dir=str(image_folder / "test"), augment="crop_flip"
+    )
 
 
 def test_imagefolder_through_datasets_with_the_papers_augmentation(folder_data):
@@ -71,8 +73,9 @@ def _architecture(config_path: str, values: dict) -> str:
 _MODELS = {}
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if not c.endswith("digits_vit.yaml")],
-                         ids=lambda c: os.path.basename(c))
+@pytest.mark.parametrize(
+    "config", [c for c in CONFIGS if not c.endswith("digits_vit.yaml")], ids=lambda c: os.path.basename(c)
+)
 def test_config_parses_and_builds_its_trainer(config, folder_data, tmp_path):
     from cure_hf.models import create_model
 
@@ -113,15 +116,38 @@ class _Record(TrainerCallback):
 def test_two_stage_flow_loads_stage0_weights_with_a_fresh_optimizer(image_folder, tmp_path, monkeypatch):
     import safetensors.torch
 
-    common = dict(model_name_or_path="test_resnet", dataset_name="imagefolder", train_dir=str(image_folder / "train"),
-                  test_dir=str(image_folder / "test"), augment="crop_flip", natural_epochs=0, max_steps=2,
-                  per_device_train_batch_size=4, eval_attacks="clean,pgd2", eval_pgd_steps=2, logging_steps=1,
-                  lr_scheduler_type="constant", disable_tqdm=True, use_cpu=True)
+    common = dict(
+        model_name_or_path="test_resnet",
+        dataset_name="imagefolder",
+        train_dir=str(image_folder / "train"),
+        test_dir=str(image_folder / "test"),
+        augment="crop_flip",
+        natural_epochs=0,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        eval_attacks="clean,pgd2",
+        eval_pgd_steps=2,
+        logging_steps=1,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        use_cpu=True,
+    )
     stage0_dir, stage1_dir = tmp_path / "stage0", tmp_path / "stage1"
-    for path, values in ((tmp_path / "stage0.yaml", dict(common, adv_method="clean", output_dir=str(stage0_dir))),
-                         (tmp_path / "stage1.yaml", dict(common, model_name_or_path=str(stage0_dir), adv_method="cure",
-                                                          revision_rate=0.0, attack_steps=1, learning_rate=0.05,
-                                                          output_dir=str(stage1_dir)))):
+    for path, values in (
+        (tmp_path / "stage0.yaml", dict(common, adv_method="clean", output_dir=str(stage0_dir))),
+        (
+            tmp_path / "stage1.yaml",
+            dict(
+                common,
+                model_name_or_path=str(stage0_dir),
+                adv_method="cure",
+                revision_rate=0.0,
+                attack_steps=1,
+                learning_rate=0.05,
+                output_dir=str(stage1_dir),
+            ),
+        ),
+    ):
         path.write_text(yaml.safe_dump(values))
     train_vit.main([str(tmp_path / "stage0.yaml")])
     saved = safetensors.torch.load_file(str(stage0_dir / "model.safetensors"))
@@ -141,8 +167,11 @@ def test_two_stage_flow_loads_stage0_weights_with_a_fresh_optimizer(image_folder
     assert all(torch.equal(seen["entry"][k], saved[k]) for k in saved)  # stage 1 starts from the stage-0 weights
     trainer = seen["trainer"]
     revision = trainer.revision.module.model.state_dict()
-    assert all(torch.equal(revision[k], saved[k]) for k in saved if not k.endswith(("running_mean", "running_var",
-                                                                                    "num_batches_tracked")))
+    assert all(
+        torch.equal(revision[k], saved[k])
+        for k in saved
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     # A fresh optimizer and schedule: its own learning rate from step 1, the step count from 0.
     first = next(e for e in trainer.state.log_history if "learning_rate" in e)
     assert first["learning_rate"] == pytest.approx(0.05) and first["step"] == 1
@@ -156,9 +185,20 @@ def test_efficient_variant_warmup_then_cure_with_step_schedule(digits, tmp_path,
     real_mask = trainer_module.mask_gradients_
     monkeypatch.setattr(trainer_module, "mask_gradients_", lambda *a, **k: mask_calls.append(1) or real_mask(*a, **k))
     args = CURETrainingArguments(
-        output_dir=str(tmp_path), adv_method="cure", num_train_epochs=2, natural_warmup_epochs=1,
-        per_device_train_batch_size=8, attack_steps=1, revision_rate=0.0, lr_step_epochs="1", learning_rate=0.1,
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True,
+        output_dir=str(tmp_path),
+        adv_method="cure",
+        num_train_epochs=2,
+        natural_warmup_epochs=1,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        revision_rate=0.0,
+        lr_step_epochs="1",
+        learning_rate=0.1,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
         dataloader_drop_last=True,
     )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=digits["train"].select(range(16)))
@@ -179,8 +219,9 @@ def test_efficient_variant_warmup_then_cure_with_step_schedule(digits, tmp_path,
 
 
 def test_revision_rate_schedules_decay_from_the_switch(tmp_path):
-    args = CURETrainingArguments(output_dir=str(tmp_path), revision_rate=0.2, revision_rate_schedule="cosine",
-                                 report_to="none", use_cpu=True)
+    args = CURETrainingArguments(
+        output_dir=str(tmp_path), revision_rate=0.2, revision_rate_schedule="cosine", report_to="none", use_cpu=True
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args)
     trainer.state.max_steps, trainer._method_start_step = 10, 2
     rates = []
@@ -201,9 +242,18 @@ def test_compare_methods_table_and_tradeoff_plot(tmp_path):
     import compare_methods
 
     args = compare_methods.parse_args(["--autoattack", "--methods", "clean,cure", "--output_dir", str(tmp_path)])
-    rows = [{"method": "clean", "label": "natural (stage 0)", "clean": 0.99, "pgd20": 0.10, "seconds_per_epoch": 3.0},
-            {"method": "cure", "label": "CURE (released code)", "clean": 0.95, "pgd20": 0.61, "autoattack": 0.5,
-             "n_autoattack": 100, "seconds_per_epoch": 30.0}]
+    rows = [
+        {"method": "clean", "label": "natural (stage 0)", "clean": 0.99, "pgd20": 0.10, "seconds_per_epoch": 3.0},
+        {
+            "method": "cure",
+            "label": "CURE (released code)",
+            "clean": 0.95,
+            "pgd20": 0.61,
+            "autoattack": 0.5,
+            "n_autoattack": 100,
+            "seconds_per_epoch": 30.0,
+        },
+    ]
     table = compare_methods.markdown_table(rows, args).splitlines()
     assert table[0] == "| method | clean acc | PGD-20 acc | AutoAttack acc | seconds / epoch |"
     assert table[2] == "| natural (stage 0) | 99.00 | 10.00 | - | 3.0 |"
@@ -234,10 +284,21 @@ def test_train_vit_config_file_then_flags(tmp_path):
     """`train_vit.py CONFIG.yaml --seed 1`: flags win over the file, the file over RECIPE_DEFAULTS and the dataclasses."""
     half = train_vit.RECIPE_DEFAULTS["learning_rate"] / 2  # whatever the recipe's default is, the file's differs
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"seed": 5, "learning_rate": half, "attack_steps": 3, "output_dir": "x",
-                                      "dataset_config_name": "cropped_digits"}))
-    for argv in ([str(config), "--seed", "1", "--attack_steps", "2"],
-                 ["--seed", "1", "--config", str(config), "--attack_steps", "2"]):
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "seed": 5,
+                "learning_rate": half,
+                "attack_steps": 3,
+                "output_dir": "x",
+                "dataset_config_name": "cropped_digits",
+            }
+        )
+    )
+    for argv in (
+        [str(config), "--seed", "1", "--attack_steps", "2"],
+        ["--seed", "1", "--config", str(config), "--attack_steps", "2"],
+    ):
         model_args, data_args, _, training_args = train_vit.parse_arguments(argv)
         assert training_args.seed == 1 and training_args.attack_steps == 2  # the flags
         assert training_args.learning_rate == half and training_args.output_dir == "x"  # the file
@@ -273,8 +334,11 @@ def test_plan_resume_picks_the_stage_of_the_checkpoint(tmp_path):
     assert plan(str(stage0 / "checkpoint-2"), str(out), True)[0]  # an earlier stage-0 checkpoint still runs it
     with pytest.raises(ValueError, match="neither in .*run .*nor in .*stage0_natural"):
         plan(str(tmp_path / "elsewhere" / "checkpoint-1"), str(out), True)
-    assert plan(str(tmp_path / "elsewhere" / "checkpoint-1"), str(out), False) == \
-        (False, None, str(tmp_path / "elsewhere" / "checkpoint-1"))  # one stage: any checkpoint is the method's
+    assert plan(str(tmp_path / "elsewhere" / "checkpoint-1"), str(out), False) == (
+        False,
+        None,
+        str(tmp_path / "elsewhere" / "checkpoint-1"),
+    )  # one stage: any checkpoint is the method's
     with pytest.raises(ValueError, match="is not a folder"):
         plan(str(out / "checkpoint-99"), str(out), True)
     with pytest.raises(ValueError, match="no checkpoint-<step> folder .*save_strategy"):
@@ -294,7 +358,10 @@ def _recording_trainer(steps_run, crash_dir=None, crash_step=None):
             steps_run.append((os.path.basename(args.output_dir), state.global_step))
 
         def on_save(self, args, state, control, **kwargs):
-            if os.path.normpath(args.output_dir) == os.path.normpath(str(crash_dir)) and state.global_step == crash_step:
+            if (
+                os.path.normpath(args.output_dir) == os.path.normpath(str(crash_dir))
+                and state.global_step == crash_step
+            ):
                 raise _Crash(f"killed after checkpoint-{crash_step} of {crash_dir}")
 
     class RecordingTrainer(CURETrainer):
@@ -310,11 +377,30 @@ def test_resume_from_checkpoint_across_the_two_stages(tmp_path, monkeypatch, one
     (stage 0 skipped): every optimizer step runs exactly once, in order."""
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(dict(
-        model_name_or_path="test_resnet", dataset_name="digits", max_train_samples=32, max_eval_samples=16,
-        per_device_train_batch_size=16, natural_epochs=2, adv_method="fgsm_rs", max_steps=4, save_strategy="steps",
-        save_steps=2, logging_steps=1, eval_attacks="clean,pgd2", eval_pgd_steps=2, output_dir=str(out),
-        disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, report_to="none")))
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                model_name_or_path="test_resnet",
+                dataset_name="digits",
+                max_train_samples=32,
+                max_eval_samples=16,
+                per_device_train_batch_size=16,
+                natural_epochs=2,
+                adv_method="fgsm_rs",
+                max_steps=4,
+                save_strategy="steps",
+                save_steps=2,
+                logging_steps=1,
+                eval_attacks="clean,pgd2",
+                eval_pgd_steps=2,
+                output_dir=str(out),
+                disable_tqdm=True,
+                use_cpu=True,
+                dataloader_num_workers=0,
+                report_to="none",
+            )
+        )
+    )
     calls, steps_run = [], []
     original = train_vit.train_stage
 
@@ -421,9 +507,14 @@ def test_main_job_grid_runs_every_seed_and_thread_and_summarizes(tmp_path, monke
         commands.append((command, env["OMP_NUM_THREADS"]))
         seed, threads = int(command[command.index("--seed") + 1]), int(command[command.index("--cpu_threads") + 1])
         out = command[command.index("--output_dir") + 1]
-        results = {"natural": {"eval_accuracy": 0.98, "eval_pgd20_accuracy": 0.0, "train_seconds": 60.0},
-                   "cure": {"eval_accuracy": 0.97 + 0.001 * seed, "eval_pgd20_accuracy": final_pgd[seed, threads],
-                            "train_seconds": 120.0}}
+        results = {
+            "natural": {"eval_accuracy": 0.98, "eval_pgd20_accuracy": 0.0, "train_seconds": 60.0},
+            "cure": {
+                "eval_accuracy": 0.97 + 0.001 * seed,
+                "eval_pgd20_accuracy": final_pgd[seed, threads],
+                "train_seconds": 120.0,
+            },
+        }
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(results, f)
         return subprocess.CompletedProcess(command, 0)
@@ -433,18 +524,34 @@ def test_main_job_grid_runs_every_seed_and_thread_and_summarizes(tmp_path, monke
     assert [(r["seed"], r["threads"]) for r in report["runs"]] == [(0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2)]
     command, omp = commands[1]
     assert command[1:3] == ["-m", "accelerate.commands.launch"] and omp == "2"
-    assert command[command.index("--num_train_epochs") + 1] == "2" and command[command.index("--cpu_threads") + 1] == "2"
+    assert (
+        command[command.index("--num_train_epochs") + 1] == "2" and command[command.index("--cpu_threads") + 1] == "2"
+    )
     assert command[command.index("--output_dir") + 1] == str(tmp_path / "seed0_threads2")
     summary = report["summary"]
     assert summary["final_pgd"]["median"] == pytest.approx(0.69)
     assert summary["final_pgd"]["range"] == pytest.approx(0.07)
-    assert summary["final_clean"]["median"] == pytest.approx(0.971) and summary["final_clean"]["range"] == pytest.approx(0.002)
+    assert summary["final_clean"]["median"] == pytest.approx(0.971) and summary["final_clean"][
+        "range"
+    ] == pytest.approx(0.002)
     assert summary["stage0_clean"]["range"] == 0 and summary["stage0_pgd"]["median"] == 0
     with open(tmp_path / "main_job_grid.json") as f:
         assert json.load(f)["summary"]["final_pgd"]["range"] == pytest.approx(0.07)
     table = grid.format_table(report).splitlines()
-    assert table[0].split() == ["seed", "threads", "stage-0", "clean", "stage-0", "PGD", "final", "clean", "final",
-                                "PGD", "wall", "s"]
+    assert table[0].split() == [
+        "seed",
+        "threads",
+        "stage-0",
+        "clean",
+        "stage-0",
+        "PGD",
+        "final",
+        "clean",
+        "final",
+        "PGD",
+        "wall",
+        "s",
+    ]
     assert table[-2].split()[:5] == ["median", "0.9800", "0.0000", "0.9710", "0.6900"]
     assert table[-1].split()[:5] == ["range", "0.0000", "0.0000", "0.0020", "0.0700"]
     assert grid.summarize([{"final_pgd": None}], ["final_pgd"]) == {"final_pgd": None}
@@ -457,16 +564,37 @@ def test_compare_methods_summarizes_the_seeds_as_mean_and_range():
     assert args.seed_list == [0, 1, 2]
     runs = []
     for seed, (clean, pgd, aa) in enumerate([(0.90, 0.50, 0.40), (0.92, 0.70, 0.60), (0.94, 0.60, 0.50)]):
-        runs.append({"method": "clean", "label": "natural (stage 0)", "seed": seed, "clean": 0.98 + 0.005 * seed,
-                     "pgd20": 0.0, "seconds_per_epoch": 1.0 + seed})
-        runs.append({"method": "cure", "label": "CURE (released code)", "seed": seed, "clean": clean, "pgd20": pgd,
-                     "autoattack": aa, "n_autoattack": 100, "seconds_per_epoch": 10.0})
+        runs.append(
+            {
+                "method": "clean",
+                "label": "natural (stage 0)",
+                "seed": seed,
+                "clean": 0.98 + 0.005 * seed,
+                "pgd20": 0.0,
+                "seconds_per_epoch": 1.0 + seed,
+            }
+        )
+        runs.append(
+            {
+                "method": "cure",
+                "label": "CURE (released code)",
+                "seed": seed,
+                "clean": clean,
+                "pgd20": pgd,
+                "autoattack": aa,
+                "n_autoattack": 100,
+                "seconds_per_epoch": 10.0,
+            }
+        )
     rows = compare_methods.summarize(runs, "pgd20")
     assert [r["method"] for r in rows] == ["clean", "cure"] and rows[1]["seeds"] == [0, 1, 2]
     # by hand: clean (0.90 + 0.92 + 0.94) / 3 = 0.92, PGD (0.5 + 0.7 + 0.6) / 3 = 0.6, AutoAttack 0.5
     table = compare_methods.markdown_table(rows, args).splitlines()
     assert table[2] == "| natural (stage 0) | 98.50 [98.00, 99.00] | 0.00 [0.00, 0.00] | - | 2.0 |"
-    assert table[3] == "| CURE (released code) | 92.00 [90.00, 94.00] | 60.00 [50.00, 70.00] | 50.00 [40.00, 60.00] (n=100) | 10.0 |"
+    assert (
+        table[3]
+        == "| CURE (released code) | 92.00 [90.00, 94.00] | 60.00 [50.00, 70.00] | 50.00 [40.00, 60.00] (n=100) | 10.0 |"
+    )
     for bad in ("a,b", ","):
         with pytest.raises(SystemExit):
             compare_methods.parse_args(["--seeds", bad])
@@ -477,8 +605,10 @@ def test_readme_band_checks_each_promise_on_hand_made_runs():
     import reproduce_readme
 
     def runs(stage0_clean=(0.97,) * 6, final_clean=(0.97,) * 6, final_pgd=(0.70,) * 6, stage0_pgd=(0.0,) * 6):
-        return [{"stage0_clean": a, "final_clean": b, "final_pgd": c, "stage0_pgd": d}
-                for a, b, c, d in zip(stage0_clean, final_clean, final_pgd, stage0_pgd)]
+        return [
+            {"stage0_clean": a, "final_clean": b, "final_pgd": c, "stage0_pgd": d}
+            for a, b, c, d in zip(stage0_clean, final_clean, final_pgd, stage0_pgd)
+        ]
 
     def checks(rows):
         return reproduce_readme.band_checks(reproduce_main_job.summarize(rows), rows)
@@ -499,13 +629,32 @@ def test_readme_band_checks_each_promise_on_hand_made_runs():
 def test_readme_blocks_are_rewritten_only_between_their_markers():
     import reproduce_readme
 
-    text = "intro 1.5\n<!-- numbers:gpu -->\nold 9.9\n<!-- /numbers:gpu -->\noutro\n<!-- numbers:methods -->\n" \
-           "<!-- /numbers:methods -->\n"
-    results = {"gpu": {"command": "bash benchmarks/gpu_run.sh", "epoch_examples": 50000, "batch_size": 128,
-                       "machine": {"gpu": "H100", "torch": "2"}, "date": "2026-01-01", "wall_seconds": None,
-                       "runs": [{"source": "x.json", "steps": 5, "trainer_s_per_step": {c: {m: 0.1 for m in (
-                           "cure", "trades", "pgd", "clean")} for c in ("fp32", "fast")}, "plain_s_per_step": {
-                           c: {m: 0.05 for m in ("cure", "trades", "pgd", "clean")} for c in ("fp32", "fast")}}]}}
+    text = (
+        "intro 1.5\n<!-- numbers:gpu -->\nold 9.9\n<!-- /numbers:gpu -->\noutro\n<!-- numbers:methods -->\n"
+        "<!-- /numbers:methods -->\n"
+    )
+    results = {
+        "gpu": {
+            "command": "bash benchmarks/gpu_run.sh",
+            "epoch_examples": 50000,
+            "batch_size": 128,
+            "machine": {"gpu": "H100", "torch": "2"},
+            "date": "2026-01-01",
+            "wall_seconds": None,
+            "runs": [
+                {
+                    "source": "x.json",
+                    "steps": 5,
+                    "trainer_s_per_step": {
+                        c: {m: 0.1 for m in ("cure", "trades", "pgd", "clean")} for c in ("fp32", "fast")
+                    },
+                    "plain_s_per_step": {
+                        c: {m: 0.05 for m in ("cure", "trades", "pgd", "clean")} for c in ("fp32", "fast")
+                    },
+                }
+            ],
+        }
+    }
     out = reproduce_readme.render_document(text, results)
     assert out.startswith("intro 1.5\n<!-- numbers:gpu -->\n```") and "old 9.9" not in out
     assert "+100.0%" in out and "39.1 s" in out  # 0.1 s / 0.05 s - 1; 0.1 s x 391 steps (50,000 / 128, rounded up)
@@ -520,12 +669,19 @@ def test_under_accelerate_launch_the_recipes_use_every_core(tmp_path):
     import subprocess
 
     script = tmp_path / "threads.py"
-    script.write_text("import os, torch\nfrom cure_hf.runtime import use_available_cpu_threads\n"
-                      "print('OMP', os.environ.get('OMP_NUM_THREADS'), 'threads', use_available_cpu_threads(), "
-                      "torch.get_num_threads())\n")
+    script.write_text(
+        "import os, torch\nfrom cure_hf.runtime import use_available_cpu_threads\n"
+        "print('OMP', os.environ.get('OMP_NUM_THREADS'), 'threads', use_available_cpu_threads(), "
+        "torch.get_num_threads())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("ACCELERATE_")}
-    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                           str(script)], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     cores = len(os.sched_getaffinity(0))
     assert f"OMP 1 threads {cores} {cores}" in done.stdout

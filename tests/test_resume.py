@@ -3,15 +3,16 @@
 The checkpoint carries the model (safetensors), optimizer/scheduler/RNG states (the Trainer's), and the
 revision model: its weights, step counter and generator state (revision.safetensors).
 """
+
 import os
 
 import pytest
 import safetensors
 import safetensors.torch
 import torch
+from conftest import make_tiny_model, stop_after_save
 from transformers import TrainerCallback
 
-from conftest import make_tiny_model, stop_after_save
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import image_transform
 
@@ -30,9 +31,21 @@ def small_train():
 
 def _args(output_dir, **overrides):
     kwargs = dict(
-        output_dir=str(output_dir), adv_method="cure", max_steps=3, per_device_train_batch_size=8,
-        attack_steps=1, learning_rate=0.05, save_strategy="steps", save_steps=2, logging_steps=1,
-        report_to="none", use_cpu=True, seed=3, revision_rate=0.5, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=str(output_dir),
+        adv_method="cure",
+        max_steps=3,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=3,
+        revision_rate=0.5,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
         eval_strategy="no",
     )
     kwargs.update(overrides)
@@ -54,8 +67,12 @@ def test_interrupted_then_resumed_is_bit_identical(tmp_path, small_train):
     full = CURETrainer(make_tiny_model("test_resnet", seed=1), _args(tmp_path / "full"), train_dataset=small_train)
     full.train()
 
-    interrupted = CURETrainer(make_tiny_model("test_resnet", seed=1), _args(tmp_path / "cut"),
-                              train_dataset=small_train, callbacks=[stop_after_save(2)])
+    interrupted = CURETrainer(
+        make_tiny_model("test_resnet", seed=1),
+        _args(tmp_path / "cut"),
+        train_dataset=small_train,
+        callbacks=[stop_after_save(2)],
+    )
     interrupted.train()
     assert interrupted.state.global_step == 2
     checkpoint = tmp_path / "cut" / "checkpoint-2"
@@ -78,8 +95,9 @@ def test_interrupted_then_resumed_is_bit_identical(tmp_path, small_train):
 
 
 def test_resume_without_revision_state_is_refused(tmp_path, small_train):
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path / "run", max_steps=1, save_steps=1),
-                          train_dataset=small_train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path / "run", max_steps=1, save_steps=1), train_dataset=small_train
+    )
     trainer.train()
     checkpoint = tmp_path / "run" / "checkpoint-1"
     os.remove(checkpoint / "revision.safetensors")
@@ -109,11 +127,25 @@ class _FirstStepIsBest(TrainerCallback):
 def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, small_train):
     """The Trainer's own best-model loader would silently load nothing (our checkpoint keys are timm's)."""
     eval_set = small_train.select(range(8))
-    args = _args(tmp_path / "best", max_steps=2, save_steps=1, eval_strategy="steps", eval_steps=1,
-                 load_best_model_at_end=True, metric_for_best_model="robust_accuracy", eval_pgd_steps=1,
-                 eval_max_examples=8, per_device_eval_batch_size=8)
-    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=small_train, eval_dataset=eval_set,
-                          callbacks=[_FirstStepIsBest()])
+    args = _args(
+        tmp_path / "best",
+        max_steps=2,
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="robust_accuracy",
+        eval_pgd_steps=1,
+        eval_max_examples=8,
+        per_device_eval_batch_size=8,
+    )
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        args,
+        train_dataset=small_train,
+        eval_dataset=eval_set,
+        callbacks=[_FirstStepIsBest()],
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint == str(tmp_path / "best" / "checkpoint-1")
     current = trainer.accelerator.unwrap_model(trainer.model).model.state_dict()

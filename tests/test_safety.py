@@ -1,5 +1,6 @@
 """Never silently wrong: one test per row of the table in docs/safety.md (what used to go on silently, or fail
 far from its cause, now stops with a message that names the value and the fix)."""
+
 import json
 import logging
 import os
@@ -11,8 +12,8 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn as nn
-
 from conftest import make_tiny_model
+
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.data import collate_pixels, image_transform, load_digits_dataset
 from cure_hf.evaluation import evaluate_robustness, predict_under_attack
@@ -38,10 +39,23 @@ def tiny():
 
 
 def _args(output_dir, **overrides):
-    fields = dict(output_dir=str(output_dir), adv_method="pgd", max_steps=2, per_device_train_batch_size=8,
-                  per_device_eval_batch_size=8, attack_steps=1, learning_rate=0.05, eval_pgd_steps=1, report_to="none",
-                  use_cpu=True, seed=0, save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-                  logging_steps=1)
+    fields = dict(
+        output_dir=str(output_dir),
+        adv_method="pgd",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        eval_pgd_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
     fields.update(overrides)
     return CURETrainingArguments(**fields)
 
@@ -84,8 +98,11 @@ def test_nan_gradient_stops_before_the_update_and_skip_policy_drops_only_that_st
         first.register_hook(lambda g: g * float("nan") if trainer.state.global_step == 0 else g)
         initial = {n: p.detach().clone() for n, p in model.named_parameters()}
         if policy == "stop":
-            with pytest.raises(NonFiniteTrainingError, match=r"diverged at step 1: NaN or infinite gradient in \d+ "
-                                                             r"parameter tensors \(e\.g\. model\.conv1\.0\.weight"):
+            with pytest.raises(
+                NonFiniteTrainingError,
+                match=r"diverged at step 1: NaN or infinite gradient in \d+ "
+                r"parameter tensors \(e\.g\. model\.conv1\.0\.weight",
+            ):
                 trainer.train()
             assert all(torch.equal(p, initial[n]) for n, p in model.named_parameters()), "the NaN step was applied"
             with OutputDirLock(str(tmp_path / policy)):  # released on error
@@ -108,11 +125,16 @@ def test_nonfinite_policy_is_validated(tmp_path, policy):
 
 
 # ----------------------------------------------------------------------------- evaluation input and budgets
-@pytest.mark.parametrize("budget, needle", [
-    (dict(steps=0), "steps=0 is invalid"), (dict(restarts=0), "restarts=0 is invalid"),
-    (dict(step_size=0.0), "step_size=0.0 is invalid"), (dict(eps=1.0), r"Did you mean 1/255"),
-    (dict(eps=-0.1), "eps=-0.1 is invalid"),
-])
+@pytest.mark.parametrize(
+    "budget, needle",
+    [
+        (dict(steps=0), "steps=0 is invalid"),
+        (dict(restarts=0), "restarts=0 is invalid"),
+        (dict(step_size=0.0), "step_size=0.0 is invalid"),
+        (dict(eps=1.0), r"Did you mean 1/255"),
+        (dict(eps=-0.1), "eps=-0.1 is invalid"),
+    ],
+)
 def test_pure_evaluation_refuses_budgets_that_make_attacks_a_no_op(digits_batch, budget, needle):
     model = make_tiny_model("test_resnet").eval()
     x, y = digits_batch["pixel_values"][:4], digits_batch["labels"][:4]
@@ -136,16 +158,23 @@ def test_epsilon_in_intensity_levels_is_refused_with_the_fix(tmp_path):
 
 def _relabelled(dataset, pixels=lambda x: x, labels=lambda y: y):
     pipeline = image_transform(16, train=False)
-    return dataset.with_transform(lambda b: {"pixel_values": [pixels(p) for p in pipeline(b)["pixel_values"]],
-                                             "labels": [labels(y) for y in b["label"]]})
+    return dataset.with_transform(
+        lambda b: {
+            "pixel_values": [pixels(p) for p in pipeline(b)["pixel_values"]],
+            "labels": [labels(y) for y in b["label"]],
+        }
+    )
 
 
-@pytest.mark.parametrize("case, needle", [
-    ("intensities", r"range from 0\.000 to 25[0-9]\.000.*divide by 255"),
-    ("labels", r"range from 1[0-9] to 1[0-9], but the model has 10 classes"),
-    ("uint8", "got torch.uint8"),
-    ("nan", "NaN or infinite"),
-])
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("intensities", r"range from 0\.000 to 25[0-9]\.000.*divide by 255"),
+        ("labels", r"range from 1[0-9] to 1[0-9], but the model has 10 classes"),
+        ("uint8", "got torch.uint8"),
+        ("nan", "NaN or infinite"),
+    ],
+)
 def test_evaluate_refuses_input_that_training_refuses(tmp_path, tiny, case, needle):
     train, test = tiny
     broken = {
@@ -159,8 +188,10 @@ def test_evaluate_refuses_input_that_training_refuses(tmp_path, tiny, case, need
     trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path), train_dataset=train)
     with pytest.raises(ValueError, match=needle):
         trainer.evaluate(eval_set)
-    raw = lambda examples: {k: torch.stack([torch.as_tensor(e[k]) for e in examples])  # noqa: E731
-                            for k in ("pixel_values", "labels")}
+    raw = lambda examples: {
+        k: torch.stack([torch.as_tensor(e[k]) for e in examples])  # noqa: E731
+        for k in ("pixel_values", "labels")
+    }
     trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path), train_dataset=train, data_collator=raw)
     with pytest.raises(ValueError, match=needle):
         trainer.evaluate(eval_set)
@@ -250,8 +281,9 @@ def test_resume_true_skips_a_half_written_checkpoint_with_a_warning(tmp_path, ti
     half = tmp_path / "checkpoint-2"
     for name in ("optimizer.pt", "trainer_state.json", "revision.safetensors"):
         os.remove(half / name)  # what a SIGKILL during the Trainer's own save used to leave
-    resumed = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", max_steps=3),
-                          train_dataset=train)
+    resumed = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", max_steps=3), train_dataset=train
+    )
     with caplog.at_level(logging.WARNING, logger="cure_hf.base_trainer"):
         resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3 and resumed.revision.step == 3  # from checkpoint-1 (revision step 1)
@@ -260,32 +292,48 @@ def test_resume_true_skips_a_half_written_checkpoint_with_a_warning(tmp_path, ti
 
 
 @pytest.mark.parametrize("missing", ["optimizer.pt", "scheduler.pt", "revision.safetensors"])
-def test_resume_without_optimizer_scheduler_or_revision_state_is_refused_unless_allowed(tmp_path, tiny, cure_run, caplog,
-                                                                                       one_thread, missing):
+def test_resume_without_optimizer_scheduler_or_revision_state_is_refused_unless_allowed(
+    tmp_path, tiny, cure_run, caplog, one_thread, missing
+):
     train = _two_checkpoints(tmp_path, tiny, cure_run)
     os.remove(tmp_path / "checkpoint-2" / missing)
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", max_steps=3),
-                          train_dataset=train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", max_steps=3), train_dataset=train
+    )
     with pytest.raises(ValueError, match=rf"lacks {missing}.*allow_partial_resume=True"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    allowed = CURETrainer(make_tiny_model("test_resnet"),
-                          _args(tmp_path, adv_method="cure", max_steps=3, allow_partial_resume=True),
-                          train_dataset=train)
+    allowed = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, adv_method="cure", max_steps=3, allow_partial_resume=True),
+        train_dataset=train,
+    )
     with caplog.at_level(logging.WARNING, logger="cure_hf.base_trainer"):
         allowed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert allowed.state.global_step == 3
     assert any(f"lacks {missing}" in r.getMessage() and "start afresh" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("changed", [dict(adv_method="trades"), dict(conserve_fraction=0.5),
-                                     dict(revision_decay=0.99), dict(epsilon="4/255"), dict(attack_steps=3),
-                                     dict(clean_weight=0.2), dict(prominence="paper")])
+@pytest.mark.parametrize(
+    "changed",
+    [
+        dict(adv_method="trades"),
+        dict(conserve_fraction=0.5),
+        dict(revision_decay=0.99),
+        dict(epsilon="4/255"),
+        dict(attack_steps=3),
+        dict(clean_weight=0.2),
+        dict(prominence="paper"),
+    ],
+)
 def test_resume_with_other_method_settings_is_refused_naming_both_values(tmp_path, tiny, cure_run, changed):
     train = _two_checkpoints(tmp_path, tiny, cure_run)
-    (name, value), = changed.items()
+    ((name, value),) = changed.items()
     saved = json.loads((tmp_path / "checkpoint-2" / "training_args.json").read_text())[name]
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, **{"adv_method": "cure", "max_steps": 3, **changed}),
-                          train_dataset=train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, **{"adv_method": "cure", "max_steps": 3, **changed}),
+        train_dataset=train,
+    )
     with pytest.raises(ValueError, match="other method settings") as info:
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert f"{name}={getattr(trainer.args, name)!r} (checkpoint: {saved!r})" in str(info.value)
@@ -293,12 +341,17 @@ def test_resume_with_other_method_settings_is_refused_naming_both_values(tmp_pat
 
 def test_resume_with_another_learning_rate_warns_that_it_is_not_used(tmp_path, tiny, cure_run, caplog, one_thread):
     train = _two_checkpoints(tmp_path, tiny, cure_run)
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", max_steps=3,
-                                                                learning_rate=0.5), train_dataset=train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, adv_method="cure", max_steps=3, learning_rate=0.5),
+        train_dataset=train,
+    )
     with caplog.at_level(logging.WARNING, logger="cure_hf.base_trainer"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
-    assert any("learning_rate=0.5 differs from the checkpoint's 0.05" in r.getMessage() and "not used" in
-               r.getMessage() for r in caplog.records)
+    assert any(
+        "learning_rate=0.5 differs from the checkpoint's 0.05" in r.getMessage() and "not used" in r.getMessage()
+        for r in caplog.records
+    )
     # and indeed: the restored schedule runs from the checkpoint's base learning rate (linear decay to 0 at step 2
     # of 2 in the first run), not from 0.5
     assert trainer.lr_scheduler.base_lrs == [0.05] * len(trainer.lr_scheduler.base_lrs)
@@ -319,8 +372,9 @@ def test_a_second_trainer_on_the_same_output_dir_stops_naming_the_folder_and_hol
                     second.train()
                 refused.append(str(info.value))
 
-    first = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path), train_dataset=train,
-                        callbacks=[StartSecondTrainer()])
+    first = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path), train_dataset=train, callbacks=[StartSecondTrainer()]
+    )
     first.train()
     assert first.state.global_step == 2
     (message,) = refused
@@ -334,11 +388,14 @@ def test_the_lock_of_a_killed_process_does_not_block(tmp_path, tiny):
     import cure_hf.safety
 
     # cure_hf.safety alone (not the whole package): the child only needs the lock, and starts in seconds
-    code = ("import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('safety', sys.argv[2]); "
-            "safety = importlib.util.module_from_spec(spec); spec.loader.exec_module(safety); "
-            "lock = safety.OutputDirLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)")
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), cure_hf.safety.__file__],
-                             stdout=subprocess.PIPE, text=True)
+    code = (
+        "import importlib.util, sys, time; spec = importlib.util.spec_from_file_location('safety', sys.argv[2]); "
+        "safety = importlib.util.module_from_spec(spec); spec.loader.exec_module(safety); "
+        "lock = safety.OutputDirLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), cure_hf.safety.__file__], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert child.stdout.readline().strip() == "held"
         trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, max_steps=1), train_dataset=train)
@@ -358,8 +415,9 @@ def test_the_lock_of_a_killed_process_does_not_block(tmp_path, tiny):
 def test_push_to_hub_saves_locally_before_the_upload_fails(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     train, _ = tiny
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, hub_model_id="someone/robust-digits"),
-                          train_dataset=train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, hub_model_id="someone/robust-digits"), train_dataset=train
+    )
     with pytest.raises(Exception) as info:
         trainer.push_to_hub()
     assert "offline" in f"{type(info.value).__name__} {info.value}".lower()

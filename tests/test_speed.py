@@ -2,27 +2,42 @@
 synchronisation and no need for frozen parameters, the CUDA-graph attack's plumbing, compiled attacks, and the
 device-resident loader yielding the Trainer's DataLoader batches. (CUDA-only checks skip here; the GPU run of
 benchmarks/gpu_run.sh makes them.)"""
+
 import math
 
 import pytest
 import torch
+from conftest import make_tiny_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
-from conftest import make_tiny_model
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.attacks import pgd, pgd_steps, random_start
 from cure_hf.speed import (
-    CheckingCollator, DeviceResidentLoader, GraphedAttack, TensorImageDataset, _EagerReplay, attack_module,
-    augmentation_draws, crop_flip, plan_speed,
+    CheckingCollator,
+    DeviceResidentLoader,
+    GraphedAttack,
+    TensorImageDataset,
+    _EagerReplay,
+    attack_module,
+    augmentation_draws,
+    crop_flip,
+    plan_speed,
 )
 
 KW = dict(eps=8 / 255, step_size=2 / 255, steps=3)
 
 
 def _args(tmp_path, **fields):
-    base = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
-                logging_strategy="no", seed=0)
+    base = dict(
+        output_dir=str(tmp_path),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+    )
     return CURETrainingArguments(**{**base, **fields})
 
 
@@ -50,15 +65,18 @@ def test_fast_preset_sets_its_fields_and_plans_for_the_cpu(tmp_path, monkeypatch
     assert _args(tmp_path).speed_preset_changed == []
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(speed_preset="fast", fp16=True), "drop fp16=True"),
-    (dict(speed_preset="fast", torch_compile_mode="reduce-overhead"), "cannot contain another capture"),
-    (dict(attack_cuda_graph=True), "needs a CUDA device"),
-    (dict(device_resident_data=True, dataloader_num_workers=2), "set dataloader_num_workers=0"),
-    (dict(device_augment="crop_flip", device_resident_data=False), "device_resident_data=True"),
-    (dict(device_augment="cutout"), "allowed one of"),
-    (dict(speed_preset="fastest"), "allowed one of"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(speed_preset="fast", fp16=True), "drop fp16=True"),
+        (dict(speed_preset="fast", torch_compile_mode="reduce-overhead"), "cannot contain another capture"),
+        (dict(attack_cuda_graph=True), "needs a CUDA device"),
+        (dict(device_resident_data=True, dataloader_num_workers=2), "set dataloader_num_workers=0"),
+        (dict(device_augment="crop_flip", device_resident_data=False), "device_resident_data=True"),
+        (dict(device_augment="cutout"), "allowed one of"),
+        (dict(speed_preset="fastest"), "allowed one of"),
+    ],
+)
 def test_contradictions_are_refused_with_the_fix(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
         _args(tmp_path, **fields)
@@ -75,8 +93,15 @@ def test_explicit_cuda_graph_is_refused_off_cuda(tmp_path):
 class FailOnHostSync(TorchDispatchMode):
     """Fails on every operator that reads a tensor's value back to the host (a device synchronisation on GPUs)."""
 
-    SYNCING = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal",
-               "aten::allclose", "aten::masked_select"}
+    SYNCING = {
+        "aten::_local_scalar_dense",
+        "aten::item",
+        "aten::nonzero",
+        "aten::is_nonzero",
+        "aten::equal",
+        "aten::allclose",
+        "aten::masked_select",
+    }
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name
@@ -156,8 +181,10 @@ def test_graphed_attack_replays_the_eager_attack(one_thread):
         p.data = p.data.clone()
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(9))
     kwargs = dict(loss="kl", init="normal", **KW)
-    assert torch.equal(attack(model, x, labels, generator=torch.Generator().manual_seed(9), **kwargs),
-                       pgd(model, x, labels, generator=torch.Generator().manual_seed(9), **kwargs))
+    assert torch.equal(
+        attack(model, x, labels, generator=torch.Generator().manual_seed(9), **kwargs),
+        pgd(model, x, labels, generator=torch.Generator().manual_seed(9), **kwargs),
+    )
     assert attack.graphs.keys() == graphs_before.keys()
 
 
@@ -193,7 +220,7 @@ def test_crop_flip_is_torchvision_crop_then_flip():
     assert out.shape == (6, 3, 8, 8) and out.is_contiguous(memory_format=torch.channels_last)
     for i in range(6):
         padded = torch.nn.functional.pad(images[i].permute(2, 0, 1).float() / 255, (4, 4, 4, 4))
-        crop = padded[:, top[i]:top[i] + 8, left[i]:left[i] + 8]
+        crop = padded[:, top[i] : top[i] + 8, left[i] : left[i] + 8]
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop)
     # draws depend on (seed, epoch) only
     assert all(torch.equal(a, b) for a, b in zip(augmentation_draws(3, 1, 6), augmentation_draws(3, 1, 6)))
@@ -206,8 +233,9 @@ def test_resident_loader_yields_the_trainers_dataloader_batches(tmp_path, augmen
     dataset = TensorImageDataset(images, labels, augment=augment, seed=5)
     common = dict(per_device_train_batch_size=4, dataloader_drop_last=True, channels_last=True, seed=7)
     reference = CURETrainer(make_tiny_model(), _args(tmp_path, **common), train_dataset=dataset).get_train_dataloader()
-    trainer = CURETrainer(make_tiny_model(), _args(tmp_path, device_resident_data=True, **common),
-                          train_dataset=dataset)
+    trainer = CURETrainer(
+        make_tiny_model(), _args(tmp_path, device_resident_data=True, **common), train_dataset=dataset
+    )
     resident = trainer.get_train_dataloader()
     assert isinstance(resident, DeviceResidentLoader) and len(resident) == len(reference) == 5
     for epoch in (0, 1, 2):
@@ -245,10 +273,16 @@ def test_resident_data_from_a_plain_dataset_and_the_refusals(tmp_path):
             return {"pixel_values": pixels, "labels": int(labels[i])}
 
     common = dict(per_device_train_batch_size=4, seed=7)
-    expected = CURETrainer(make_tiny_model(), _args(tmp_path, **common),
-                           train_dataset=TensorImageDataset(images, labels, augment="crop_flip", seed=7))
-    trainer = CURETrainer(make_tiny_model(), _args(tmp_path, device_resident_data=True, device_augment="crop_flip",
-                                                   **common), train_dataset=Plain())
+    expected = CURETrainer(
+        make_tiny_model(),
+        _args(tmp_path, **common),
+        train_dataset=TensorImageDataset(images, labels, augment="crop_flip", seed=7),
+    )
+    trainer = CURETrainer(
+        make_tiny_model(),
+        _args(tmp_path, device_resident_data=True, device_augment="crop_flip", **common),
+        train_dataset=Plain(),
+    )
     loader = trainer.get_train_dataloader()
     assert loader.images.dtype == torch.uint8 and torch.equal(loader.images, images)  # stored exactly, as uint8
     reference = expected.get_train_dataloader()
@@ -256,11 +290,13 @@ def test_resident_data_from_a_plain_dataset_and_the_refusals(tmp_path):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["labels"], b["labels"])
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="transform is random"):
-        CURETrainer(make_tiny_model(), _args(tmp_path, device_resident_data=True, **common),
-                    train_dataset=Plain(random=True)).get_train_dataloader()
+        CURETrainer(
+            make_tiny_model(), _args(tmp_path, device_resident_data=True, **common), train_dataset=Plain(random=True)
+        ).get_train_dataloader()
     # under the preset a set that cannot stay on the device falls back to the DataLoader
-    fallback = CURETrainer(make_tiny_model(), _args(tmp_path, device_resident_data=None, **common),
-                           train_dataset=Plain(random=True))
+    fallback = CURETrainer(
+        make_tiny_model(), _args(tmp_path, device_resident_data=None, **common), train_dataset=Plain(random=True)
+    )
     fallback.speed.plan.device_resident_data = True  # what speed_preset='fast' resolves to
     assert not isinstance(fallback.get_train_dataloader(), DeviceResidentLoader)
 
@@ -275,7 +311,9 @@ def test_pixel_range_is_checked_on_the_cpu_with_the_fix(tmp_path):
 
     trainer = CURETrainer(make_tiny_model(), _args(tmp_path, per_device_train_batch_size=4), train_dataset=Normalised())
     assert isinstance(trainer.data_collator, CheckingCollator) and trainer.speed.pixels_checked_on_cpu
-    with pytest.raises(ValueError, match=r"pixel_values range from -1.500 to -1.500, outside \[0, 1\].*inside the model"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values range from -1.500 to -1.500, outside \[0, 1\].*inside the model"
+    ):
         next(iter(trainer.get_train_dataloader()))
 
 
@@ -312,14 +350,22 @@ def test_fast_preset_step_matches_the_fp32_step(tmp_path, one_thread, method):
     dataset = TensorImageDataset(images, labels, augment="crop_flip", seed=0)
     results = {}
     # on a CPU the preset leaves its GPU-only fields off: this test sets them, to check their numbers
-    fast = dict(speed_preset="fast", torch_compile_backend="aot_eager", bf16=True, channels_last=True, torch_compile=True)
+    fast = dict(
+        speed_preset="fast", torch_compile_backend="aot_eager", bf16=True, channels_last=True, torch_compile=True
+    )
     for name, fields in (("fp32", {}), ("fast", fast)):
         for attack in ("fixed", "own"):
             torch._dynamo.reset()
             model = make_tiny_model("test_resnet", seed=3)
             recorder = GradientsBeforeTheStep()
-            args = _args(tmp_path / name, adv_method=method, per_device_train_batch_size=16, max_steps=1,
-                         attack_steps=KW["steps"], **fields)
+            args = _args(
+                tmp_path / name,
+                adv_method=method,
+                per_device_train_batch_size=16,
+                max_steps=1,
+                attack_steps=KW["steps"],
+                **fields,
+            )
             trainer = CURETrainer(model, args, train_dataset=dataset, callbacks=[recorder])
             if attack == "fixed":
                 trainer.craft_adversarial = _fixed_attack(method)

@@ -1,10 +1,11 @@
 """Per-layer telemetry of CURE's mask: values in [0, 1], consistent sums, logged by the Trainer, plotted."""
+
 import os
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.layerwise import parameter_blocks
 from cure_hf.prominence import mask_gradients_
@@ -13,7 +14,7 @@ from cure_hf.telemetry import LayerTelemetry, plot_layer_telemetry, telemetry_se
 
 def _blocks_of_logs(logs, quantity):
     prefix = f"telemetry/{quantity}/"
-    return {k[len(prefix):]: v for k, v in logs.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in logs.items() if k.startswith(prefix)}
 
 
 def test_telemetry_matches_the_masks_and_sums_consistently():
@@ -29,6 +30,7 @@ def test_telemetry_matches_the_masks_and_sums_consistently():
     telemetry = LayerTelemetry()
     conserved = {}
     telemetry.begin(model, params)
+
     def record(param, mask):
         conserved[id(param)] = mask.clone()
         telemetry.observe(param, mask)
@@ -60,9 +62,18 @@ def test_telemetry_matches_the_masks_and_sums_consistently():
 
 def test_trainer_logs_telemetry_and_plots_it(digits, tmp_path):
     args = CURETrainingArguments(
-        output_dir=str(tmp_path), adv_method="cure", max_steps=2, per_device_train_batch_size=16, attack_steps=1,
-        layer_telemetry=True, conservation="hard", logging_steps=1, report_to="none", save_strategy="no",
-        disable_tqdm=True, use_cpu=True,
+        output_dir=str(tmp_path),
+        adv_method="cure",
+        max_steps=2,
+        per_device_train_batch_size=16,
+        attack_steps=1,
+        layer_telemetry=True,
+        conservation="hard",
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
     )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=digits["train"].select(range(32)))
     trainer.train()

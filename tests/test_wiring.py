@@ -3,14 +3,15 @@ apart from the trainer, and pass-through spies on what the trainer hands to the 
 
 Each test here kills mutants that the module tests let live (mutation testing: docs/safety.md).
 """
+
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import make_tiny_model
 
 from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.attacks import kl_divergence, pgd
@@ -18,7 +19,6 @@ from cure_hf.data import image_transform, load_digits_dataset
 from cure_hf.evaluation import predict_under_attack
 from cure_hf.prominence import conserve_mask, mask_gradients_, quantile_threshold, quantile_thresholds
 from cure_hf.revision import RevisionModel
-from conftest import make_tiny_model
 
 EPS = 8 / 255
 
@@ -32,9 +32,20 @@ def tiny_train():
 
 
 def _args(tmp_path, **overrides):
-    fields = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, attack_steps=2,
-                  learning_rate=0.05, report_to="none", use_cpu=True, seed=0, save_strategy="no",
-                  disable_tqdm=True, dataloader_num_workers=0, logging_steps=1)
+    fields = dict(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        attack_steps=2,
+        learning_rate=0.05,
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
     fields.update(overrides)
     return CURETrainingArguments(**fields)
 
@@ -68,14 +79,17 @@ def test_mask_with_ties_and_exact_zeros_matches_numpy(fraction):
         assert np.array_equal(conserve_mask(torch.from_numpy(score), fraction).numpy(), expected)
         assert np.all(p.grad.numpy()[expected] == 0) and np.all(np.abs(p.grad.numpy()[~expected]) == score[~expected])
         assert quantile_threshold(torch.from_numpy(score), fraction).item() == pytest.approx(
-            np.quantile(score.astype(np.float64), fraction), abs=1e-7)
+            np.quantile(score.astype(np.float64), fraction), abs=1e-7
+        )
 
 
 def test_batched_thresholds_of_equal_size_tensors_match_numpy_one_by_one():
     """Equal-size tensors share one batched selection: each still gets its own quantile."""
     g = torch.Generator().manual_seed(0)
-    scores = [torch.randint(0, 4, (7, 5), generator=g).float() for _ in range(3)] + [torch.rand(35, generator=g),
-                                                                                      torch.rand(4, generator=g)]
+    scores = [torch.randint(0, 4, (7, 5), generator=g).float() for _ in range(3)] + [
+        torch.rand(35, generator=g),
+        torch.rand(4, generator=g),
+    ]
     for fraction in (0.0, 0.2, 0.5, 1.0):
         got = quantile_thresholds(scores, fraction)
         for score, value in zip(scores, got):
@@ -162,8 +176,9 @@ def test_revision_save_load_round_trip(tmp_path):
         assert RevisionModel.read_schedule(str(folder)) == {"method_start_step": revision.step + 4}
         assert other.load(str(folder)) == {"method_start_step": revision.step + 4}
         assert other.step == revision.step and torch.equal(other.generator.get_state(), revision.generator.get_state())
-        assert all(torch.equal(a, b) for a, b in zip(other.module.state_dict().values(),
-                                                     revision.module.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(other.module.state_dict().values(), revision.module.state_dict().values())
+        )
         with safetensors.safe_open(str(folder / "revision.safetensors"), framework="pt") as f:
             metadata = f.metadata()
         assert (metadata["format"], metadata["rate"], metadata["decay"]) == ("pt", "0.5", "0.9")
@@ -175,8 +190,11 @@ def test_revision_load_is_strict_and_reads_files_without_a_schedule(tmp_path):
     RevisionModel(nn.Linear(2, 1)).save(str(tmp_path))
     with pytest.raises(RuntimeError, match="Missing key"):
         RevisionModel(nn.Sequential(nn.Linear(2, 1))).load(str(tmp_path))  # "0.weight" vs "weight"
-    state = {"module.weight": torch.ones(1, 2), "module.bias": torch.zeros(1),
-             "generator_state": torch.Generator().manual_seed(1).get_state()}
+    state = {
+        "module.weight": torch.ones(1, 2),
+        "module.bias": torch.zeros(1),
+        "generator_state": torch.Generator().manual_seed(1).get_state(),
+    }
     safetensors.torch.save_file(state, str(tmp_path / "revision.safetensors"), metadata={"step": "2"})
     revision = RevisionModel(nn.Linear(2, 1))
     assert revision.load(str(tmp_path)) == {} and revision.step == 2
@@ -198,14 +216,18 @@ class _Spies:
                 trainer.component("revision").ensure()
             if trainer.revision is not None and not getattr(trainer.revision, "_spied", False):
                 trainer.revision.module.register_forward_hook(
-                    lambda m, i, o: self.revision_forwards.append((i[0].detach().clone(), o.detach().clone())))
+                    lambda m, i, o: self.revision_forwards.append((i[0].detach().clone(), o.detach().clone()))
+                )
                 trainer.revision._spied = True
             return step(model, inputs, *rest)
 
         trainer.training_step = training_step
         model = trainer.model  # (the revision model is a deep copy, hooks included: count this module's calls only)
-        model.register_forward_hook(lambda m, i, o: self.forwards.append((i[0].detach().clone(), o.detach().clone()))
-                                    if m is model and m.training else None)
+        model.register_forward_hook(
+            lambda m, i, o: (
+                self.forwards.append((i[0].detach().clone(), o.detach().clone())) if m is model and m.training else None
+            )
+        )
         method = copy.copy(trainer.method)  # an instance attribute shadows the class's loss for this trainer only
         loss = method.loss
 
@@ -222,14 +244,19 @@ class _Spies:
         return matches[0]
 
 
-_OWN_HYPERPARAMETERS = {"pgd": {}, "fgsm_rs": {}, "trades": {"trades_beta": 4.5}, "mart": {"trades_beta": 4.5},
-                        "cure": {"clean_weight": 0.37, "consistency_weight": 0.55}}
+_OWN_HYPERPARAMETERS = {
+    "pgd": {},
+    "fgsm_rs": {},
+    "trades": {"trades_beta": 4.5},
+    "mart": {"trades_beta": 4.5},
+    "cure": {"clean_weight": 0.37, "consistency_weight": 0.55},
+}
 
 
 @pytest.mark.parametrize("method", ["pgd", "trades", "mart", "fgsm_rs", "cure"])
-def test_every_method_trains_on_x_adv_within_eps_and_hands_its_hyperparameters_to_the_loss(tmp_path, tiny_train,
-                                                                                           one_thread, method,
-                                                                                           monkeypatch):
+def test_every_method_trains_on_x_adv_within_eps_and_hands_its_hyperparameters_to_the_loss(
+    tmp_path, tiny_train, one_thread, method, monkeypatch
+):
     import cure_hf.components as components
 
     consistency_weights = []
@@ -240,8 +267,13 @@ def test_every_method_trains_on_x_adv_within_eps_and_hands_its_hyperparameters_t
         return with_consistency(result, z_nat, z_adv, r_nat, r_adv, gamma)
 
     monkeypatch.setattr(components, "with_consistency", consistency_spy)
-    args = _args(tmp_path, adv_method=method, label_smoothing_factor=0.05, attack_step_size="3/255",
-                 **_OWN_HYPERPARAMETERS[method])
+    args = _args(
+        tmp_path,
+        adv_method=method,
+        label_smoothing_factor=0.05,
+        attack_step_size="3/255",
+        **_OWN_HYPERPARAMETERS[method],
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
     spies = _Spies(trainer)
     trainer.train()
@@ -274,8 +306,9 @@ def test_every_method_trains_on_x_adv_within_eps_and_hands_its_hyperparameters_t
         assert inputs.r_nat is None and inputs.r_adv is None and not consistency_weights
 
 
-def test_paper_prominence_scores_come_from_separate_clean_and_adversarial_gradients(tmp_path, tiny_train, one_thread,
-                                                                                     monkeypatch):
+def test_paper_prominence_scores_come_from_separate_clean_and_adversarial_gradients(
+    tmp_path, tiny_train, one_thread, monkeypatch
+):
     """The mask's scores are alpha |dCE(f(x))/dw| + (1 - alpha) |dCE(f(x_adv))/dw|, recomputed here apart from the
     trainer on a copy of the model taken before the step."""
     import cure_hf.components as trainer_module
@@ -300,7 +333,7 @@ def test_paper_prominence_scores_come_from_separate_clean_and_adversarial_gradie
 
     monkeypatch.setattr(trainer_module, "mask_gradients_", spy)
     trainer.train()
-    (fraction, scores), = seen
+    ((fraction, scores),) = seen
     assert fraction == 0.4
     x = spies.batches[0]
     x_adv = next(inp for inp, _ in spies.forwards if not torch.equal(inp, x))
@@ -335,8 +368,17 @@ def test_pgd_restarts_keep_every_earlier_success():
     model = _RoundedThreshold()
     runs = {}
     for restarts in (1, 3):
-        predictions = predict_under_attack(model, x, labels, "pgd", eps=EPS, step_size=EPS / 4, steps=2,
-                                           restarts=restarts, generator=torch.Generator().manual_seed(0))
+        predictions = predict_under_attack(
+            model,
+            x,
+            labels,
+            "pgd",
+            eps=EPS,
+            step_size=EPS / 4,
+            steps=2,
+            restarts=restarts,
+            generator=torch.Generator().manual_seed(0),
+        )
         runs[restarts] = set((predictions != labels).nonzero().flatten().tolist())
     assert 60 < len(runs[1]) < 140, "about a quarter broken by one restart"
     assert runs[1] <= runs[3], "an example broken by an earlier restart must stay broken"
@@ -358,8 +400,11 @@ def test_kl_attack_maximises_kl_clean_to_adversarial_not_the_reverse():
     def one_step(direction):
         probe = x.clone().requires_grad_(True)
         logits = model(probe)
-        kl = kl_divergence(logits, clean_logits, "sum") if direction == "forward" else \
-            kl_divergence(clean_logits, logits, "sum")
+        kl = (
+            kl_divergence(logits, clean_logits, "sum")
+            if direction == "forward"
+            else kl_divergence(clean_logits, logits, "sum")
+        )
         (grad,) = torch.autograd.grad(kl, probe)
         return (x + step * grad.sign()).clamp(x - EPS, x + EPS).clamp(0, 1)
 
@@ -371,14 +416,16 @@ def test_kl_attack_maximises_kl_clean_to_adversarial_not_the_reverse():
 
 # ------------------------------------------------------------------- fp16: the scaler's skipped steps
 @pytest.mark.parametrize("prominence", ["loss", "paper"])
-def test_cpu_grad_scaler_skipped_step_runs_no_mask_no_revision_and_is_not_divergence(tmp_path, tiny_train, one_thread,
-                                                                                     prominence):
+def test_cpu_grad_scaler_skipped_step_runs_no_mask_no_revision_and_is_not_divergence(
+    tmp_path, tiny_train, one_thread, prominence
+):
     """torch.amp.GradScaler('cpu') stands in for fp16's scaler on GPUs: an overflow at step 0 makes the scaler skip
     the optimizer step, so the mask and the revision must not run on it and the divergence guard must not stop."""
-    args = _args(tmp_path, adv_method="cure", max_steps=2, prominence=prominence, conservation="hard",
-                 revision_rate=1.0)
+    args = _args(
+        tmp_path, adv_method="cure", max_steps=2, prominence=prominence, conservation="hard", revision_rate=1.0
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
-    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
     model = trainer.model
     next(model.parameters()).register_hook(lambda g: g * float("inf") if trainer.state.global_step == 0 else g)
     masks, skipped = [], []
@@ -400,7 +447,7 @@ def test_cpu_grad_scaler_skipped_step_runs_no_mask_no_revision_and_is_not_diverg
     assert trainer.state.global_step == 2 and skipped == [True, False]
     assert masks == [1], "the mask ran on the taken step only"
     assert trainer.revision.step == 1, "the revision counted the taken step only"
-    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 3, "the scaler backed off once"
+    assert trainer.accelerator.scaler.get_scale() == 2.0**3, "the scaler backed off once"
     assert trainer.component("conservation")._paper_grads is None
     assert trainer.nonfinite_guard.skipped_steps == []
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -440,20 +487,27 @@ def test_loss_functions_default_to_no_label_smoothing():
     z_nat, z_adv, r_nat, r_adv = (torch.randn(5, 4, generator=g) for _ in range(4))
     y = torch.tensor([0, 1, 2, 3, 0])
     ce = lambda z: F.cross_entropy(z.double(), y).item()  # noqa: E731
-    kl = lambda student, teacher: F.kl_div(F.log_softmax(student.double(), 1), F.softmax(teacher.double(), 1),  # noqa
-                                           reduction="batchmean").item()
+    kl = lambda student, teacher: F.kl_div(
+        F.log_softmax(student.double(), 1),
+        F.softmax(teacher.double(), 1),  # noqa
+        reduction="batchmean",
+    ).item()
     assert methods.smoothed_cross_entropy(z_nat, y).item() == pytest.approx(ce(z_nat), rel=1e-5)
     assert methods.clean_loss(z_nat, y)[0].item() == pytest.approx(ce(z_nat), rel=1e-5)
     assert methods.pgd_at_loss(z_adv, y)[0].item() == pytest.approx(ce(z_adv), rel=1e-5)
     assert methods.trades_loss(z_nat, z_adv, y, beta=2.0)[0].item() == pytest.approx(
-        ce(z_nat) + 2.0 * kl(z_adv, z_nat), rel=1e-5)
+        ce(z_nat) + 2.0 * kl(z_adv, z_nat), rel=1e-5
+    )
     consistency = kl(z_nat, r_nat) + kl(z_adv, r_adv)
     assert methods.cure_loss(z_nat, z_adv, r_nat, r_adv, y, alpha=0.2, gamma=0.5)[0].item() == pytest.approx(
-        0.2 * ce(z_nat) + 0.8 * ce(z_adv) + 0.5 * consistency, rel=1e-5)
+        0.2 * ce(z_nat) + 0.8 * ce(z_adv) + 0.5 * consistency, rel=1e-5
+    )
     assert methods.cure_paper_loss(z_nat, z_adv, r_nat, r_adv, y, gamma=0.5)[0].item() == pytest.approx(
-        ce(z_nat) + kl(z_adv, z_nat) + 0.5 * consistency, rel=1e-5)
+        ce(z_nat) + kl(z_adv, z_nat) + 0.5 * consistency, rel=1e-5
+    )
     assert methods.mart_loss(z_nat, z_adv, y, beta=1.0)[0].item() == pytest.approx(
-        methods.mart_loss(z_nat, z_adv, y, beta=1.0, smoothing=0.0)[0].item())
+        methods.mart_loss(z_nat, z_adv, y, beta=1.0, smoothing=0.0)[0].item()
+    )
 
 
 def test_label_smoothing_reaches_the_cross_entropy_terms():
@@ -517,8 +571,9 @@ def test_fgsm_rs_takes_one_step_of_1_25_eps_from_a_seeded_uniform_start():
 
 
 def test_paper_scores_without_accumulated_gradients_name_the_problem(tmp_path, tiny_train):
-    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", prominence="paper"),
-                          train_dataset=tiny_train)
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, adv_method="cure", prominence="paper"), train_dataset=tiny_train
+    )
     with pytest.raises(RuntimeError, match="prominence='paper' found no accumulated clean/adversarial gradients"):
         trainer.component("conservation")._paper_scores(trainer.component("conservation").maskable_parameters())
 
@@ -530,8 +585,11 @@ def test_cure_losses_smooth_their_cross_entropy_terms_and_name_their_parts():
     z_nat, z_adv, r_nat, r_adv = (torch.randn(6, 5, generator=g) for _ in range(4))
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     ce = lambda z: F.cross_entropy(z.double(), y, label_smoothing=0.2).item()  # noqa: E731
-    kl = lambda student, teacher: F.kl_div(F.log_softmax(student.double(), 1), F.softmax(teacher.double(), 1),  # noqa
-                                           reduction="batchmean").item()
+    kl = lambda student, teacher: F.kl_div(
+        F.log_softmax(student.double(), 1),
+        F.softmax(teacher.double(), 1),  # noqa
+        reduction="batchmean",
+    ).item()
     logits = dict(z_nat=z_nat, z_adv=z_adv, r_nat=r_nat, r_adv=r_adv)
     consistency = kl(z_nat, r_nat) + kl(z_adv, r_adv)
     loss, parts = method_loss("cure", y, **logits, alpha=0.3, gamma=0.5, label_smoothing=0.2)
@@ -545,8 +603,14 @@ def test_cure_losses_smooth_their_cross_entropy_terms_and_name_their_parts():
 
 
 def test_the_revision_model_gets_its_settings_from_the_arguments(tmp_path, tiny_train):
-    args = _args(tmp_path, adv_method="cure", revision_rate=0.35, revision_decay=0.77, revision_seed=11,
-                 revision_train_mode=False)
+    args = _args(
+        tmp_path,
+        adv_method="cure",
+        revision_rate=0.35,
+        revision_decay=0.77,
+        revision_seed=11,
+        revision_train_mode=False,
+    )
     trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=tiny_train)
     revision = trainer.component("revision").ensure()
     assert (revision.rate, revision.decay, revision.train_mode, revision.module.training) == (0.35, 0.77, False, False)

@@ -2,6 +2,7 @@
 
 `evaluate.load("accuracy")` downloads its script from the Hub; these load from the installed package.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,7 @@ def metric_path(name: str) -> str:
     return str(Path(__file__).resolve().parent / name / f"{name}.py")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_metric(name: str):
     """The metric loaded with ``evaluate.load`` from its shipped script (no network), kept in memory."""
     import evaluate

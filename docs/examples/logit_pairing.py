@@ -4,6 +4,7 @@
 
 or install it as a package whose entry point names it (group ``cure_hf.methods``); docs/extending.md.
 """
+
 import torch
 
 from cure_hf import AdversarialMethod, AttackSpec, register_method
@@ -46,9 +47,17 @@ if __name__ == "__main__":  # a two-step run on the embedded digits data, saved 
     data = load_digits_dataset()
     data["train"].set_transform(image_transform(32, train=True))
     torch.manual_seed(0)
-    args = CURETrainingArguments(output_dir=sys.argv[1] if len(sys.argv) > 1 else "alp-digits", adv_method="alp",
-                                 method_options="pairing_weight=1.0", max_steps=2, per_device_train_batch_size=16,
-                                 attack_steps=2, report_to=[], use_cpu=True, save_strategy="no")
+    args = CURETrainingArguments(
+        output_dir=sys.argv[1] if len(sys.argv) > 1 else "alp-digits",
+        adv_method="alp",
+        method_options="pairing_weight=1.0",
+        max_steps=2,
+        per_device_train_batch_size=16,
+        attack_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
     trainer = CURETrainer(create_model("test_resnet", 10), args, train_dataset=data["train"])
     trainer.train()
     trainer.save_model()

@@ -9,6 +9,7 @@ hashes are exact on the machine kind they were recorded on (its torch version an
 too); elsewhere the sums still bound the difference.
 The runs use the public API only (CURETrainingArguments, CURETrainer), one CPU thread and tiny timm models.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,17 +26,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # name -> (model, CURETrainingArguments overrides)
 CASES: Dict[str, tuple] = {
     "cure": ("test_resnet", {}),
-    "cure_paper_hard_linear": ("test_resnet", {"prominence": "paper", "conservation": "hard",
-                                               "revision_rate_schedule": "linear"}),
+    "cure_paper_hard_linear": (
+        "test_resnet",
+        {"prominence": "paper", "conservation": "hard", "revision_rate_schedule": "linear"},
+    ),
     "cure_accumulation3": ("test_resnet", {"gradient_accumulation_steps": 3, "per_device_train_batch_size": 8}),
-    "cure_vit_adamw_smoothing": ("test_vit", {"optim": "adamw_torch", "learning_rate": 1e-3,
-                                              "label_smoothing_factor": 0.1, "max_grad_norm": 1.0}),
+    "cure_vit_adamw_smoothing": (
+        "test_vit",
+        {"optim": "adamw_torch", "learning_rate": 1e-3, "label_smoothing_factor": 0.1, "max_grad_norm": 1.0},
+    ),
     "cure_awp_wa": ("test_resnet", {"awp_gamma": "true", "awp_warmup_epochs": 0, "weight_averaging": "0.9"}),
     "cure_efficient": ("test_resnet", {"natural_warmup_epochs": 1, "max_steps": -1, "num_train_epochs": 2}),
     "pgd": ("test_resnet", {"adv_method": "pgd"}),
     "trades": ("test_resnet", {"adv_method": "trades"}),
-    "trades_awp_wa": ("test_resnet", {"adv_method": "trades", "awp_gamma": "true", "awp_warmup_epochs": 0,
-                                      "weight_averaging": "0.9"}),
+    "trades_awp_wa": (
+        "test_resnet",
+        {"adv_method": "trades", "awp_gamma": "true", "awp_warmup_epochs": 0, "weight_averaging": "0.9"},
+    ),
     "mart": ("test_resnet", {"adv_method": "mart"}),
     "fgsm_rs": ("test_resnet", {"adv_method": "fgsm_rs"}),
     "clean": ("test_resnet", {"adv_method": "clean"}),
@@ -55,9 +62,21 @@ def train_case(name: str, output_dir: str):
     torch.manual_seed(0)
     kwargs = {"image_size": 32, "patch_size": 8} if "vit" in model_name else {}
     model = create_model(model_name, 10, **kwargs)
-    settings = dict(output_dir=output_dir, max_steps=4, per_device_train_batch_size=16, attack_steps=2,
-                    learning_rate=0.05, seed=0, report_to=[], save_strategy="no", eval_strategy="no",
-                    logging_steps=1, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0)
+    settings = dict(
+        output_dir=output_dir,
+        max_steps=4,
+        per_device_train_batch_size=16,
+        attack_steps=2,
+        learning_rate=0.05,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
     settings.update(overrides)
     args = CURETrainingArguments(**settings)
     trainer = CURETrainer(model, args, train_dataset=train)
@@ -98,8 +117,13 @@ def digest(state: Dict[str, torch.Tensor]) -> Dict[str, list]:
         data = value.detach().cpu().contiguous()
         raw = data.view(torch.uint8) if data.dim() else data.reshape(1).view(torch.uint8)
         as64 = data.double()
-        out[key] = [hashlib.sha256(raw.numpy().tobytes()).hexdigest(), str(data.dtype), list(data.shape),
-                    float(as64.sum()), float((as64 * as64).sum())]
+        out[key] = [
+            hashlib.sha256(raw.numpy().tobytes()).hexdigest(),
+            str(data.dtype),
+            list(data.shape),
+            float(as64.sum()),
+            float((as64 * as64).sum()),
+        ]
     return out
 
 

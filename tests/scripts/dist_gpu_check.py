@@ -11,6 +11,7 @@ line per check and exits non-zero if any fails:
 4. DDP (2 processes, gloo, both on this GPU) with BatchNorm and several forward passes before one backward,
    with broadcast_buffers True and False.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,6 +34,7 @@ def check(name):
             FAILURES.append(name)
             print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
         return fn
+
     return wrap
 
 
@@ -58,12 +60,22 @@ def trainer_for(method, steps=3, callbacks=(), **fields):
     torch.manual_seed(0)
     model = create_model("test_resnet", 10)
     args = CURETrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=16, max_steps=steps, attack_steps=3,
-        learning_rate=0.05, eval_pgd_steps=2, save_strategy="no", report_to=[],
-        disable_tqdm=True, adv_method=method, **({"revision_rate": 1.0} if method == "cure" else {}), **fields,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=16,
+        max_steps=steps,
+        attack_steps=3,
+        learning_rate=0.05,
+        eval_pgd_steps=2,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        adv_method=method,
+        **({"revision_rate": 1.0} if method == "cure" else {}),
+        **fields,
     )
-    trainer = CURETrainer(model=model, args=args, train_dataset=Digits(), eval_dataset=Digits(16),
-                          callbacks=list(callbacks))
+    trainer = CURETrainer(
+        model=model, args=args, train_dataset=Digits(), eval_dataset=Digits(16), callbacks=list(callbacks)
+    )
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     dtypes = []
     conv.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
@@ -90,8 +102,9 @@ def fp16_scaler_checks():
     out = []
     for prominence in ("loss", "paper"):
         overflow = Overflow()
-        trainer, model, dtypes = trainer_for("cure", steps=6, callbacks=[overflow], fp16=True, prominence=prominence,
-                                             conservation="hard")
+        trainer, model, dtypes = trainer_for(
+            "cure", steps=6, callbacks=[overflow], fp16=True, prominence=prominence, conservation="hard"
+        )
         overflow.attach(trainer, model)
         assert trainer.accelerator.scaler is not None and trainer.accelerator.scaler.is_enabled()
         before = [p.detach().clone() for p in model.parameters()]
@@ -112,8 +125,10 @@ def fp16_scaler_checks():
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         assert not bad, (prominence, overflow.skipped, trainer.state.global_step, len(masks), bad[:5])
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
-        out.append(f"{prominence}: {overflow.skipped} of {trainer.state.global_step} steps skipped, masks and "
-                   f"revisions {len(masks)}, final scale {trainer.accelerator.scaler.get_scale():g}")
+        out.append(
+            f"{prominence}: {overflow.skipped} of {trainer.state.global_step} steps skipped, masks and "
+            f"revisions {len(masks)}, final scale {trainer.accelerator.scaler.get_scale():g}"
+        )
     return "; ".join(out)
 
 
@@ -132,8 +147,18 @@ def fp16_attack_check():
         probe = start.clone().requires_grad_(True)
         (exact,) = torch.autograd.grad(kl_divergence(model(probe), clean, reduction="sum"), probe)
     with torch.autocast("cuda", dtype=torch.float16):
-        x_adv = pgd(model, x, None, eps=8 / 255, step_size=1 / 255, steps=1, loss="kl", init="normal",
-                    clean_logits=clean, generator=gen())
+        x_adv = pgd(
+            model,
+            x,
+            None,
+            eps=8 / 255,
+            step_size=1 / 255,
+            steps=1,
+            loss="kl",
+            init="normal",
+            clean_logits=clean,
+            generator=gen(),
+        )
         with attack_mode(model):
             probe = start.clone().requires_grad_(True)
             (plain,) = torch.autograd.grad(kl_divergence(model(probe), clean, reduction="sum"), probe)
@@ -146,8 +171,15 @@ def fp16_attack_check():
 
 def bf16_every_method():
     out = []
-    for method, extra in [("clean", {}), ("pgd", {}), ("trades", {}), ("mart", {}), ("fgsm_rs", {}), ("cure", {}),
-                          ("cure", {"prominence": "paper", "conservation": "hard"})]:
+    for method, extra in [
+        ("clean", {}),
+        ("pgd", {}),
+        ("trades", {}),
+        ("mart", {}),
+        ("fgsm_rs", {}),
+        ("cure", {}),
+        ("cure", {"prominence": "paper", "conservation": "hard"}),
+    ]:
         trainer, model, dtypes = trainer_for(method, steps=2, bf16=True, **extra)
         loss = trainer.train().training_loss
         assert set(dtypes) == {torch.bfloat16} and loss == loss, (method, set(dtypes), loss)
@@ -166,8 +198,9 @@ def compile_check():
     for prominence in ("loss", "paper"):
         losses = {}
         for compiled in (False, True):
-            trainer, model, dtypes = trainer_for("cure", steps=3, bf16=True, prominence=prominence,
-                                                 torch_compile=compiled)
+            trainer, model, dtypes = trainer_for(
+                "cure", steps=3, bf16=True, prominence=prominence, torch_compile=compiled
+            )
             losses[compiled] = trainer.train().training_loss
             names = [n for n, _ in trainer.accelerator.unwrap_model(trainer.model_wrapped).named_parameters()]
         assert abs(losses[True] - losses[False]) < 0.05 * abs(losses[False]), losses
@@ -177,6 +210,7 @@ def compile_check():
 
 def _ddp_worker(rank, broadcast, port, results):
     import torch.distributed as dist
+
     from cure_hf import create_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -214,14 +248,19 @@ if __name__ == "__main__":
     import accelerate
     import transformers
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
-          f"{torch.cuda.get_device_name()}", flush=True)
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}, "
+        f"{torch.cuda.get_device_name()}",
+        flush=True,
+    )
     chosen = set(sys.argv[1:])  # names of checks to run; all by default
-    for name, fn in [("fp16 GradScaler: skipped step runs no mask, no revision", fp16_scaler_checks),
-                     ("fp16 attack does not underflow", fp16_attack_check),
-                     ("bf16 every method, fp32 evaluation", bf16_every_method),
-                     ("DDP + BatchNorm + several forwards on cuDNN", ddp_batchnorm_check),
-                     ("torch_compile=True trains CURE like eager", compile_check)]:
+    for name, fn in [
+        ("fp16 GradScaler: skipped step runs no mask, no revision", fp16_scaler_checks),
+        ("fp16 attack does not underflow", fp16_attack_check),
+        ("bf16 every method, fp32 evaluation", bf16_every_method),
+        ("DDP + BatchNorm + several forwards on cuDNN", ddp_batchnorm_check),
+        ("torch_compile=True trains CURE like eager", compile_check),
+    ]:
         if not chosen or fn.__name__ in chosen:
             check(name)(fn)
     sys.exit(1 if FAILURES else 0)

@@ -7,6 +7,7 @@ Every run in RUNS_JSON (a list of dicts, see `train_run`) writes OUT_DIR/<name>_
 the model's parameters and buffers ("model.*"), the revision model's ("revision.*") and its step count.
 Several runs share one launch because starting two Python processes with torch costs more than a run.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,16 @@ def ce_attack_trainer():
 
     class CEAttackTrainer(CURETrainer):
         def craft_adversarial(self, model, x, labels, clean_logits=None):
-            return pgd(model, x, labels, eps=self.args.epsilon, step_size=self.args.attack_step_size,
-                       steps=self.args.attack_steps, loss="ce", init="none")
+            return pgd(
+                model,
+                x,
+                labels,
+                eps=self.args.epsilon,
+                step_size=self.args.attack_step_size,
+                steps=self.args.attack_steps,
+                loss="ce",
+                init="none",
+            )
 
     return CEAttackTrainer
 
@@ -73,10 +82,19 @@ def train_run(spec: Dict[str, Any], out_dir: str) -> Dict[str, torch.Tensor]:
     examples = spec.pop("examples", 64)
     trainer_class = ce_attack_trainer() if spec.pop("ce_attack", False) else CURETrainer
     fields = dict(
-        output_dir=os.path.join(out_dir, name), per_device_train_batch_size=spec.pop("per_device_batch", 8),
-        max_steps=spec.pop("steps", 3), attack_steps=2, learning_rate=0.05, revision_rate=0.5,
-        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, use_cpu=True,
-        dataloader_num_workers=0, seed=0,
+        output_dir=os.path.join(out_dir, name),
+        per_device_train_batch_size=spec.pop("per_device_batch", 8),
+        max_steps=spec.pop("steps", 3),
+        attack_steps=2,
+        learning_rate=0.05,
+        revision_rate=0.5,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     fields.update(spec)
     args = CURETrainingArguments(**only_what_the_run_reads(fields))
@@ -86,8 +104,12 @@ def train_run(spec: Dict[str, Any], out_dir: str) -> Dict[str, torch.Tensor]:
     net = trainer.accelerator.unwrap_model(trainer.model)
     state = {f"model.{k}": v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()}
     if trainer.revision is not None:
-        state.update({f"revision.{k}": v.detach().float().cpu().contiguous()
-                      for k, v in trainer.revision.module.state_dict().items()})
+        state.update(
+            {
+                f"revision.{k}": v.detach().float().cpu().contiguous()
+                for k, v in trainer.revision.module.state_dict().items()
+            }
+        )
         state["revision_step"] = torch.tensor([trainer.revision.step])
     state["global_step"] = torch.tensor([trainer.state.global_step])
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -97,9 +119,9 @@ def train_run(spec: Dict[str, Any], out_dir: str) -> Dict[str, torch.Tensor]:
 
 
 def main(out_dir: str, runs_json: str) -> None:
-    from safetensors.torch import save_file
-
     import time
+
+    from safetensors.torch import save_file
 
     rank = int(os.environ.get("RANK", "0"))
     for spec in json.loads(runs_json):

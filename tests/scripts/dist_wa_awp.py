@@ -7,6 +7,7 @@ OUT_DIR/<name>_rank<R>.safetensors with the averaged model ("average.*"), the wo
 every AWP perturbation ("awp.<step>.<parameter>") and a fingerprint of the first micro-batch each process
 perturbed on ("batch.<step>": the sum of its pixels), which differs between processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,14 +36,29 @@ def train_run(spec, out_dir):
     spec = dict(spec)
     name = spec.pop("name")
     fields = dict(
-        output_dir=os.path.join(out_dir, name), per_device_train_batch_size=8, max_steps=3, attack_steps=1,
-        learning_rate=0.05, revision_rate=0.5, weight_averaging=0.5, awp_gamma=True, awp_warmup_epochs=0,
-        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, use_cpu=True,
-        dataloader_num_workers=0, seed=0,
+        output_dir=os.path.join(out_dir, name),
+        per_device_train_batch_size=8,
+        max_steps=3,
+        attack_steps=1,
+        learning_rate=0.05,
+        revision_rate=0.5,
+        weight_averaging=0.5,
+        awp_gamma=True,
+        awp_warmup_epochs=0,
+        save_strategy="no",
+        report_to=[],
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     fields.update(spec)
-    trainer = CURETrainer(model=tiny_model("test_resnet"), args=CURETrainingArguments(**only_what_the_run_reads(fields)),
-                          train_dataset=digits_subset(64))
+    trainer = CURETrainer(
+        model=tiny_model("test_resnet"),
+        args=CURETrainingArguments(**only_what_the_run_reads(fields)),
+        train_dataset=digits_subset(64),
+    )
     state = {}
     perturb = trainer.awp.perturb_
 
@@ -68,10 +84,16 @@ def train_run(spec, out_dir):
     trainer.train()
     net = trainer.accelerator.unwrap_model(trainer.model)
     state.update({f"working.{k}": v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()})
-    state.update({f"average.{k}": v.detach().float().cpu().contiguous()
-                  for k, v in trainer.weight_average.module.state_dict().items()})
+    state.update(
+        {
+            f"average.{k}": v.detach().float().cpu().contiguous()
+            for k, v in trainer.weight_average.module.state_dict().items()
+        }
+    )
     state["average_step"] = torch.tensor([trainer.weight_average.step])
-    state["world_size"] = torch.tensor([torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1])
+    state["world_size"] = torch.tensor(
+        [torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1]
+    )
     return state
 
 

@@ -5,6 +5,7 @@ Launched by tests/test_eval_distributed.py as
 (gloo on CPU). N examples in batches of 4 per process leave an uneven last round, which accelerate pads
 with repeated examples; gather_for_metrics must drop them so that each example counts once.
 """
+
 import json
 import os
 import sys
@@ -35,9 +36,17 @@ def main(out_dir: str, n: int) -> None:
 
     torch.set_num_threads(1)
     args = CURETrainingArguments(
-        output_dir=os.path.join(out_dir, "run"), use_cpu=True, report_to=[], disable_tqdm=True,
-        per_device_eval_batch_size=16, eval_attack_batch_size=4, eval_attacks="clean,pgd3,autoattack",
-        eval_pgd_steps=3, autoattack_version="custom", autoattack_attacks="apgd-ce", dataloader_num_workers=0,
+        output_dir=os.path.join(out_dir, "run"),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        per_device_eval_batch_size=16,
+        eval_attack_batch_size=4,
+        eval_attacks="clean,pgd3,autoattack",
+        eval_pgd_steps=3,
+        autoattack_version="custom",
+        autoattack_attacks="apgd-ce",
+        dataloader_num_workers=0,
     )
     trainer = CURETrainer(tiny_model(), args, eval_dataset=test_split(n))
     metrics = trainer.evaluate()

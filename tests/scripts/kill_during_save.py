@@ -8,6 +8,7 @@
 
 ``build(output_dir)`` is also what tests/test_fault_injection.py uses in-process for the runs it compares.
 """
+
 import os
 import signal
 import sys
@@ -25,9 +26,22 @@ def build(output_dir, cls=None):
     train = load_digits_dataset()["train"].select(range(48))
     train.set_transform(image_transform(16, train=True))  # no augmentation: every batch can be replayed exactly
     args = CURETrainingArguments(
-        output_dir=str(output_dir), adv_method="cure", max_steps=6, per_device_train_batch_size=8, attack_steps=1,
-        learning_rate=0.05, save_strategy="steps", save_steps=2, logging_steps=1, report_to="none", use_cpu=True,
-        seed=3, revision_rate=0.5, dataloader_num_workers=0, disable_tqdm=True, eval_strategy="no",
+        output_dir=str(output_dir),
+        adv_method="cure",
+        max_steps=6,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        seed=3,
+        revision_rate=0.5,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        eval_strategy="no",
     )
     torch.manual_seed(1)
     model = create_model("test_resnet", 10)

@@ -9,6 +9,7 @@ counts as robust only if all of them are correct:
     robust.compute(predictions=[[3, 3], [1, 7]], references=[3, 1], attack_names=["clean", "pgd20"])
     # {"robust_accuracy": 0.5, "clean_accuracy": 1.0, "pgd20_accuracy": 0.5}
 """
+
 import datasets
 import evaluate
 import numpy as np
