@@ -1,8 +1,8 @@
 """Adversarial logit pairing (Kannan, Kurakin and Goodfellow, 2018) as a cure_hf method, in one file.
 
-    python -c "import logit_pairing" && accelerate launch recipes/train_vit.py --adv_method alp ...
-
-or install it as a package whose entry point names it (group ``cure_hf.methods``); docs/extending.md.
+Import it before building the arguments (``import logit_pairing``; then ``adv_method="alp"``), or install it as a
+package whose entry point names it (group ``cure_hf.methods``) so that ``recipes/train_vit.py --adv_method alp``
+finds it too; docs/extending.md. ``python logit_pairing.py OUTPUT_DIR`` trains it for two steps.
 """
 
 import torch
