@@ -1,4 +1,4 @@
-"""Issues 7 and 14: the step benchmark (and benchmarks/gpu_run.sh) runs and reports its ratios; the speed paths it
+"""The step benchmark (and benchmarks/gpu_run.sh) runs and reports its ratios; the speed paths it
 measures keep CURE's semantics.
 
 No timing is asserted here (the CI machine is shared); the benchmark's numbers live in docs/benchmarks.md.
