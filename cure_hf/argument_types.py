@@ -383,3 +383,20 @@ def _type_message(name: str, value: Any, tp: Any, default: Any) -> str:
         message += f", e.g. {name}={example}"
     hint = _hint(value, tp)
     return message + (f" — {hint}" if hint else "")
+
+
+def check_argument(condition: bool, name: str, value, allowed: str, fix: str = "") -> None:
+    """A range check's error: the field, the value, what is allowed and the fix."""
+    if not condition:
+        raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}." + (f" {fix}" if fix else ""))
+
+
+def check_seed(name: str, value) -> None:
+    if value is not None:
+        check_argument(
+            0 <= value < 2**32,
+            name,
+            value,
+            "an integer 0 <= seed < 2**32 (as TrainingArguments' seed)",
+            f"Use e.g. {name}=0.",
+        )

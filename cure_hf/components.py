@@ -46,6 +46,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 import torch
 import torch.nn as nn
 
+from .argument_types import check_argument, check_seed
 from .attacks import logits_of
 from .methods import (
     AdversarialMethod,
@@ -69,6 +70,8 @@ __all__ = [
 ]
 
 CONSERVATION_MODES = ("soft", "hard", "none")
+PROMINENCE_MODES = ("loss", "paper")
+REVISION_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -126,6 +129,10 @@ class Component:
     def reads(cls, args, method: AdversarialMethod) -> Tuple[str, ...]:
         """The fields it reads when on (by default all of its own)."""
         return cls.fields
+
+    @classmethod
+    def check_fields(cls, args) -> None:
+        """Refuse values of its own fields outside their range (called whether it is on or not)."""
 
     @classmethod
     def validate(cls, args, method: AdversarialMethod) -> None:
@@ -255,6 +262,26 @@ class Conservation(Component):
     def reads(cls, args, method):
         # alpha weighs the paper's prominence score; the loss-gradient score has no weight
         return tuple(f for f in cls.fields if f != "clean_weight" or args.prominence == "paper")
+
+    @classmethod
+    def check_fields(cls, args):
+        check_argument(0.0 <= args.conserve_fraction < 1.0, "conserve_fraction", args.conserve_fraction, "0 <= p < 1")
+        check_argument(args.prominence in PROMINENCE_MODES, "prominence", args.prominence, f"one of {PROMINENCE_MODES}")
+        if args.conservation is not None:
+            check_argument(
+                args.conservation in CONSERVATION_MODES,
+                "conservation",
+                args.conservation,
+                f"one of {CONSERVATION_MODES} or None (the method's default)",
+            )
+        heads = args.head_modules
+        if heads is not None:
+            check_argument(
+                isinstance(heads, (list, tuple)) and all(isinstance(n, str) for n in heads),
+                "head_modules",
+                heads,
+                "a list of module names, e.g. ['head']",
+            )
 
     @classmethod
     def validate(cls, args, method):
@@ -426,6 +453,24 @@ class Revision(Component):
     @classmethod
     def enabled(cls, args, method):
         return resolved_revision(args, method)
+
+    @classmethod
+    def check_fields(cls, args):
+        gamma = args.consistency_weight
+        check_argument(math.isfinite(gamma) and gamma >= 0.0, "consistency_weight", gamma, "a finite gamma >= 0")
+        check_argument(0.0 <= args.revision_rate <= 1.0, "revision_rate", args.revision_rate, "0 <= r <= 1")
+        check_argument(0.0 <= args.revision_decay < 1.0, "revision_decay", args.revision_decay, "0 <= d < 1")
+        check_argument(
+            args.revision_rate_schedule in REVISION_SCHEDULES,
+            "revision_rate_schedule",
+            args.revision_rate_schedule,
+            f"one of {REVISION_SCHEDULES}",
+        )
+        check_seed("revision_seed", args.revision_seed)
+        if args.revision is not None:
+            check_argument(
+                isinstance(args.revision, bool), "revision", args.revision, "True, False or None (the method's default)"
+            )
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -644,6 +689,8 @@ def validate_components(args, method: Optional[AdversarialMethod] = None) -> Non
     field given a non-default value that nothing in this run reads (a method's hyperparameter or a component's
     field) is refused with the reason, instead of being silently ignored."""
     method = method or get_method(args.adv_method)
+    for component in COMPONENTS:
+        component.check_fields(args)
     enabled = components_for(args, method)
     for component in enabled:
         component.validate(args, method)

@@ -10,15 +10,12 @@ from typing import List, Optional, Union
 import torch
 from transformers import TrainingArguments
 
-from .argument_types import check_field_types
-from .components import CONSERVATION_MODES, validate_components
+from .argument_types import check_argument, check_field_types, check_seed
+from .components import CONSERVATION_MODES, PROMINENCE_MODES, REVISION_SCHEDULES, validate_components
 from .evaluation import ATTACK_KINDS
 from .methods import METHODS, get_method
 
 __all__ = ["CURETrainingArguments", "RobustEvaluationArguments", "parse_pixel_value"]
-
-PROMINENCE_MODES = ("loss", "paper")
-REVISION_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def parse_pixel_value(value: Union[str, float, int], name: str) -> float:
@@ -42,20 +39,7 @@ def _parse_optim_args(text: Optional[str]) -> dict:
     return dict(pairs)
 
 
-def _check(condition: bool, name: str, value, allowed: str, fix: str = "") -> None:
-    if not condition:
-        raise ValueError(f"{name}={value!r} is invalid: allowed {allowed}." + (f" {fix}" if fix else ""))
-
-
-def _check_seed(name: str, value: Optional[int]) -> None:
-    if value is not None:
-        _check(
-            0 <= value < 2**32,
-            name,
-            value,
-            "an integer 0 <= seed < 2**32 (as TrainingArguments' seed)",
-            f"Use e.g. {name}=0.",
-        )
+_check, _check_seed = check_argument, check_seed
 
 
 def _check_pixel_size(name: str, value: float) -> None:
@@ -628,42 +612,8 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             "a finite beta >= 0",
             "Use e.g. trades_beta=6.0 (the TRADES paper).",
         )
-        _check(0.0 <= self.conserve_fraction < 1.0, "conserve_fraction", self.conserve_fraction, "0 <= p < 1")
         _check(0.0 <= self.clean_weight <= 1.0, "clean_weight", self.clean_weight, "0 <= alpha <= 1")
-        _check(
-            math.isfinite(self.consistency_weight) and self.consistency_weight >= 0.0,
-            "consistency_weight",
-            self.consistency_weight,
-            "a finite gamma >= 0",
-        )
-        _check(0.0 <= self.revision_rate <= 1.0, "revision_rate", self.revision_rate, "0 <= r <= 1")
-        _check(0.0 <= self.revision_decay < 1.0, "revision_decay", self.revision_decay, "0 <= d < 1")
-        _check(
-            self.revision_rate_schedule in REVISION_SCHEDULES,
-            "revision_rate_schedule",
-            self.revision_rate_schedule,
-            f"one of {REVISION_SCHEDULES}",
-        )
-        _check_seed("revision_seed", self.revision_seed)
-        _check(self.prominence in PROMINENCE_MODES, "prominence", self.prominence, f"one of {PROMINENCE_MODES}")
-        if self.conservation is not None:
-            _check(
-                self.conservation in CONSERVATION_MODES,
-                "conservation",
-                self.conservation,
-                f"one of {CONSERVATION_MODES} or None (the method's default)",
-            )
-        if self.revision is not None:
-            _check(
-                isinstance(self.revision, bool), "revision", self.revision, "True, False or None (the method's default)"
-            )
-        if self.head_modules is not None:
-            _check(
-                isinstance(self.head_modules, (list, tuple)) and all(isinstance(n, str) for n in self.head_modules),
-                "head_modules",
-                self.head_modules,
-                "a list of module names, e.g. ['head']",
-            )
+        # the components' own fields are checked by the components (cure_hf.components, validate_components)
         _check(
             0.0 <= self.validation_fraction < 1.0,
             "validation_fraction",
