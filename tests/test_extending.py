@@ -1,6 +1,7 @@
 """The method API: a method written in a user's file (or an installed package) trains, saves, resumes and is carded
 like a built-in one; conservation and revision compose with every method; the Trainer's own step features work."""
 
+import json
 import math
 import os
 import subprocess
@@ -491,3 +492,140 @@ def test_lomo_and_data_parallel_are_refused_with_the_reason(tmp_path):
     )
     with pytest.raises(ValueError, match=r"nn.DataParallel \(n_gpu=2"):
         refuse_unsupported_parallelism(args, accelerator=SimpleNamespace(distributed_type="NO"))
+
+
+# ----------------------------------------------------------------- what the card and the resume check read
+def test_the_resume_check_compares_the_method_and_every_enabled_components_fields(tmp_path):
+    from cure_hf.components import method_argument_names
+
+    common = {
+        "adv_method",
+        "epsilon",
+        "attack_step_size",
+        "attack_steps",
+        "attack_random_start",
+        "natural_warmup_epochs",
+        "label_smoothing_factor",
+        "lr_step_epochs",
+        "lr_step_factor",
+        "conservation",
+        "revision",
+        "method_options",
+        "nonfinite_policy",
+    }
+    conservation = {"conserve_fraction", "prominence", "head_modules"}
+    revision = {
+        "consistency_weight",
+        "revision_rate",
+        "revision_decay",
+        "revision_rate_schedule",
+        "revision_seed",
+        "revision_train_mode",
+    }
+    cure = method_argument_names(_args(tmp_path))
+    assert set(cure) == common | conservation | revision | {"clean_weight"} and len(cure) == len(set(cure))
+    trades = method_argument_names(_args(tmp_path, adv_method="trades", awp_gamma="5e-3", weight_averaging="0.9"))
+    assert set(trades) == common | {"trades_beta", "awp_gamma", "awp_warmup_epochs", "weight_averaging"}
+    paper = method_argument_names(
+        _args(tmp_path, adv_method="pgd", conservation="hard", prominence="paper", layer_telemetry=True)
+    )
+    assert set(paper) == common | conservation | {"clean_weight", "layer_telemetry"}
+    from cure_hf.safety import check_resume_arguments
+
+    saved = tmp_path / "checkpoint"
+    saved.mkdir()
+    args = _args(tmp_path)
+    for name in sorted(set(cure) - {"head_modules", "method_options", "lr_step_epochs", "revision_seed"}):
+        values = {**args.to_dict(), name: "changed"}
+        (saved / "training_args.json").write_text(json.dumps(values))
+        with pytest.raises(ValueError, match=f"{name}=.*checkpoint: 'changed'"):
+            check_resume_arguments(str(saved), args.to_dict(), method_argument_names(args))
+
+
+def test_each_component_writes_its_fields_into_the_card(tmp_path, small_train):
+    cure = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path / "a", conservation="hard", revision_rate_schedule="cosine")
+    )
+    hyper = cure.model_card_info()["hyperparameters"]
+    assert {
+        k: hyper[k]
+        for k in (
+            "conservation",
+            "conserve_fraction",
+            "prominence",
+            "revision",
+            "consistency_weight",
+            "revision_rate",
+            "revision_decay",
+            "revision_rate_schedule",
+            "clean_weight",
+        )
+    } == {
+        "conservation": "hard",
+        "conserve_fraction": 0.3,
+        "prominence": "loss",
+        "revision": True,
+        "consistency_weight": 1.0,
+        "revision_rate": 0.2,
+        "revision_decay": 0.999,
+        "revision_rate_schedule": "cosine",
+        "clean_weight": 0.1,
+    }
+    assert "trades_beta" not in hyper and "awp_gamma" not in hyper and "weight_averaging" not in hyper
+    trades = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path / "b", adv_method="trades", awp_gamma="True", weight_averaging="0.9"),
+    )
+    info = trades.model_card_info()
+    hyper = info["hyperparameters"]
+    assert (hyper["trades_beta"], hyper["awp_gamma"], hyper["awp_warmup_epochs"], hyper["weight_averaging"]) == (
+        6.0,
+        5e-3,
+        10.0,
+        0.9,
+    )
+    assert info["weight_averaging"] == {
+        "decay": 0.9,
+        "decay_warmup": "min(decay, (1 + t) / (10 + t))",
+        "buffers_averaged": True,
+    }
+    assert not {"conservation", "revision", "conserve_fraction", "consistency_weight", "revision_rate"} & set(hyper)
+    paper = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path / "c", adv_method="pgd", conservation="soft", prominence="paper", clean_weight=0.4),
+    )
+    assert paper.model_card_info()["hyperparameters"]["clean_weight"] == 0.4
+    assert (
+        "clean_weight"
+        not in CURETrainer(
+            make_tiny_model("test_resnet"), _args(tmp_path / "d", adv_method="pgd", conservation="soft")
+        ).model_card_info()["hyperparameters"]
+    )
+
+
+@pytest.mark.parametrize(
+    "field, value, hint",
+    [
+        ("conserve_fraction", 0.5, "conservation='soft' (or 'hard')"),
+        ("consistency_weight", 0.5, "revision=True"),
+        ("head_modules", ["head"], "conservation='soft' (or 'hard')"),
+        ("clean_weight", 0.5, "adv_method='cure', or conservation with prominence='paper'"),
+        ("trades_beta", 3.0, "adv_method='trades' or 'mart'"),
+    ],
+)
+def test_a_field_nothing_reads_names_who_reads_it_and_how_to_switch_it_on(tmp_path, field, value, hint):
+    method = "pgd"
+    with pytest.raises(ValueError) as refused:
+        _args(tmp_path, adv_method=method, **{field: value})
+    message = str(refused.value)
+    assert message.startswith(f"{field}={value!r} is invalid with adv_method='pgd': it is read by ")
+    assert message.endswith(f"Fix: drop {field}, or switch on what reads it ({hint}).")
+
+
+def test_checkpoint_files_of_the_components(tmp_path):
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, weight_averaging="0.9", natural_warmup_epochs=1.5, max_steps=-1)
+    )
+    assert trainer._checkpoint_rules() == {
+        "required_files": [("revision.safetensors", 1.5), ("weight_average.safetensors", 0.0)]
+    }
