@@ -629,3 +629,66 @@ def test_checkpoint_files_of_the_components(tmp_path):
     assert trainer._checkpoint_rules() == {
         "required_files": [("revision.safetensors", 1.5), ("weight_average.safetensors", 0.0)]
     }
+
+
+def test_compute_loss_outside_training_step_is_refused_with_the_reason(tmp_path, small_train, one_thread):
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path, adv_method="pgd", max_steps=1), train_dataset=small_train
+    )
+    trainer.train()  # the prepared batch is released after each step
+    batch = trainer.data_collator([small_train[i] for i in range(4)])
+    with pytest.raises(RuntimeError, match="compute_loss runs inside CURETrainer.training_step"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_reused_clean_logits_reach_the_attack_and_the_forwards_are_compared_once(
+    tmp_path, small_train, one_thread, monkeypatch
+):
+    import copy
+
+    import cure_hf.trainer as trainer_module
+
+    compared = []
+    check = trainer_module.check_train_eval_forwards_agree
+    monkeypatch.setattr(
+        trainer_module, "check_train_eval_forwards_agree", lambda net, x: compared.append(1) or check(net, x)
+    )
+    trainer = CURETrainer(
+        make_tiny_model("test_vit"),
+        _args(tmp_path, adv_method="trades", attack_reuse_clean_logits=True, max_steps=2),
+        train_dataset=small_train,
+    )
+    method, spec, seen = copy.copy(trainer.method), trainer.method.attack, []
+
+    class SpyAttack:
+        def __getattr__(self, name):
+            return getattr(spec, name)
+
+        def craft(self, model, x, labels, settings, clean_logits=None, **kwargs):
+            seen.append(clean_logits)
+            return spec.craft(model, x, labels, settings, clean_logits=clean_logits, **kwargs)
+
+    method.attack = SpyAttack()
+    trainer.method = method
+    forwards = []
+    trainer.model.register_forward_hook(lambda m, i, o: forwards.append(m.training))
+    trainer.train()
+    assert compared == [1]  # once, on the first batch
+    assert len(seen) == 2 and all(c is not None and not c.requires_grad for c in seen)
+    # per step: one clean training forward (reused by the attack) and one adversarial forward; plus the
+    # comparison's own train-mode forward on the first batch
+    assert forwards.count(True) == 2 * 2 + 1
+
+
+def test_channels_last_batches_reach_the_model_in_channels_last(tmp_path, small_train, one_thread):
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, adv_method="pgd", channels_last=True, max_steps=1),
+        train_dataset=small_train,
+    )
+    formats = []
+    trainer.model.register_forward_hook(
+        lambda m, i, o: formats.append(i[0].is_contiguous(memory_format=torch.channels_last)) if m.training else None
+    )
+    trainer.train()
+    assert formats and all(formats)
