@@ -711,18 +711,14 @@ def validate_components(args, method: Optional[AdversarialMethod] = None) -> Non
 
 
 def _how_to_enable(name: str) -> str:
-    for component in COMPONENTS:
-        if name in component.fields:
-            hints = {
-                "conservation": "conservation='soft' (or 'hard')",
-                "revision": "revision=True",
-                "awp": "awp_gamma",
-                "weight_average": "weight_averaging",
-                "telemetry": "layer_telemetry=True",
-            }
-            if name == "clean_weight":
-                return "adv_method='cure', or conservation with prominence='paper'"
-            return hints.get(component.name, component.name)
+    """How to switch on what reads ``name``: only fields of the conservation and revision components and the
+    methods' hyperparameters get here (the other components' fields are their switches, or parsed with them)."""
+    if name == "clean_weight":
+        return "adv_method='cure', or conservation with prominence='paper'"
+    if name in Conservation.fields:
+        return "conservation='soft' (or 'hard')"
+    if name in Revision.fields:
+        return "revision=True"
     users = [m.name for m in registered_methods().values() if name in m.hyperparameters]
     return "adv_method=" + " or ".join(repr(u) for u in users)
 
@@ -751,7 +747,6 @@ def method_argument_names(args, method: Optional[AdversarialMethod] = None) -> T
     return tuple(dict.fromkeys(names))
 
 
-def component_switch_values(args, method: Optional[AdversarialMethod] = None) -> Dict[str, Any]:
+def component_switch_values(args, method: AdversarialMethod) -> Dict[str, Any]:
     """The component switches with their defaults resolved, as the resume check compares them."""
-    method = method or get_method(args.adv_method)
     return {"conservation": resolved_conservation(args, method), "revision": resolved_revision(args, method)}
