@@ -692,3 +692,19 @@ def test_channels_last_batches_reach_the_model_in_channels_last(tmp_path, small_
     )
     trainer.train()
     assert formats and all(formats)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_the_revision_rate_follows_its_schedule_from_the_start_of_the_method(tmp_path, schedule):
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, revision_rate_schedule=schedule))
+    revision = trainer.component("revision")
+
+    def expected(step, start, total):
+        progress = min(1.0, max(0.0, (step - start) / max(1, total - start)))
+        if schedule == "constant":
+            return 0.2
+        return 0.2 * (0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
+
+    for start, total, step in [(None, 10, 0), (None, 10, 3), (None, 10, 10), (4, 10, 4), (4, 10, 7), (None, 1, 1)]:
+        trainer._method_start_step, trainer.state.max_steps, trainer.state.global_step = start, total, step
+        assert revision.rate() == pytest.approx(expected(step, start or 0, total), abs=1e-12), (start, total, step)
