@@ -708,3 +708,44 @@ def test_the_revision_rate_follows_its_schedule_from_the_start_of_the_method(tmp
     for start, total, step in [(None, 10, 0), (None, 10, 3), (None, 10, 10), (4, 10, 4), (4, 10, 7), (None, 1, 1)]:
         trainer._method_start_step, trainer.state.max_steps, trainer.state.global_step = start, total, step
         assert revision.rate() == pytest.approx(expected(step, start or 0, total), abs=1e-12), (start, total, step)
+
+
+def test_the_papers_step_schedule_multiplies_the_rate_at_its_epochs(tmp_path, small_train, one_thread):
+    """32 examples, batch 8, accumulation 2: 2 optimizer steps per epoch; lr x 0.5 after epochs 1 and 2."""
+    args = _args(
+        tmp_path,
+        adv_method="pgd",
+        max_steps=-1,
+        num_train_epochs=3,
+        gradient_accumulation_steps=2,
+        lr_step_epochs="1,2",
+        lr_step_factor=0.5,
+        learning_rate=0.08,
+        logging_steps=1,
+    )
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=small_train)
+    trainer.train()
+    assert isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.MultiStepLR)
+    rates = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    assert rates == pytest.approx([0.08, 0.08, 0.04, 0.04, 0.02, 0.02])
+
+
+def test_a_scheduler_given_to_the_trainer_is_kept_and_no_step_schedule_means_the_trainers(
+    tmp_path, small_train, one_thread
+):
+    model = make_tiny_model("test_resnet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    given = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    kept = CURETrainer(
+        model,
+        _args(tmp_path / "a", adv_method="pgd", lr_step_epochs="1"),
+        train_dataset=small_train,
+        optimizers=(optimizer, given),
+    )
+    kept.train()
+    assert kept.lr_scheduler is given
+    plain = CURETrainer(
+        make_tiny_model("test_resnet"), _args(tmp_path / "b", adv_method="pgd"), train_dataset=small_train
+    )
+    plain.train()
+    assert not isinstance(plain.lr_scheduler, torch.optim.lr_scheduler.MultiStepLR)
