@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cure_hf.attacks import logits_of, pgd  # noqa: E402
-from cure_hf.components import resolved_conservation, resolved_revision  # noqa: E402
+from cure_hf.components import resolved_conservation, resolved_revision, runs_clean_pass  # noqa: E402
 from cure_hf.config import CURETrainingArguments  # noqa: E402
 from cure_hf.data import collate_pixels  # noqa: E402
 from cure_hf.methods import METHODS, AttackSettings, LossInputs, get_method, with_consistency  # noqa: E402
@@ -182,6 +182,7 @@ class PlainStep:
         self.conserves = resolved_conservation(switches, self.spec) != "none"
         self.revises = resolved_revision(switches, self.spec)
         self.consistency_weight = defaults["consistency_weight"]
+        self.clean_pass = runs_clean_pass(switches, self.spec)
         self.channels_last = channels_last
         self.module = model = prepare_module(model, device, bf16, channels_last)
         self.model = torch.compile(model, backend=cfg.compile_backend) if compiled else model
@@ -220,7 +221,7 @@ class PlainStep:
                 settings = AttackSettings(eps=8 / 255, step_size=2 / 255, steps=self.cfg.attack_steps)
                 x_adv = spec.attack.craft(self.attack_net, x, labels, settings, pgd_fn=self.attack)
         with self.part("forward f (clean, adv)", timed):
-            z_nat = logits_of(model(x)) if spec.uses_clean_pass or self.revises else None
+            z_nat = logits_of(model(x)) if self.clean_pass else None
             z_adv = logits_of(model(x_adv)) if x_adv is not None else None
         r_nat = r_adv = None
         if self.revises:

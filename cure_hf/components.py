@@ -115,7 +115,6 @@ class Component:
     name: ClassVar[str] = ""
     fields: ClassVar[Tuple[str, ...]] = ()  # the argument fields this component owns
     switch: ClassVar[Optional[str]] = None  # the field that turns it on (its "off" values are never refused)
-    needs_clean_pass: bool = False  # whether it reads the clean batch's training forward (z_nat)
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -305,10 +304,6 @@ class Conservation(Component):
         self._paper_grads: Optional[List[List[torch.Tensor]]] = None  # [clean, adv] sums, paper prominence
         self._paper_grads_step = -1  # global_step the sums belong to
 
-    @property
-    def needs_clean_pass(self) -> bool:
-        return self.args.prominence == "paper"
-
     def maskable_parameters(self) -> List[nn.Parameter]:
         return [p for n, p in self.model.named_parameters() if p.requires_grad and n not in self.head_names]
 
@@ -448,7 +443,6 @@ class Revision(Component):
         "revision_seed",
         "revision_train_mode",
     )
-    needs_clean_pass = True  # the consistency term compares the clean predictions too
 
     @classmethod
     def enabled(cls, args, method):
@@ -663,7 +657,8 @@ _SWITCHES = tuple(c.switch for c in COMPONENTS if c.switch)
 
 
 def runs_clean_pass(args, method: Optional[AdversarialMethod] = None) -> bool:
-    """Whether the step runs the clean training forward: the method's loss or an enabled component reads z_nat."""
+    """Whether the step runs the clean training forward: the method's loss reads z_nat, or revision does (its
+    consistency term compares the clean predictions), or conservation with the paper's prominence (its score)."""
     method = method or get_method(args.adv_method)
     return (
         method.uses_clean_pass

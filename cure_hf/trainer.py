@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from .attacks import logits_of
 from .base_trainer import RobustTrainer
-from .components import TrainingBatch
+from .components import TrainingBatch, runs_clean_pass
 from .config import CURETrainingArguments
 from .methods import LossInputs, warmed_up_attack
 from .runtime import check_clean_logits_reusable, check_train_eval_forwards_agree
@@ -65,11 +65,12 @@ class CURETrainer(RobustTrainer):
         if args.attack_reuse_clean_logits:
             check_clean_logits_reusable(args.adv_method, self.method.attack)
         self._forwards_checked = False  # attack_reuse_clean_logits: train and eval forwards compared on batch 1
+        self._uses_clean_pass = runs_clean_pass(args, self.method)  # fixed by the arguments: decided once
 
     @property
     def uses_clean_pass(self) -> bool:
         """Whether the step runs the clean training forward: the method's loss or a component reads z_nat."""
-        return self.method.uses_clean_pass or any(c.needs_clean_pass for c in self.components)
+        return self._uses_clean_pass
 
     # ------------------------------------------- the efficient variant's warm-up, the paper's step schedule
     @property
@@ -141,6 +142,8 @@ class CURETrainer(RobustTrainer):
         finally:
             self._batch = None
 
+    # Replaces Trainer.compute_loss on purpose: the loss is the method's on the batch training_step prepared, not
+    # the model's own loss on `inputs`.
     def compute_loss(
         self, model: nn.Module, inputs: Dict[str, Any], return_outputs: bool = False, num_items_in_batch=None
     ):
