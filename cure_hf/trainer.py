@@ -32,6 +32,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.nn as nn
+from transformers.trainer_utils import has_length
 
 from .attacks import logits_of
 from .base_trainer import RobustTrainer
@@ -66,6 +67,12 @@ class CURETrainer(RobustTrainer):
             check_clean_logits_reusable(args.adv_method, self.method.attack)
         self._forwards_checked = False  # attack_reuse_clean_logits: train and eval forwards compared on batch 1
         self._uses_clean_pass = runs_clean_pass(args, self.method)  # fixed by the arguments: decided once
+        if args.lr_step_milestones and self.train_dataset is not None and not has_length(self.train_dataset):
+            raise ValueError(
+                f"lr_step_epochs={args.lr_step_epochs!r} needs the length of an epoch, and the training set has none "
+                f"({type(self.train_dataset).__name__}, e.g. a streamed dataset). Fix: drop lr_step_epochs and use "
+                "the Trainer's schedules over max_steps (lr_scheduler_type='cosine', ...), or train on a sized dataset"
+            )
 
     @property
     def uses_clean_pass(self) -> bool:
@@ -89,7 +96,7 @@ class CURETrainer(RobustTrainer):
         steps_per_epoch = (
             max(1, math.ceil(len(self.train_dataset) / samples_per_step))
             if self.train_dataset is not None
-            else max(1, num_training_steps // max(1, math.ceil(self.args.num_train_epochs)))
+            else max(1, num_training_steps // max(1, math.ceil(self.args.num_train_epochs)))  # no data: epochs given
         )
         self.lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(
             optimizer, [int(round(e * steps_per_epoch)) for e in milestones], gamma=self.args.lr_step_factor

@@ -749,3 +749,39 @@ def test_a_scheduler_given_to_the_trainer_is_kept_and_no_step_schedule_means_the
     )
     plain.train()
     assert not isinstance(plain.lr_scheduler, torch.optim.lr_scheduler.MultiStepLR)
+
+
+@pytest.mark.parametrize(
+    "examples, epochs, milestones",
+    # 8 examples at batch 8: one optimizer step per epoch, the rate changes at steps 1 and 2
+    [(8, 3, [1, 2]), (24, 2, [3, 6])],
+)
+def test_the_step_schedule_counts_the_optimizer_steps_of_an_epoch(tmp_path, examples, epochs, milestones):
+    from cure_hf.data import image_transform, load_digits_dataset
+
+    train = load_digits_dataset()["train"].select(range(examples))
+    train.set_transform(image_transform(16, train=True))
+    args = _args(tmp_path, adv_method="pgd", max_steps=-1, num_train_epochs=epochs, lr_step_epochs="1,2")
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=train)
+    trainer.create_optimizer_and_scheduler(num_training_steps=epochs * math.ceil(examples / 8))
+    assert sorted(trainer.lr_scheduler.milestones) == milestones
+
+
+@pytest.mark.parametrize("epochs, total, milestones", [(3, 12, [4, 8]), (1, 6, [6, 12]), (2.5, 9, [3, 6])])
+def test_without_a_training_set_the_step_schedule_divides_the_steps_by_the_epochs(tmp_path, epochs, total, milestones):
+    """A trainer built for manual use (no train_dataset): an epoch is the given steps over ceil(num_train_epochs)."""
+    args = _args(tmp_path, adv_method="pgd", max_steps=-1, num_train_epochs=epochs, lr_step_epochs="1,2")
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=total)
+    assert sorted(trainer.lr_scheduler.milestones) == milestones
+    assert trainer.lr_scheduler.gamma == args.lr_step_factor
+
+
+def test_the_step_schedule_is_refused_for_a_training_set_without_length(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield {"pixel_values": torch.zeros(3, 16, 16), "labels": 0}
+
+    args = _args(tmp_path, adv_method="pgd", lr_step_epochs="1")
+    with pytest.raises(ValueError, match=r"lr_step_epochs='1' needs the length of an epoch.*Stream"):
+        CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=Stream())
