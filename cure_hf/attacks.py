@@ -64,6 +64,7 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy in fp32 against class indices (B,) or class probabilities (B, C) (mixup/cutmix targets)."""
     return F.cross_entropy(logits.float(), labels, reduction=reduction)
 
 
@@ -80,6 +81,11 @@ def kl_divergence(
 
 def margin_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Carlini-Wagner margin: best wrong logit minus the true logit (positive means misclassified)."""
+    if labels.dim() != 1:
+        raise ValueError(
+            f"margin_loss needs class indices (B,), got labels of shape {tuple(labels.shape)} (soft targets): the "
+            "margin is that of one true class"
+        )
     logits = logits.float()
     true = logits.gather(1, labels[:, None]).squeeze(1)
     # A comparison, not F.one_hot: one_hot reads the labels' range back to the host on CPU tensors.

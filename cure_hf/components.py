@@ -6,6 +6,8 @@ into the step through hooks. The trainer keeps them in one list, in this order, 
 ==================  ===========================================================================================
 ``divergence``      the divergence guard: a non-finite gradient stops training or skips the step (first, so it
                     reads the gradient before any other hook changes it); always on
+``mixup``           mixup/cutmix with timm's ``Mixup`` on the device, before the attack: mixed pixels and soft
+                    targets (``mixup_alpha``, ``cutmix_alpha``)
 ``awp``             adversarial weight perturbation: the weights move to w + v before the training forward, and
                     back right before the optimizer step (``awp_gamma``)
 ``conservation``    CURE's gradient prominence mask: the least prominent entries of each tensor get no gradient;
@@ -21,6 +23,8 @@ into the step through hooks. The trainer keeps them in one list, in this order, 
 
 The hooks, in the order one step calls them (each runs over the list in the order above):
 
+0. ``before_attack(batch)``: the batch as loaded, on the device; change its pixels and targets before the attack
+   sees them (mixup/cutmix); runs on the efficient variant's clean warm-up steps too;
 1. ``prepare(batch)``: the adversarial batch exists; add what the loss will read (the revision logits);
 2. ``before_forward(batch)``: change the model for the training forward (AWP perturbs it);
 3. ``add_to_loss(batch, inputs, loss, parts)``: add terms to the method's loss (the consistency term);
@@ -78,7 +82,9 @@ REVISION_SCHEDULES = ("constant", "linear", "cosine")
 class TrainingBatch:
     """One micro-batch of a step, as the components see it: pixels, labels, the adversarial batch, the clean
     logits when the attack already computed them with gradient (``attack_reuse_clean_logits``), and the revision
-    logits. ``natural``: a clean step of the efficient variant's warm-up (components add nothing to it)."""
+    logits. ``labels``: class indices (B,), or class probabilities (B, C) once mixup/cutmix has mixed the batch
+    (as ``F.cross_entropy`` takes either). ``natural``: a clean step of the efficient variant's warm-up (components
+    add nothing to it but the mixing)."""
 
     x: torch.Tensor
     labels: torch.Tensor
@@ -138,6 +144,7 @@ class Component:
         """Refuse arguments it cannot work with (called only when it is on)."""
 
     # hooks of the step
+    def before_attack(self, batch: TrainingBatch) -> None: ...
     def prepare(self, batch: TrainingBatch) -> None: ...
     def before_forward(self, batch: TrainingBatch) -> None: ...
 
@@ -196,6 +203,102 @@ class DivergenceGuard(Component):
 
     def before_optimizer_step(self, optimizer):
         self.guard.check(optimizer)
+
+
+# ---------------------------------------------------------------------------------------------- mixup
+MIXUP_MODES = ("batch", "pair", "elem")
+
+
+class Mixing(Component):
+    """Mixup and cutmix with timm's ``Mixup``, on the device batch before the attack: the pixels are mixed and the
+    labels become soft targets (class probabilities). The attack then ascends the cross-entropy against the soft
+    target, and every cross-entropy term of the method's loss is taken against it; the method must accept soft
+    targets (``AdversarialMethod.soft_targets``). ``label_smoothing_factor`` stays in the losses: PyTorch smooths a
+    soft target as (1 - s) t + s / C, exactly the target timm's ``Mixup(label_smoothing=s)`` builds, so the two
+    compose as in timm. Random draws: numpy's global generator, as timm's (the Trainer's checkpoints keep its state)."""
+
+    switch = "mixup_alpha"
+    name = "mixup"
+    fields = ("mixup_alpha", "cutmix_alpha", "mixup_prob", "mixup_switch_prob", "mixup_mode")
+
+    @classmethod
+    def enabled(cls, args, method):
+        return args.mixup_alpha > 0 or args.cutmix_alpha > 0
+
+    @classmethod
+    def check_fields(cls, args):
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            value = getattr(args, name)
+            check_argument(math.isfinite(value) and value >= 0, name, value, "a Beta(alpha, alpha) alpha >= 0 (0: off)")
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            value = getattr(args, name)
+            check_argument(0.0 <= value <= 1.0, name, value, "a probability in [0, 1]")
+        check_argument(args.mixup_mode in MIXUP_MODES, "mixup_mode", args.mixup_mode, f"one of {MIXUP_MODES}")
+
+    @classmethod
+    def validate(cls, args, method):
+        switch = "mixup_alpha" if args.mixup_alpha > 0 else "cutmix_alpha"
+        value = getattr(args, switch)
+        if not method.soft_targets:
+            _refuse(
+                switch,
+                value,
+                f"mixup/cutmix give soft targets (class probabilities), and adv_method={method.name!r} does not take "
+                f"them: {method.soft_targets_refusal or 'its loss reads class indices'}",
+                "drop mixup_alpha/cutmix_alpha (label_smoothing_factor keeps hard labels), or use a method whose "
+                "loss takes soft targets (clean, pgd, fgsm_rs, trades, cure; a method of yours: soft_targets = True)",
+            )
+        if method.attack is not None and method.attack.objective == "margin":
+            _refuse(
+                switch,
+                value,
+                f"adv_method={method.name!r} attacks the margin of the true class, and a mixed target has two",
+                "drop mixup_alpha/cutmix_alpha, or use a method whose attack ascends CE or KL",
+            )
+        batch = args.per_device_train_batch_size
+        if batch % 2 or not args.dataloader_drop_last:
+            _refuse(
+                switch,
+                value,
+                f"mixup/cutmix mix each batch with itself reversed (timm's Mixup), which needs an even batch every "
+                f"step; per_device_train_batch_size={batch}, dataloader_drop_last={args.dataloader_drop_last}",
+                "use an even per_device_train_batch_size and dataloader_drop_last=True",
+            )
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        from timm.data import Mixup
+
+        num_classes = getattr(trainer, "model_num_classes", None)
+        if not num_classes:
+            raise ValueError(
+                "mixup/cutmix need the number of classes for their soft targets, and the model declares none and "
+                "could not be probed on a training example. Fix: give the model num_classes (timm) or "
+                "config.num_labels (transformers), or train on a dataset whose first example can be read"
+            )
+        args = self.args
+        self.mixup = Mixup(
+            mixup_alpha=args.mixup_alpha,
+            cutmix_alpha=args.cutmix_alpha,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=0.0,  # the losses smooth (class docstring)
+            num_classes=num_classes,
+        )
+
+    def before_attack(self, batch):
+        if len(batch.x) % 2:
+            raise ValueError(
+                f"mixup/cutmix got a batch of {len(batch.x)} examples; they need an even batch (timm's Mixup). "
+                "Fix: an even per_device_train_batch_size with dataloader_drop_last=True"
+            )
+        # timm mixes in place: a copy, so the loader's tensors (a resident dataset's included) stay as they are
+        batch.x, batch.labels = self.mixup(batch.x.clone(), batch.labels)
+
+    def card_fields(self, info):
+        for name in self.fields:
+            info["hyperparameters"][name] = getattr(self.args, name)
 
 
 # --------------------------------------------------------------------------------------------------- AWP
@@ -638,6 +741,7 @@ class WeightAveraging(Component):
 # The order the trainer runs them in (module docstring).
 COMPONENTS: Tuple[Type[Component], ...] = (
     DivergenceGuard,
+    Mixing,
     WeightPerturbation,
     Conservation,
     LayerTelemetryComponent,

@@ -302,6 +302,23 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             saving, the model card and pushing use the average; training continues from the working weights. See
             docs/beyond.md.
 
+        > The mixup/cutmix component (soft targets, timm's `Mixup` on the device)
+
+        mixup_alpha (`float`, *optional*, defaults to 0):
+            Mixup (Zhang et al., 2018): each batch becomes lam x + (1 - lam) x.flip(0), lam ~ Beta(alpha, alpha), and
+            its target the same mix of the two one-hot labels; 0: no mixup. Done by `timm.data.Mixup` on the device,
+            before the attack: the attack and every loss term see the mixed pixels and the soft target (a method's
+            cross-entropy is then against class probabilities; docs/imagenet.md). `label_smoothing_factor` composes
+            as in timm. Needs an even batch and `dataloader_drop_last=True`.
+        cutmix_alpha (`float`, *optional*, defaults to 0):
+            CutMix (Yun et al., 2019): a box of area 1 - lam, lam ~ Beta(alpha, alpha), pasted from x.flip(0); 0: none.
+        mixup_prob (`float`, *optional*, defaults to 1.0):
+            Probability that a batch is mixed at all (its target is one-hot otherwise).
+        mixup_switch_prob (`float`, *optional*, defaults to 0.5):
+            With both alphas set: the probability of cutmix rather than mixup for a batch.
+        mixup_mode (`str`, *optional*, defaults to `"batch"`):
+            timm's modes: `batch` (one lam per batch), `pair` (per pair of examples), `elem` (per example).
+
         > The layer-telemetry component
 
         layer_telemetry (`bool`, *optional*, defaults to `False`):
@@ -550,6 +567,15 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         default=0.0,
         metadata={"help": "Ramp the training attack's epsilon (and step) linearly from 0 over these epochs; 0 = none."},
     )
+    mixup_alpha: float = field(
+        default=0.0, metadata={"help": "Mixup's Beta(alpha, alpha) on the device (timm's Mixup); 0 = no mixup."}
+    )
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "CutMix's Beta(alpha, alpha); 0 = no cutmix."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch (mixup or cutmix)."})
+    mixup_switch_prob: float = field(
+        default=0.5, metadata={"help": "With both alphas: probability of cutmix rather than mixup."}
+    )
+    mixup_mode: str = field(default="batch", metadata={"help": "timm's Mixup mode: 'batch', 'pair' or 'elem'."})
 
     def __post_init__(self):
         check_field_types(self)  # every field (TrainingArguments' too) against its annotation, first

@@ -8,9 +8,15 @@ the benchmark ask the method object; nothing else lists methods. Register one wi
 built-in methods are registered exactly so, and installed packages can add theirs through the
 ``cure_hf.methods`` entry-point group (docs/extending.md).
 
-A loss reads :class:`LossInputs`: the logits of the clean batch (``z_nat``), of the adversarial batch (``z_adv``)
-and, when the revision component is on, the revision model's logits on both (``r_nat``, ``r_adv``). It returns
-``(loss, parts)``; ``parts`` are detached scalars for logging.
+A loss reads :class:`LossInputs`: the targets (``labels``: class indices, or class probabilities under
+mixup/cutmix), the logits of the clean batch (``z_nat``), of the adversarial batch (``z_adv``) and, when the
+revision component is on, the revision model's logits on both (``r_nat``, ``r_adv``). It returns ``(loss, parts)``;
+``parts`` are detached scalars for logging.
+
+Soft targets (mixup/cutmix): every cross-entropy term is against the target distribution t, -sum_c t_c log p_c
+(``F.cross_entropy`` with probabilities), and label smoothing makes it (1 - s) t + s / C; the KL terms do not read
+the target. The training attack with the CE objective ascends that same cross-entropy. MART refuses soft targets
+(it needs one true class).
 
 Label smoothing (``TrainingArguments.label_smoothing_factor``) applies to the cross-entropy terms against
 the labels, and only to them: the clean CE of natural training, TRADES and CURE, the adversarial CE of
@@ -62,7 +68,8 @@ Parts = Dict[str, torch.Tensor]
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy in fp32 against labels smoothed by ``smoothing`` (PyTorch's definition)."""
+    """Mean cross-entropy in fp32 against labels smoothed by ``smoothing`` (PyTorch's definition): class indices
+    (B,), or class probabilities (B, C), a soft target t smoothed to (1 - s) t + s / C."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
 
 
@@ -86,6 +93,11 @@ def trades_loss(z_nat, z_adv, labels, beta: float, smoothing: float = 0.0) -> Tu
 
 def mart_loss(z_nat, z_adv, labels, beta: float, smoothing: float = 0.0) -> Tuple[torch.Tensor, Parts]:
     """Wang et al. (MART): boosted CE on the adversarial batch + beta * KL weighted by (1 - p_true(x))."""
+    if labels.dim() != 1:
+        raise ValueError(
+            f"mart_loss needs class indices (B,), got labels of shape {tuple(labels.shape)} (soft targets): MART "
+            "is defined by one true class per example"
+        )
     z_nat, z_adv = z_nat.float(), z_adv.float()
     adv_probs = F.softmax(z_adv, dim=1)
     top2 = adv_probs.argsort(dim=1)[:, -2:]
@@ -151,7 +163,7 @@ def cure_paper_loss(
 class LossInputs:
     """The logits of one step that a method's loss may read (None where the step has no such pass)."""
 
-    labels: torch.Tensor
+    labels: torch.Tensor  # class indices (B,), or class probabilities (B, C) under mixup/cutmix
     z_nat: Optional[torch.Tensor] = None
     z_adv: Optional[torch.Tensor] = None
     r_nat: Optional[torch.Tensor] = None
@@ -270,6 +282,10 @@ class AdversarialMethod:
         awp_defaults: the published AWP settings (:class:`AWPDefaults`), or None.
         default_components: the components the method runs with unless switched off (``("conservation",
             "revision")`` for CURE); any method can switch them on (docs/extending.md).
+        soft_targets: whether the loss takes soft targets: ``inputs.labels`` of shape (B, C), class probabilities
+            (mixup/cutmix, ``mixup_alpha``), besides class indices (B,). A loss written with
+            ``F.cross_entropy``/:func:`smoothed_cross_entropy` and KL terms takes both; one that indexes by the
+            label (``gather``) does not. ``soft_targets_refusal``: why not, for the error a run with mixup gets.
     """
 
     name: ClassVar[str] = ""
@@ -282,6 +298,8 @@ class AdversarialMethod:
     options: ClassVar[Dict[str, Any]] = {}
     awp_defaults: ClassVar[Optional[AWPDefaults]] = None
     default_components: ClassVar[Tuple[str, ...]] = ()
+    soft_targets: ClassVar[bool] = False
+    soft_targets_refusal: ClassVar[Optional[str]] = None
 
     def loss(self, inputs: LossInputs, hp: Mapping[str, Any]) -> Tuple[torch.Tensor, Parts]:
         """``(loss, parts)`` from the step's logits and ``hp`` (the values of :attr:`hyperparameters` and
@@ -483,6 +501,7 @@ FGSM_RS_CITATION = (
 class NaturalTraining(AdversarialMethod):
     name, title = "clean", "natural training"
     attack = None
+    soft_targets = True
 
     def loss(self, inputs, hp):
         return clean_loss(inputs.z_nat, inputs.labels, hp["label_smoothing_factor"])
@@ -494,6 +513,7 @@ class PGDAT(AdversarialMethod):
     citation, paper_id = PGD_AT_CITATION, "1706.06083"
     attack = AttackSpec("pgd", "ce", "uniform")
     uses_clean_pass = False
+    soft_targets = True
     awp_defaults = AWPDefaults(1e-2, 0.0, "AWP paper and AT_AWP/train_cifar10.py: --awp_gamma 0.01, --awp_warmup 0")
 
     def loss(self, inputs, hp):
@@ -509,6 +529,7 @@ class TRADES(AdversarialMethod):
     awp_defaults = AWPDefaults(
         5e-3, 10.0, "AWP paper and TRADES_AWP/train_trades_cifar.py: --awp-gamma 0.005, --awp-warmup 10"
     )
+    soft_targets = True
 
     def loss(self, inputs, hp):
         return trades_loss(inputs.z_nat, inputs.z_adv, inputs.labels, hp["trades_beta"], hp["label_smoothing_factor"])
@@ -520,6 +541,10 @@ class MART(AdversarialMethod):
     citation = MART_CITATION
     attack = AttackSpec("pgd", "ce", "normal")
     hyperparameters = ("trades_beta",)
+    soft_targets_refusal = (
+        "MART's loss is defined by one true class per example (its boosted CE pushes down the best wrong class, "
+        "and its KL term is weighted by 1 - p_true), and a mixed target has two"
+    )
     awp_defaults = AWPDefaults(
         5e-3, 10.0, "TRADES-AWP's values: MART's loss is also a CE term plus a beta-weighted KL term"
     )
@@ -549,6 +574,7 @@ class CURE(AdversarialMethod):
     citation, paper_id = CURE_CITATION, "2401.14948"
     attack = AttackSpec("pgd", "kl", "normal")
     hyperparameters = ("clean_weight", "prominence")
+    soft_targets = True
     awp_defaults = AWPDefaults(
         5e-3,
         10.0,

@@ -109,7 +109,8 @@ class CURETrainer(RobustTrainer):
         self, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, clean_logits: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Step 1: the method's training attack, in eval mode, on the unwrapped module (DDP never sees it); eps
-        ramped up over the first `attack_warmup_epochs`."""
+        ramped up over the first `attack_warmup_epochs`. `labels`: class indices, or mixup's class probabilities
+        (the CE objective is then against them)."""
         settings = warmed_up_attack(self.args.attack_settings, self.state.epoch or 0.0, self.args.attack_warmup_epochs)
         # self.speed.pgd replays a captured CUDA graph of the K steps when attack_cuda_graph is on, else is attacks.pgd
         return self.method.attack.craft(model, x, labels, settings, clean_logits=clean_logits, pgd_fn=self.speed.pgd)
@@ -126,26 +127,29 @@ class CURETrainer(RobustTrainer):
         # the attack's module: no DDP; the compiled module when compiled (never rewires the training model)
         self._attack_net = net = attack_module(model)
         batch = TrainingBatch(x=x, labels=labels, natural=self.in_natural_warmup)
+        for component in self.components:
+            component.before_attack(batch)  # mixup/cutmix: mixed pixels, soft targets
         if not batch.natural:
             if self.args.natural_warmup_epochs and self._method_start_step is None:
                 self._method_start_step = self.state.global_step
                 self._restart_weight_average()  # the average is of the method's weights, not of the warm-up's
             if self.args.attack_reuse_clean_logits:  # train == eval forward: one clean pass serves both
                 if not self._forwards_checked:
-                    check_train_eval_forwards_agree(net, x)
+                    check_train_eval_forwards_agree(net, batch.x)
                     self._forwards_checked = True
                 with self.compute_loss_context_manager():
-                    batch.z_nat = logits_of(model(x))
+                    batch.z_nat = logits_of(model(batch.x))
             if self.method.attack is not None:
                 clean_logits = None if batch.z_nat is None else batch.z_nat.detach()
-                batch.x_adv = self.craft_adversarial(net, x, labels, clean_logits)
+                batch.x_adv = self.craft_adversarial(net, batch.x, batch.labels, clean_logits)
             for component in self.components:
                 component.prepare(batch)
             for component in self.components:
                 component.before_forward(batch)
         self._batch = batch
         try:
-            return super().training_step(model, {"pixel_values": x, "labels": labels}, num_items_in_batch)
+            prepared = {"pixel_values": batch.x, "labels": batch.labels}
+            return super().training_step(model, prepared, num_items_in_batch)
         finally:
             self._batch = None
 

@@ -100,3 +100,24 @@ def stop_after_save(step: int):
             return control
 
     return StopAfterSave()
+
+
+def tiny_run_arguments(output_dir, **overrides):
+    """CURETrainingArguments of a two-step CPU run of a tiny model (batch 8, PGD-1), with ``overrides``."""
+    from cure_hf import CURETrainingArguments
+
+    fields = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        attack_steps=1,
+        learning_rate=0.05,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
+    return CURETrainingArguments(**{**fields, **overrides})

@@ -88,6 +88,10 @@ RANGES = {
     "awp_gamma": (0, 1, True, False, False),  # 0 = off
     "awp_warmup_epochs": (0, INF, True, False, False),
     "attack_warmup_epochs": (0, INF, True, False, False),
+    "mixup_alpha": (0, INF, True, False, False),
+    "cutmix_alpha": (0, INF, True, False, False),
+    "mixup_prob": (0, 1, True, True, False),
+    "mixup_switch_prob": (0, 1, True, True, False),
 }
 # What a field's range check needs around it to run (else another check refuses the value first).
 CONTEXT = {"awp_warmup_epochs": {"awp_gamma": True}}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_model, stop_after_save
+from conftest import make_tiny_model, stop_after_save, tiny_run_arguments
 
-from cure_hf import AdversarialMethod, AttackSpec, CURETrainer, CURETrainingArguments, register_method
+from cure_hf import AdversarialMethod, AttackSpec, CURETrainer, register_method
 from cure_hf import methods as methods_module
 from cure_hf.methods import METHODS, get_method
 
@@ -54,21 +54,7 @@ def small_train():
 
 
 def _args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        attack_steps=1,
-        learning_rate=0.05,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=0,
-        dataloader_num_workers=0,
-        logging_steps=1,
-    )
-    return CURETrainingArguments(**{**defaults, **kwargs})
+    return tiny_run_arguments(tmp_path, **kwargs)
 
 
 def _weights(trainer):
