@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["cure_hf", "cure_hf.*"]),
-    package_data={"cure_hf": ["metrics/*/*.py", "templates/*.md"]},
+    package_data={"cure_hf": ["metrics/*/*.py", "templates/*.md", "protocol_data/*"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1,<3",

@@ -4,6 +4,8 @@
         --eval_attacks clean,pgd20,cw,autoattack --eval_max_examples 1000 --eval_epsilon 8/255
     cure-hf evaluate ... --eval_epsilon 0,2/255,4/255,8/255 --plot eps.png   # robust accuracy against eps
     cure-hf evaluate EVAL.yaml --eval_restarts 5                             # a config file, then overrides
+    cure-hf evaluate --model_name_or_path <folder> --protocol robustbench-imagenet --test_dir <ImageNet val>
+    cure-hf evaluate --model_name_or_path <folder> --protocol robustbench-cifar10   # RobustBench's numbers
     cure-hf plot-history <training output_dir> --output history.png         # clean / robust accuracy over training
     cure-hf --version
 
@@ -13,6 +15,8 @@ flags are the recipes' (:mod:`cure_hf.parser`). Only ``--eval_epsilon`` takes mo
 list runs one evaluation per radius. It prints a table and writes JSON (metrics, AutoAttack per attack,
 warnings, settings) to ``--output_file``, by default next to the model: ``<folder>/robust_eval.json`` for a
 local folder, ``./robust_eval/<name>.json`` for a timm name or Hub id (``/`` and ``:`` become ``--``).
+``--protocol`` runs one of RobustBench's protocols instead (:mod:`cure_hf.protocols`: its data, pixels, AutoAttack
+standard at its eps) and writes RobustBench's result fields to ``<folder>/<protocol>.json``.
 A timm name builds an untrained model (no network) with the dataset's number of classes; a folder or Hub id
 loads its weights (safetensors only).
 """
@@ -30,12 +34,14 @@ from typing import Any, Dict, List, Optional, Sequence
 from . import __version__
 from .config import RobustEvaluationArguments
 from .parser import ConfigArgumentParser, DatasetArguments, ModelArguments
+from .protocols import ProtocolArguments
 
 __all__ = [
     "main",
     "build_parser",
     "build_evaluate_parser",
     "run_evaluate",
+    "run_protocol",
     "format_table",
     "default_output_file",
     "EvaluationSweepArguments",
@@ -43,7 +49,9 @@ __all__ = [
 ]
 
 RESULT_FILE_NAME = "robust_eval.json"
-EVALUATE_HELP = "Clean / PGD / CW / AutoAttack accuracy of a model on a dataset."
+EVALUATE_HELP = "Clean / PGD / CW / AutoAttack accuracy of a model on a dataset, or a RobustBench protocol."
+# A standalone evaluation reports the number of record by default; the trainer's default stays cheap.
+EVALUATE_DEFAULTS = {"eval_attacks": "clean,pgd20,cw,autoattack", "eval_attack_batch_size": 128}
 
 # The flags of the first `cure-hf evaluate`, and the names that replaced them.
 RENAMED_FLAGS = {
@@ -146,13 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
 def build_evaluate_parser() -> ConfigArgumentParser:
     """``cure-hf evaluate``: the model, dataset, evaluation and output dataclasses, or a config file of them."""
     parser = ConfigArgumentParser(
-        (ModelArguments, DatasetArguments, EvaluationSweepArguments, EvaluationOutputArguments),
+        (ModelArguments, DatasetArguments, EvaluationSweepArguments, EvaluationOutputArguments, ProtocolArguments),
         prog="cure-hf evaluate",
         description=f"{EVALUATE_HELP} A YAML/JSON file given first (or with --config) sets any of these arguments; "
         "flags after it override it.",
     )
-    # A standalone evaluation reports the number of record by default; the trainer's default stays cheap.
-    parser.set_defaults(eval_attacks="clean,pgd20,cw,autoattack", eval_attack_batch_size=128)
+    parser.set_defaults(**EVALUATE_DEFAULTS)
     for old, new in RENAMED_FLAGS.items():
         parser.add_argument(old, action=_RenamedFlag, new_flag=new)
     return parser
@@ -162,13 +169,16 @@ def _is_timm_name(spec: str) -> bool:
     return not (spec.startswith(("hf-hub:", "local-dir:")) or os.path.isdir(spec) or "/" in spec)
 
 
-def default_output_file(model_name_or_path: str) -> str:
-    """Next to a local model (``<folder>/robust_eval.json``); ``robust_eval/<name>.json`` for a timm name or Hub id."""
+def default_output_file(model_name_or_path: str, protocol: Optional[str] = None) -> str:
+    """Next to a local model (``<folder>/robust_eval.json``); ``robust_eval/<name>.json`` for a timm name or Hub id.
+
+    With a ``protocol``: ``<folder>/<protocol>.json``, ``robust_eval/<name>.<protocol>.json``.
+    """
     folder = model_name_or_path.removeprefix("local-dir:")
     if os.path.isdir(folder):
-        return os.path.join(folder, RESULT_FILE_NAME)
+        return os.path.join(folder, f"{protocol}.json" if protocol else RESULT_FILE_NAME)
     name = model_name_or_path.removeprefix("hf-hub:").replace("/", "--").replace(":", "--")
-    return os.path.join("robust_eval", f"{name}.json")
+    return os.path.join("robust_eval", f"{name}.{protocol}.json" if protocol else f"{name}.json")
 
 
 def _weights_files(spec: str) -> List[str]:
@@ -234,6 +244,24 @@ def _load_split(data_args: DatasetArguments, image_size: int, max_examples: Opti
     return dataset, num_classes
 
 
+def _output_classes(model, dataset, device) -> int:
+    """How many classes the model scores: its logits on the first example."""
+    import torch
+
+    from .attacks import logits_of
+    from .data import collate_pixels
+
+    with torch.no_grad():
+        return logits_of(model(collate_pixels([dataset[0]])["pixel_values"].to(device))).shape[-1]
+
+
+def _write_json(path: str, result: Dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {path}")
+
+
 def run_evaluate(
     evaluation: EvaluationSweepArguments,
     model_args: ModelArguments,
@@ -243,7 +271,6 @@ def run_evaluate(
     """``cure-hf evaluate``: returns the result written to ``output.output_file`` (or its default)."""
     import torch
 
-    from .attacks import logits_of
     from .data import collate_pixels, set_preprocessing
     from .evaluation import evaluate_robustness, log_evaluation_warnings
 
@@ -265,9 +292,7 @@ def run_evaluate(
         model = _load_model(model_args, num_classes, probe_size)
     set_preprocessing(dataset, model)  # the pixels the model was evaluated on in training (its saved preprocessing)
     model.to(device).eval()
-    with torch.no_grad():
-        sample = collate_pixels([dataset[0]])["pixel_values"].to(device)
-        out_classes = logits_of(model(sample)).shape[-1]
+    out_classes = _output_classes(model, dataset, device)
     if out_classes != num_classes:
         raise ValueError(
             f"--model_name_or_path {spec} has {out_classes} outputs but --dataset_name "
@@ -310,11 +335,7 @@ def run_evaluate(
     print(format_table(runs))
     for warning in result["warnings"]:
         print(f"WARNING: {warning}")
-    path = output.output_file or default_output_file(spec)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
+    _write_json(output.output_file or default_output_file(spec), result)
     if output.plot:
         from .plots import plot_accuracy_vs_eps
 
@@ -323,6 +344,90 @@ def run_evaluate(
         )
         print(f"wrote {output.plot}")
     return result
+
+
+def run_protocol(
+    protocol_args: ProtocolArguments,
+    evaluation: EvaluationSweepArguments,
+    model_args: ModelArguments,
+    data_args: DatasetArguments,
+    output: EvaluationOutputArguments,
+) -> Dict[str, Any]:
+    """``cure-hf evaluate --protocol``: RobustBench's evaluation; returns the record written to the output file."""
+    import torch
+
+    from .data import collate_pixels
+    from .evaluation import AutoAttackConfig, evaluate_robustness, log_evaluation_warnings
+    from .protocols import (
+        PROTOCOLS,
+        check_model_for_protocol,
+        check_protocol_arguments,
+        load_protocol_data,
+        robustbench_record,
+    )
+    from .runtime import use_available_cpu_threads
+
+    protocol = PROTOCOLS[protocol_args.protocol]
+    check_protocol_arguments(protocol, evaluation, model_args, data_args, output, EVALUATE_DEFAULTS["eval_attacks"])
+    device = torch.device(output.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_available_cpu_threads(model_args.cpu_threads, device)
+    # The data first: a missing image is found before a large model is loaded.
+    dataset, data, subset, incomplete = load_protocol_data(
+        protocol, protocol_args, data_args, evaluation.eval_max_examples
+    )
+    spec = model_args.model_name_or_path
+    if _is_timm_name(spec):  # an untrained timm model, built for the protocol's classes and images
+        model = _load_model(model_args, protocol.num_classes, protocol.image_size)
+    else:
+        model = _load_model(model_args, None, model_args.image_size)
+    warnings = check_model_for_protocol(model, protocol)
+    model.to(device).eval()
+    out_classes = _output_classes(model, dataset, device)
+    if out_classes != protocol.num_classes:
+        raise ValueError(
+            f"--model_name_or_path {spec} has {out_classes} outputs, but --protocol {protocol.name} has "
+            f"{protocol.num_classes} classes; evaluate a {protocol.dataset} model"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=evaluation.eval_attack_batch_size, collate_fn=collate_pixels
+    )
+    start = time.perf_counter()
+    result = evaluate_robustness(
+        model,
+        loader,
+        "clean,autoattack",
+        eps=protocol.eps_value,
+        device=device,
+        autoattack=AutoAttackConfig(version="standard", norm=protocol.threat_model, seed=evaluation.eval_seed),
+        progress=sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - start
+    log_evaluation_warnings(result, protocol.name)
+    record = robustbench_record(
+        protocol,
+        result,
+        model=model,
+        model_name_or_path=spec,
+        data=data,
+        seed=evaluation.eval_seed,
+        batch_size=evaluation.eval_attack_batch_size,
+        device=str(device),
+        seconds=seconds,
+        subset=subset,
+        incomplete=incomplete,
+        warnings=warnings,
+    )
+    print(format_table([{"eps": protocol.eps_value, "seconds": round(seconds, 2), **result.to_dict()}]))
+    print(
+        f"{protocol.name}: clean_acc {record['clean_acc']}, autoattack_acc {record['autoattack_acc']} "
+        f"({record['n_examples']} images, eps {protocol.eps}, AutoAttack standard)"
+    )
+    if incomplete:
+        print(f"NOT the protocol (protocol_complete false): {incomplete}")
+    for warning in record["warnings"]:
+        print(f"WARNING: {warning}")
+    _write_json(output.output_file or default_output_file(spec, protocol.name), record)
+    return record
 
 
 def format_table(runs: Sequence[Dict[str, Any]]) -> str:
@@ -372,8 +477,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = argv[0] if argv else None
     try:
         if command == "evaluate":  # parsed by its own parser, which also reads a config file
-            model_args, data_args, evaluation, output = build_evaluate_parser().parse_args_and_config(argv[1:])
-            run_evaluate(evaluation, model_args, data_args, output)
+            parsed = build_evaluate_parser().parse_args_and_config(argv[1:])
+            model_args, data_args, evaluation, output, protocol = parsed
+            if protocol.protocol:
+                run_protocol(protocol, evaluation, model_args, data_args, output)
+            else:
+                run_evaluate(evaluation, model_args, data_args, output)
         else:
             run_plot_history(build_parser().parse_args(argv))
     except SystemExit as exit_:  # --help, --version, argparse's usage errors (already printed)
