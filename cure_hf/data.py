@@ -68,7 +68,7 @@ def load_digits_dataset(image_size: int = 32, test_fraction: float = 0.2, seed: 
 Preprocessing = Union[int, Sequence[int], Dict[str, Any], Any]
 
 
-AUGMENTATIONS = ("none", "crop_flip", "crop")
+AUGMENTATIONS = ("none", "crop_flip", "crop", "timm")
 
 
 def image_transform(
@@ -76,6 +76,7 @@ def image_transform(
     *,
     train: bool,
     augment: str = "none",
+    augment_options: Optional[Dict[str, Any]] = None,
     image_column: str = "image",
     label_column: str = "label",
 ) -> Callable[[Dict[str, List]], Dict[str, List]]:
@@ -91,18 +92,31 @@ def image_transform(
 
     ``augment``: "none", "crop_flip" (random crop with 4-pixel padding and horizontal flip, the paper's), or
     "crop" (the same crop without the flip: for digits and text, whose mirror image is another symbol),
-    on top of the evaluation pixels. No normalisation here: it lives inside the model. The returned function keeps
-    its settings as attributes (``preprocessing``, ``train``, ``augment``, ``image_column``, ``label_column``).
+    on top of the evaluation pixels; or "timm", ImageNet-style: timm's training transform
+    (``timm.data.create_transform(is_training=True)``: random-resized crop, flip, colour jitter or RandAugment,
+    random erasing) at the input size and interpolation of the same preprocessing, in place of the evaluation
+    pixels (:mod:`cure_hf.augmentation`). ``augment_options`` set its options (``crop_scale``, ``crop_ratio``,
+    ``hflip``, ``color_jitter``, ``auto_augment``, ``random_erasing``, ``random_erasing_mode``,
+    ``random_erasing_count``; unset: timm's defaults); they are refused with any other ``augment``. Evaluation
+    transforms (``train=False``) never augment. No normalisation here: it lives inside the model. The returned
+    function keeps its settings as attributes (``preprocessing``, ``train``, ``augment``, ``augment_options`` (every
+    option "timm" ran with, defaults included; ``{}`` for the others), ``image_column``, ``label_column``).
     """
     from torchvision import transforms as T
 
+    from .augmentation import TIMM_AUGMENT, resolve_augment_options
+
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment={augment!r} is not one of {', '.join(map(repr, AUGMENTATIONS))}")
+    options = resolve_augment_options(augment, augment_options)
     preprocessing = _resolve_preprocessing(preprocessing)
     timm_format = isinstance(preprocessing, dict)
-    pixels = _timm_pixels(preprocessing) if timm_format else _processor_pixels(preprocessing)
+    if train and augment == TIMM_AUGMENT:
+        pixels = _timm_train_pixels(preprocessing, options)
+    else:
+        pixels = _timm_pixels(preprocessing) if timm_format else _processor_pixels(preprocessing)
     augmentation = None
-    if train and augment != "none":
+    if train and augment not in ("none", TIMM_AUGMENT):
         size = (
             tuple(preprocessing["input_size"][-2:]) if timm_format else _processor_output_size(preprocessing, augment)
         )
@@ -116,7 +130,7 @@ def image_transform(
         return {"pixel_values": images, "labels": list(batch[label_column])}
 
     transform.preprocessing = preprocessing
-    transform.train, transform.augment = train, augment
+    transform.train, transform.augment, transform.augment_options = train, augment, options
     transform.image_column, transform.label_column = image_column, label_column
     return transform
 
@@ -156,6 +170,15 @@ def _timm_pixels(data_config: Dict[str, Any]) -> Callable[[List], List[torch.Ten
 
     pipeline = timm.data.create_transform(**data_config, is_training=False, normalize=False)
     return lambda images: [pipeline(img).float().div(255) for img in images]
+
+
+def _timm_train_pixels(preprocessing, options: Dict[str, Any]) -> Callable[[List], List[torch.Tensor]]:
+    """timm's training transform at the model's input size (a timm data config, or an image processor's)."""
+    from .augmentation import processor_data_config, timm_train_pixels
+
+    data_config = preprocessing if isinstance(preprocessing, dict) else processor_data_config(preprocessing)
+    pipeline = timm_train_pixels(data_config, options)
+    return lambda images: [pipeline(img) for img in images]
 
 
 def _processor_pixels(processor) -> Callable[[List], List[torch.Tensor]]:
@@ -198,6 +221,7 @@ def set_preprocessing(data, preprocessing: Preprocessing):
                 preprocessing,
                 train=current.train,
                 augment=current.augment,
+                augment_options=getattr(current, "augment_options", None),
                 image_column=current.image_column,
                 label_column=current.label_column,
             )
@@ -348,6 +372,7 @@ def load_image_dataset(
     preprocessing: Preprocessing = None,
     image_size: Optional[int] = None,
     augment: str = "none",
+    augment_options: Optional[Dict[str, Any]] = None,
     config_name: Optional[str] = None,
     train_dir: Optional[str] = None,
     test_dir: Optional[str] = None,
@@ -364,6 +389,8 @@ def load_image_dataset(
     ``name``: "digits" (embedded, no network), "imagefolder" (with ``train_dir``/``test_dir``), or any
     ``datasets.load_dataset`` name such as "uoft-cs/cifar10" (its id is recorded in ``info.dataset_name`` for the
     model card's ``datasets:``).
+
+    ``augment``/``augment_options``: the training split's augmentation (:func:`image_transform`).
 
     ``preprocessing``: the model (or its data config / image processor, see :func:`image_transform`); when the model
     is built after the data (it needs ``num_classes``), call :func:`set_preprocessing` with it. ``image_size``
@@ -448,7 +475,9 @@ def load_image_dataset(
             f"image_size={image_size} and preprocessing=... both set the input size; the model's "
             "preprocessing decides it: leave image_size unset"
         )
-    common = dict(augment=augment, image_column=image_column, label_column=label_column)
+    common = dict(
+        augment=augment, augment_options=augment_options, image_column=image_column, label_column=label_column
+    )
     train.set_transform(image_transform(preprocessing, train=True, **common))
     test.set_transform(image_transform(preprocessing, train=False, **common))
     return DatasetDict(train=train, test=test), num_classes

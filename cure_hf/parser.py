@@ -261,8 +261,56 @@ class DataTrainingArguments(DatasetArguments):
     augment: str = field(
         default="none",
         metadata={
-            "help": "'none', 'crop_flip' (4-pixel pad crop + horizontal flip, the paper's) or 'crop' (no flip: digits)."
+            "help": "'none', 'crop_flip' (4-pixel pad crop + horizontal flip, the paper's), 'crop' (no flip: digits), "
+            "or 'timm' (ImageNet: timm's training transform, with the options below)."
         },
+    )
+    # augment='timm' only (refused otherwise); unset: timm.data.create_transform's defaults (cure_hf.augmentation)
+    crop_scale: Optional[str] = field(
+        default=None,
+        metadata={"help": "augment='timm': random-resized crop's area range min,max (default: 0.08,1.0)."},
+    )
+    crop_ratio: Optional[str] = field(
+        default=None,
+        metadata={"help": "augment='timm': random-resized crop's aspect-ratio range min,max (default: 0.75,1.3333)."},
+    )
+    hflip: Optional[float] = field(
+        default=None, metadata={"help": "augment='timm': horizontal-flip probability (default: 0.5)."}
+    )
+    color_jitter: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "augment='timm': colour-jitter factor, or brightness,contrast,saturation[,hue] (default: 0.4; "
+            "off under an auto_augment policy, as in timm)."
+        },
+    )
+    auto_augment: Optional[str] = field(
+        default=None,
+        metadata={"help": "augment='timm': timm policy, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment) (default: none)."},
+    )
+    random_erasing: Optional[float] = field(
+        default=None, metadata={"help": "augment='timm': probability of random erasing (default: 0)."}
+    )
+    random_erasing_mode: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "augment='timm': erased boxes' fill, 'const' (mean colour), 'rand' (a colour per box) or 'pixel' "
+            "(noise per pixel), in the model's normalised space as timm, clipped to [0, 1] (default: const)."
+        },
+    )
+    random_erasing_count: Optional[int] = field(
+        default=None, metadata={"help": "augment='timm': most boxes erased per image (default: 1)."}
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})
+
+    def __post_init__(self):
+        from .augmentation import resolve_augment_options
+
+        resolve_augment_options(self.augment, self.augment_options())  # refuse bad or unused options at parse time
+
+    def augment_options(self) -> Dict[str, Any]:
+        """The augmentation options that were set (unset ones are left to their defaults)."""
+        from .augmentation import AUGMENT_OPTIONS
+
+        return {name: getattr(self, name) for name in AUGMENT_OPTIONS if getattr(self, name) is not None}

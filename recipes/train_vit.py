@@ -212,6 +212,7 @@ def main(argv=None):
         data_args.dataset_name,
         image_size=model_args.image_size,
         augment=data_args.augment,
+        augment_options=data_args.augment_options(),
         config_name=data_args.dataset_config_name,
         train_dir=data_args.train_dir,
         test_dir=data_args.test_dir,
