@@ -10,6 +10,11 @@ Configurations (cumulative; ``cure_hf.speed`` and docs/benchmarks.md describe ea
     fast      + the training set resident on the device, cropped and flipped there: speed_preset="fast"
               (which also sets cudnn.benchmark and removes the Trainer's per-step host synchronisations)
     fp32_graphs, bf16_cl_graphs   diagnostics: CUDA-graph attack without torch.compile
+    captured  the preset's pieces with the whole step captured as one CUDA graph (``cure_hf.capture.CapturedStep``:
+              attack, forwards, loss, backward, mask, optimizer, revision), plain loop only; on the CPU it runs
+              eagerly through the capture's plumbing
+    captured_bf16, captured_fp32   the whole step captured, eager kernels (bf16 + channels_last, or fp32): their
+              ratio is what bf16 buys once the host no longer paces the step
 
 For each configuration and method (clean, pgd, trades, cure) it measures seconds per step of ``CURETrainer``
 and of a plain PyTorch loop built from the same pieces (so trainer-vs-plain is the Trainer's own cost), seconds
@@ -53,6 +58,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from cure_hf.attacks import logits_of, pgd  # noqa: E402
+from cure_hf.capture import CapturedStep, EagerStepGraph  # noqa: E402
 from cure_hf.components import resolved_conservation, resolved_revision, runs_clean_pass  # noqa: E402
 from cure_hf.config import CURETrainingArguments  # noqa: E402
 from cure_hf.data import collate_pixels  # noqa: E402
@@ -87,8 +93,13 @@ CONFIGS = OrderedDict(
         ("fast", (True, True, True, True, True, True)),
         ("fp32_graphs", (False, False, False, True, False, False)),
         ("bf16_cl_graphs", (True, True, False, True, False, False)),
+        ("captured", (True, True, True, False, True, True)),
+        ("captured_bf16", (True, True, False, False, True, True)),
+        ("captured_fp32", (False, False, False, False, True, True)),
     ]
 )
+# Configurations whose step is one captured function (cure_hf.capture): the plain loop only, CURETrainer has no such step.
+CAPTURED = ("captured", "captured_bf16", "captured_fp32")
 LADDER = ("fp32", "bf16", "bf16_cl", "compile", "graphs", "fast")
 METHOD_ORDER = ("cure", "trades", "pgd", "clean")
 
@@ -195,6 +206,27 @@ class PlainStep:
         if graphs:
             self.attack = GraphedAttack() if device.type == "cuda" else GraphedAttack(graph_factory=_EagerReplay)
         self.times: Dict[str, float] = defaultdict(float)
+        self.captured = None
+        if config in CAPTURED:  # the same pieces, the whole step as one captured function
+            self.captured = CapturedStep(
+                model,
+                self.spec,
+                self.optimizer,
+                attack_settings=self.attack_settings(),
+                hyperparameters=self.hyperparameters,
+                conserve_fraction=0.3 if self.conserves else None,
+                head_names=heads,
+                revision=self.revision,
+                consistency_weight=self.consistency_weight,
+                train_forward=self.model,
+                attack_net=self.attack_net,
+                clean_pass=self.clean_pass,
+                capture=True,
+                graph_factory=None if device.type == "cuda" else EagerStepGraph,
+            )
+
+    def attack_settings(self) -> AttackSettings:
+        return AttackSettings(eps=8 / 255, step_size=2 / 255, steps=self.cfg.attack_steps)
 
     @contextlib.contextmanager
     def part(self, name: str, timed: bool):
@@ -214,12 +246,15 @@ class PlainStep:
             labels = batch["labels"].to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+        if self.captured is not None:
+            with self.part("captured step", timed):
+                self.captured(x, labels)
+            return
         model.train()
         x_adv = None
         if spec.attack is not None:
             with self.part("attack", timed):
-                settings = AttackSettings(eps=8 / 255, step_size=2 / 255, steps=self.cfg.attack_steps)
-                x_adv = spec.attack.craft(self.attack_net, x, labels, settings, pgd_fn=self.attack)
+                x_adv = spec.attack.craft(self.attack_net, x, labels, self.attack_settings(), pgd_fn=self.attack)
         with self.part("forward f (clean, adv)", timed):
             z_nat = logits_of(model(x)) if self.clean_pass else None
             z_adv = logits_of(model(x_adv)) if x_adv is not None else None

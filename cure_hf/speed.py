@@ -31,7 +31,7 @@ import logging
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MethodType
+from types import FunctionType, MethodType
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -49,6 +49,7 @@ __all__ = [
     "plan_speed",
     "SpeedRuntime",
     "attack_module",
+    "CompiledAttackForward",
     "autocast_forward",
     "GraphedAttack",
     "CheckingCollator",
@@ -216,35 +217,105 @@ def plan_speed(args, device: torch.device) -> SpeedPlan:
 
 # ----------------------------------------------------------------------------------------------- models
 def attack_module(model: nn.Module) -> nn.Module:
-    """The module the attack runs on: the training model without DDP, compiled when the training model is.
+    """The module the attack runs on: the training model without DDP, compiled apart when the training model is.
 
-    A compiled single-process model is returned as it is, so the attack uses the training forward's compiled
-    module (new graphs for eval mode and input gradients are added to the same cache). For torch.compile around
-    DDP, the bare module gets a compiled wrapper of its own (cached): accelerate's ``unwrap_model(...,
-    keep_torch_compile=True)`` would instead rewire the training model's compiled wrapper to the bare module,
-    silently dropping DDP (and its gradient all-reduce) from every later training forward. (That wrapper is compiled
-    with torch.compile's default backend and mode.)
+    torch.compile caches its graphs per Python code object, and guards each graph on the global state it was traced
+    under. The attack (eval mode, frozen parameters, an input that needs its gradient), the KL attack's clean forward
+    (no gradient) and the training forward (train mode, parameter gradients) are three such states: sharing one
+    compiled module, each new state failed the previous graphs' guards (grad_mode, the input's requires_grad) and
+    was traced as a "recompilation" of the same function. Here the attack gets a :class:`CompiledAttackForward` of
+    its own, cached per module: one function compiled for the forward with gradient (the attack's steps), another
+    for the forward without (the clean logits), each its own code object, so each is traced once and never fails a
+    guard, whatever the training forward does. The training model's compiled module is left as it is (for
+    torch.compile around DDP, accelerate's ``unwrap_model(..., keep_torch_compile=True)`` would instead rewire it to
+    the bare module, silently dropping DDP's gradient all-reduce). The attack compiles with the training model's
+    backend and ``dynamic`` setting; an uncompiled model is returned bare (no DDP).
     """
     from torch._dynamo.eval_frame import OptimizedModule
 
     compiled = None
     module = model
+    if isinstance(module, CompiledAttackForward):
+        return module
     if isinstance(module, OptimizedModule):
         compiled, module = module, module._orig_mod
     while isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         module = module.module
     if compiled is None:
         return module
-    if compiled._orig_mod is module:
-        return compiled
     cached = _COMPILED_ATTACK_MODULES.get(module)
     if cached is None:
-        cached = torch.compile(module)
+        cached = CompiledAttackForward(module, **_compile_settings(compiled))
         _COMPILED_ATTACK_MODULES[module] = cached
     return cached
 
 
 _COMPILED_ATTACK_MODULES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def _compile_settings(compiled: nn.Module) -> Dict[str, Any]:
+    """The backend (with its mode and options) and ``dynamic`` a compiled module was built with, to compile the
+    attack the same way; {} (torch.compile's defaults) where torch does not expose them."""
+    context = getattr(compiled, "dynamo_ctx", None)
+    backend = getattr(context, "callback", None)
+    # dynamo wraps the backend it was given in frame-conversion layers, each pointing to the one inside; the
+    # innermost is torch.compile's own (its mode and options included)
+    while hasattr(backend, "_torchdynamo_orig_backend"):
+        backend = backend._torchdynamo_orig_backend
+    if not callable(backend):
+        return {}
+    return {"backend": backend, "dynamic": getattr(context, "_dynamic", None)}
+
+
+def _forward(module: nn.Module, args: tuple, kwargs: dict):
+    return module(*args, **kwargs)
+
+
+def _own_code(function: Callable) -> Callable:
+    """A copy of ``function`` with a code object of its own: torch.compile keeps one cache of graphs per code object,
+    so each copy compiles and guards its graphs apart from every other."""
+    return FunctionType(
+        function.__code__.replace(),
+        function.__globals__,
+        function.__name__,
+        function.__defaults__,
+        function.__closure__,
+    )
+
+
+class CompiledAttackForward(nn.Module):
+    """A module's forward compiled for the attack, apart from its training forward (see :func:`attack_module`).
+
+    Under ``torch.enable_grad`` (the attack's steps: eval mode, frozen parameters, the input's gradient) it calls one
+    compiled function, under ``torch.no_grad`` (the KL attack's clean logits) another; each compiles once. Its
+    parameters, buffers, mode and state dict are the module's (held as ``_orig_mod``, as torch.compile's own wrapper
+    does), so ``attack_mode``, the CUDA-graph attack and AWP see the module itself.
+    """
+
+    def __init__(self, module: nn.Module, **compile_kwargs):
+        super().__init__()
+        self._orig_mod = module
+        self.compile_kwargs = compile_kwargs
+        self._with_grad = torch.compile(_own_code(_forward), **compile_kwargs)
+        self._without_grad = torch.compile(_own_code(_forward), **compile_kwargs)
+
+    # The mode is the module's (the trainer switches the module, not this view of it), as in torch.compile's wrapper.
+    @property
+    def training(self) -> bool:
+        return self._modules["_orig_mod"].training
+
+    @training.setter
+    def training(self, value: bool) -> None:
+        if "_orig_mod" in self.__dict__.get("_modules", {}):  # nn.Module.__init__ sets a default before it exists
+            self._modules["_orig_mod"].training = value
+
+    def forward(self, *args, **kwargs):
+        compiled = self._with_grad if torch.is_grad_enabled() else self._without_grad
+        return compiled(self._orig_mod, args, kwargs)
+
+    def compiled_functions(self) -> Tuple[Callable, Callable]:
+        """The two compiled functions' originals (with grad, without): their code objects hold the graphs."""
+        return self._with_grad._torchdynamo_orig_callable, self._without_grad._torchdynamo_orig_callable
 
 
 def autocast_forward(module: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
