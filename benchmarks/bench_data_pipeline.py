@@ -7,8 +7,10 @@ Trainer uses (``collate_pixels``), in a torch DataLoader with 1 and then N worke
 written here at ImageNet's typical 500x375: smooth colour fields with texture and noise, so that they compress and
 decode like photographs rather than like white noise.
 
-Printed: one line per worker count (images/s, ms per image per worker), the N-to-1 ratio, and how many loader
-workers a GPU that consumes K images/s (``--gpu-images-per-second``) would need at this machine's per-worker speed.
+Printed: the CPU time per image of the decode and of the augmentation (one core, in this process: the per-core rate,
+which other load on the machine does not change), one line per worker count (images/s of wall time, ms per image
+per worker), the N-to-1 ratio, and how many loader workers (cores) a GPU that consumes K images/s
+(``--gpu-images-per-second``) needs at the per-core rate.
 
     python benchmarks/bench_data_pipeline.py                        # 1 and all available cores
     python benchmarks/bench_data_pipeline.py --workers 1,2,4 --gpu-images-per-second 1250
@@ -108,6 +110,35 @@ def images_per_second(dataset, workers: int, batch_size: int, epochs: int) -> fl
     return count / seconds
 
 
+def cpu_milliseconds_per_image(files: List[bytes], transform, batch_size: int) -> Dict[str, float]:
+    """CPU time (this process, one thread) per image of the decode, the transform and the collator: unlike wall
+    time, it does not grow when other programs share the cores, so the per-core rate it gives holds on a busy
+    machine too."""
+    from PIL import Image
+
+    decode = augment = collate = 0.0
+    examples = []
+    for index, data in enumerate(files):
+        start = time.process_time()
+        image = Image.open(io.BytesIO(data)).convert("RGB")  # convert() forces the decode (PIL decodes lazily)
+        middle = time.process_time()
+        out = transform({"image": [image], "label": [index % 1000]})
+        end = time.process_time()
+        decode, augment = decode + middle - start, augment + end - middle
+        examples.append({"pixel_values": out["pixel_values"][0], "labels": out["labels"][0]})
+        if len(examples) == batch_size:
+            start = time.process_time()
+            collate_pixels(examples)
+            collate += time.process_time() - start
+            examples = []
+    collated = len(files) - len(examples)
+    return {
+        "decode": 1000 * decode / len(files),
+        "augment": 1000 * augment / len(files),
+        "collate": 1000 * collate / max(1, collated),
+    }
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="recipe config whose augmentation is timed")
@@ -159,6 +190,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         "each loader worker runs one torch thread (the DataLoader's default)"
     )
     results: Dict[str, float] = {}
+    cost = cpu_milliseconds_per_image(files, transform, args.batch_size)
+    total = cost["decode"] + cost["augment"] + cost["collate"]
+    per_core = 1000 / total
+    results.update(
+        decode_ms=cost["decode"],
+        augment_ms=cost["augment"],
+        collate_ms=cost["collate"],
+        images_per_core_second=per_core,
+    )
+    print(
+        f"CPU time per image (one core): decode {cost['decode']:.2f} ms + augmentation {cost['augment']:.2f} ms + "
+        f"collate {cost['collate']:.2f} ms = {total:.2f} ms -> {per_core:.1f} images/s per core"
+    )
     for count in workers:
         rate = images_per_second(dataset, count, args.batch_size, args.epochs)
         results[f"workers_{count}"] = rate
@@ -168,12 +212,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
         ratio = results[f"workers_{high}"] / results[f"workers_{low}"]
         results["ratio"] = ratio
         print(f"RATIO workers {high} / workers {low}: {ratio:.2f}x (ideal {high / low:.0f}x)")
-    per_worker = results[f"workers_{low}"] / low
-    needed = math.ceil(args.gpu_images_per_second / per_worker)
+    # the CPU-time rate: a worker is a core; wall-time rates above also pay for whatever else shares the cores
+    needed = math.ceil(args.gpu_images_per_second / per_core)
     results["workers_needed"] = needed
     print(
-        f"a GPU consuming K = {args.gpu_images_per_second:g} images/s needs {needed} loader workers at "
-        f"{per_worker:.1f} images/s per worker (dataloader_num_workers per GPU process; one core each)"
+        f"a GPU consuming K = {args.gpu_images_per_second:g} images/s needs {needed} loader workers, one core each, "
+        f"at {per_core:.1f} images/s per core (dataloader_num_workers of each GPU's process)"
     )
     return results
 

@@ -247,7 +247,9 @@ def test_the_data_pipeline_benchmark_smoke_run_prints_its_lines():
     assert "workers   1:" in text and "workers   2:" in text and "RATIO workers 2 / workers 1:" in text
     assert results["workers_1"] > 0 and results["workers_2"] > 0
     assert results["ratio"] == pytest.approx(results["workers_2"] / results["workers_1"])
-    assert results["workers_needed"] == int(np.ceil(500 / results["workers_1"]))
+    per_core = 1000 / (results["decode_ms"] + results["augment_ms"] + results["collate_ms"])
+    assert results["decode_ms"] > 0 and results["augment_ms"] > 0 and f"{per_core:.1f} images/s per core" in text
+    assert results["workers_needed"] == int(np.ceil(500 / per_core))
     assert f"needs {results['workers_needed']} loader workers" in text
     assert "'auto_augment': 'rand-m9-mstd0.5-inc1'" in text  # the augmentation of the ImageNet config it reads
 
