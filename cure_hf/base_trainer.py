@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections import defaultdict
@@ -33,7 +34,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length, rotate_checkpoints
 
 from .attacks import cross_entropy_loss, logits_of
 from .averaging import WEIGHT_AVERAGE_NAME, WeightAverage
@@ -84,6 +85,7 @@ from .safety import (
     stale_staging_folders,
 )
 from .speed import SpeedRuntime
+from .streaming import hub_dataset_id, preserved_random_state
 
 __all__ = ["RobustTrainer"]
 
@@ -114,6 +116,8 @@ class RobustTrainer(Trainer):
             )
         refuse_unsupported_parallelism(args)
         pos, kwargs = self._with_validation_split(args, pos, kwargs)
+        given = {**dict(zip(("data_collator", "train_dataset", "eval_dataset"), pos)), **kwargs}
+        _check_stream_arguments(args, given.get("train_dataset"), given.get("eval_dataset"))
         # The Trainer's LabelSmoother serves its own compute_loss, which no method here uses (each method smooths
         # its cross-entropy terms itself), and its set-up reads `model.config`, which timm models lack.
         smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
@@ -173,20 +177,26 @@ class RobustTrainer(Trainer):
 
         The model's class count (its logits' width) is remembered as `model_num_classes`, and the collator checks
         every batch's labels against it on the CPU (`speed.checking_collator`): a label the model has no class for
-        stops with the fix, without a device sync in the step. Without the probe (an IterableDataset, or a first
-        example the collator cannot read here) the model's declared count stands in (timm's `num_classes`,
-        transformers' `config.num_labels`); a model declaring none gets no label check."""
+        stops with the fix, without a device sync in the step. Without the probe (a stream that cannot be probed, or a
+        first example the collator cannot read here) the model's declared count stands in (timm's `num_classes`,
+        transformers' `config.num_labels`); a model declaring none gets no label check.
+
+        A stream is probed without being consumed and without a pass over it (`_probe_example`): a
+        `StreamingImageDataset` reads its first stored example, a `datasets.IterableDataset` one example from a fresh
+        iterator (re-iterable; a shuffle buffer fills first); any other IterableDataset (maybe a one-shot generator)
+        is not probed."""
         model = self.accelerator.unwrap_model(self.model)
         check_model_saveable(model)
         dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
         if isinstance(dataset, dict):
             dataset = next(iter(dataset.values()), None)
         outputs, batch = None, None
-        if dataset is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
+        if dataset is not None:
             with preserved_random_state():  # a random transform must not shift the run's random stream
                 try:
-                    batch = self.data_collator([dataset[0]])
-                except (TypeError, KeyError, IndexError, NotImplementedError, ValueError):
+                    example = _probe_example(dataset)
+                    batch = self.data_collator([example]) if example is not None else None
+                except (TypeError, KeyError, IndexError, NotImplementedError, ValueError, StopIteration):
                     pass  # not indexable, or data the collator refuses: that error comes with the first batch
         if batch is not None:
             device = next(model.parameters()).device
@@ -469,6 +479,16 @@ class RobustTrainer(Trainer):
         train, given = kwargs.get("train_dataset"), kwargs.get("eval_dataset")
         if train is None:
             raise ValueError(f"validation_fraction={args.validation_fraction} needs a train_dataset to split")
+        if not has_length(train):
+            # A held-out part of a stream would need a pass to draw (a seeded, stratified split sees every label) and a
+            # filter on every later pass; the first N examples would be one shard's, not a sample of the set.
+            raise ValueError(
+                f"validation_fraction={args.validation_fraction} splits the training set, and this one is a stream "
+                f"({type(train).__name__}, no length), which cannot be split without reading it whole. Fix: set "
+                "validation_fraction=0 and pass a sized validation set of examples the stream does not train on, "
+                "e.g. eval_dataset={'validation': <held-out Dataset>, 'test': data['test']} with "
+                "metric_for_best_model='validation_robust_accuracy'"
+            )
         candidates = list(given.values()) if isinstance(given, dict) else [given] if given is not None else []
         transform = next(
             (
@@ -566,6 +586,35 @@ class RobustTrainer(Trainer):
                 best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+
+    def _init_training_state(
+        self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+    ) -> tuple:
+        """The Trainer's resume position `(epochs_trained, batches to skip in that epoch)`, corrected for a training
+        set without a length (a stream).
+
+        The Trainer gives a stream one "epoch" of `max_steps` steps and counts a resume as `global_step` batches into
+        its first pass. A finite stream ends sooner, and the Trainer then starts its next pass (`set_epoch(1)`, a new
+        shuffle), so a checkpoint written in pass p after its b-th batch resumed that way would skip all of pass 0
+        (decoding it) and replay pass p from its first batch: other data than the interrupted run's. The Trainer
+        records the place itself, `state.epoch = p + b / (max_steps * gradient_accumulation_steps)` with the
+        checkpoint's `max_steps`; here p and b are read back from it, so the Trainer resumes in pass p and skips b
+        batches (`skip_first_batches`; `ignore_data_skip`: none). Its random state is restored after that skip, as
+        it always is, which is exact for `StreamingImageDataset`, whose examples draw no process random state."""
+        epochs_trained, skipped = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
+        state_file = os.path.join(resume_from_checkpoint or "", TRAINER_STATE_NAME)
+        if resume_from_checkpoint is None or has_length(self.train_dataset) or not os.path.isfile(state_file):
+            return epochs_trained, skipped
+        from transformers import TrainerState
+
+        saved = TrainerState.load_from_json(state_file)
+        batches_per_pass = max(1, saved.max_steps) * self.args.gradient_accumulation_steps
+        position = float(saved.epoch or 0.0)
+        passes = int(math.floor(position))
+        batches = int(round((position - passes) * batches_per_pass))
+        return passes, 0 if self.args.ignore_data_skip else batches
 
     def _newest_complete_checkpoint(self, trial=None) -> str:
         """`resume_from_checkpoint=True`: the newest checkpoint with everything a resume needs; newer, incomplete
@@ -670,10 +719,12 @@ class RobustTrainer(Trainer):
         for dataset in (self.train_dataset, self.eval_dataset):
             if isinstance(dataset, dict):
                 dataset = next(iter(dataset.values()), None)
+            if not has_length(dataset):  # a stream is not read at save time; the evaluation set says the size
+                continue
             try:
                 pixels = dataset[0]["pixel_values"]
                 return tuple(int(v) for v in pixels.shape[-2:])
-            except (TypeError, KeyError, IndexError, AttributeError):
+            except (TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
                 continue
         return None
 
@@ -758,8 +809,21 @@ class RobustTrainer(Trainer):
             info["hyperparameters"]["attack_warmup_epochs"] = self.args.attack_warmup_epochs
 
     def _dataset_card_fields(self) -> Dict[str, Any]:
-        """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`)."""
-        return dataset_card_fields(self.train_dataset)
+        """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`; the
+        name `datasets` records for a dataset that moved into an organisation gives its id today,
+        `cure_hf.streaming.hub_dataset_id`); for a streamed training set also the evaluation split's name (ImageNet-1k reports on "validation"), which
+        `load_streaming_image_dataset` records on the evaluation set it builds."""
+        fields = dataset_card_fields(self.train_dataset)
+        if "dataset_id" not in fields and hub_dataset_id(fields.get("dataset")):  # e.g. "imagenet-1k" of the Hub
+            fields["dataset_id"] = hub_dataset_id(fields["dataset"])
+        if self.train_dataset is not None and not has_length(self.train_dataset):
+            evaluation = self.eval_dataset
+            if isinstance(evaluation, dict):
+                evaluation = evaluation.get("test")
+            split = getattr(evaluation, "split", None)
+            if split is not None:
+                fields["dataset_split"] = str(split)
+        return fields
 
     def create_model_card(
         self,
@@ -887,6 +951,66 @@ class RobustTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _probe_example(dataset) -> Optional[Dict[str, Any]]:
+    """One example of ``dataset`` for the up-front model check, read without consuming a stream: ``dataset[0]``
+    for a sized dataset, a stream's own ``first_example()`` (``StreamingImageDataset``), the first example of a
+    fresh iterator of a ``datasets.IterableDataset`` (re-iterable); None for any other IterableDataset, which may be
+    a one-shot generator whose examples the probe would take from training."""
+    if not isinstance(dataset, torch.utils.data.IterableDataset):
+        return dataset[0]
+    if callable(getattr(dataset, "first_example", None)):
+        return dataset.first_example()
+    try:
+        from datasets import IterableDataset as StreamedDataset
+    except ImportError:
+        return None
+    return next(iter(dataset.take(1))) if isinstance(dataset, StreamedDataset) else None
+
+
+def _check_stream_arguments(args: CURETrainingArguments, train_dataset, eval_dataset) -> None:
+    """Refuse, before the Trainer does in its own words, what a stream cannot serve: evaluation (its loop,
+    `eval_max_examples` and the attacks' per-example results count the examples of a sized set) and, for a training
+    set without a length, a run length in epochs and warm-ups counted in epochs (a stream's epochs are passes of
+    unknown length, and the Trainer's `state.epoch` is then no fraction of one)."""
+    evaluated = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+    for key, dataset in evaluated:
+        if dataset is not None and not has_length(dataset):
+            where = f"eval_dataset[{key!r}]" if key is not None else "eval_dataset"
+            raise ValueError(
+                f"{where} is a stream ({type(dataset).__name__}, no length); evaluation needs a sized set (the "
+                "robust attacks and eval_max_examples count its examples). Fix: evaluate on a map-style Dataset, e.g. "
+                "the data['test'] of cure_hf.streaming.load_streaming_image_dataset (the first max_eval_samples "
+                "examples of the split), or datasets.Dataset.from_list(list(stream.decode(False).take(N)), "
+                "features=stream.features) with the evaluation transform set"
+            )
+    if train_dataset is None or has_length(train_dataset):
+        return
+    what = f"the training set is a stream ({type(train_dataset).__name__}, no length)"
+    if args.max_steps <= 0:
+        size = getattr(train_dataset, "num_examples", None)
+        per_step = args.per_device_train_batch_size * max(1, args.world_size) * args.gradient_accumulation_steps
+        example = (
+            f"max_steps={max(1, math.ceil(args.num_train_epochs * size / per_step))} is {args.num_train_epochs:g} "
+            f"epochs of its {size} examples at {per_step} per optimizer step"
+            if size
+            else "max_steps = epochs * examples per epoch // (per_device_train_batch_size * processes * "
+            "gradient_accumulation_steps)"
+        )
+        raise ValueError(
+            f"max_steps={args.max_steps}: {what}, so num_train_epochs={args.num_train_epochs:g} cannot be turned into "
+            f"a number of steps for the schedule. Fix: set max_steps; e.g. {example}"
+        )
+    warmups = {"attack_warmup_epochs": args.attack_warmup_epochs}
+    if args.resolved_awp_gamma is not None:
+        warmups["awp_warmup_epochs"] = args.resolved_awp_warmup_epochs
+    for name, value in warmups.items():
+        if value:
+            raise ValueError(
+                f"{name}={value:g} counts epochs, and {what}: its epochs are passes of unknown length. Fix: set "
+                f"{name}=0, or train on a sized dataset (cure_hf.load_image_dataset)"
+            )
+
+
 def _num_classes(dataset) -> Optional[int]:
     """The number of classes of the label column the dataset's transform reads, when it is a `datasets` ClassLabel
     (`cure_hf.data.dataset_label_feature`), else None."""
@@ -894,22 +1018,6 @@ def _num_classes(dataset) -> Optional[int]:
 
     feature = dataset_label_feature(dataset)
     return int(feature.num_classes) if getattr(feature, "num_classes", None) else None
-
-
-@contextlib.contextmanager
-def preserved_random_state():
-    """Python's, numpy's and torch's CPU random state restored after the block."""
-    import random
-
-    import numpy as np
-
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
 
 
 def _resolved_switches(saved: Dict[str, Any]) -> Dict[str, Any]:
