@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
+import os
 import random
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -219,10 +219,12 @@ def load_streaming_image_dataset(
     one-time conversion to arrow of ``load_dataset``) and streams the training split with
     ``to_iterable_dataset(num_shards=num_shards)`` (default: 64 shards, or one per example below that).
 
-    ``preprocessing``/``image_size``/``augment``/``augment_options``: as :func:`cure_hf.data.load_image_dataset` (a
-    model built after the data takes over its pixels with :func:`cure_hf.data.set_preprocessing`). ``test_split``: the split to
-    evaluate on; unset, "test" (ImageNet-1k's "test" split has no labels: pass "validation"). Its first
-    ``max_eval_samples`` examples (all when unset) are held in memory, encoded, as a map-style ``Dataset``.
+    ``preprocessing``/``image_size``/``augment``/``augment_options``: as :func:`cure_hf.data.load_image_dataset`
+    (a model built after the data takes over its pixels with :func:`cure_hf.data.set_preprocessing`).
+
+    ``test_split``: the split to evaluate on; unset, "test" (ImageNet-1k's "test" split has no labels: pass
+    "validation"). Its first ``max_eval_samples`` examples (all when unset) are held in memory, encoded, as a
+    map-style ``Dataset`` whose ``split`` the model card reports.
 
     The label column must be a ``ClassLabel`` (its names and count are the model's classes). ``shuffle_buffer``,
     ``seed``: ``IterableDataset.shuffle``'s buffer and seed (also the augmentation's). ``dataset_id``: the Hub id
@@ -230,7 +232,7 @@ def load_streaming_image_dataset(
     """
     from datasets import ClassLabel, load_dataset
 
-    if type(max_eval_samples) is not int and max_eval_samples is not None or (max_eval_samples or 1) < 1:
+    if max_eval_samples is not None and (type(max_eval_samples) is not int or max_eval_samples < 1):
         raise ValueError(f"max_eval_samples={max_eval_samples!r} is invalid: allowed an int >= 1, or None for all")
     if streaming and num_shards is not None:
         raise ValueError(
@@ -317,8 +319,6 @@ def _evaluation_set(split, limit: Optional[int], split_name: str):
 def _card_name(name: str, data_files, data_dir: Optional[str]) -> str:
     """The dataset's name for the model card: a Hub id as the Hub lists it today; local data by its folder, without
     a "/" (the card gives it no `datasets:` entry)."""
-    import os
-
     if name in _LOCAL_BUILDERS or os.path.exists(name):
         where = data_dir or (name if os.path.exists(name) else None)
         if where is None and data_files is not None:
@@ -342,8 +342,3 @@ def _flat_files(data_files) -> list:
     if isinstance(data_files, dict):
         return [f for value in data_files.values() for f in ([value] if isinstance(value, str) else value)]
     return list(data_files)
-
-
-def suggested_max_steps(num_examples: int, epochs: float, examples_per_step: int) -> int:
-    """The steps of ``epochs`` passes over ``num_examples`` examples at ``examples_per_step`` per optimizer step."""
-    return max(1, math.ceil(epochs * num_examples / max(1, examples_per_step)))

@@ -364,6 +364,9 @@ def test_loader_refusals_name_the_fix(parquet, tmp_path):
         _load(parquet, test_split=None)
     with pytest.raises(ValueError, match=r"num_shards=4 shards a memory-mapped dataset.*Fix: drop num_shards"):
         _load(parquet, num_shards=4)
+    for wrong in (0, 2.5):
+        with pytest.raises(ValueError, match=rf"max_eval_samples={wrong} is invalid: allowed an int >= 1, or None"):
+            _load(parquet, max_eval_samples=wrong)
     folder = str(tmp_path)
     _write_split(folder, "train", _images(4, 3), [0, 1, 2, 3], 1, label_feature=Value("int64"))
     _write_split(folder, "test", _images(4, 4), [0, 1, 2, 3], 1, label_feature=Value("int64"))
