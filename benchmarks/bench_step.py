@@ -25,7 +25,10 @@ at the end. Jobs run in order of importance under ``--time-budget-s``; a failing
 run goes on. No ``datasets``/``evaluate``/``pyautoattack``: synthetic CIFAR-shaped data.
 
     python benchmarks/bench_step.py --device cpu --model test_resnet --batch-size 8 --steps 1 --warmup 1   # dry run
-    bash benchmarks/gpu_run.sh                                                                               # H100
+    python benchmarks/bench_step.py --device cuda                             # the whole ladder on a GPU (minutes)
+
+The GPU run of record is ``bash benchmarks/gpu_run.sh`` (``bench_targets.py``: alternating CUDA-event windows of
+the configurations the targets name, and ``bench_vit_b.py``); it reuses this file's pieces.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import tempfile
 import time
 import traceback
 import warnings
+import weakref
 from collections import OrderedDict, defaultdict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -134,6 +138,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Stopwatch:
+    """Seconds between ``start()`` and ``stop()`` on the device's own clock: CUDA events on a GPU (recorded in the
+    stream, so nothing waits for the device until ``stop`` reads them; idle gaps between kernels count), the host's
+    ``time.perf_counter`` elsewhere (where the device is the host: no synchronisation needed)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._start: Any = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        if not self.cuda:
+            return time.perf_counter() - self._start
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return self._start.elapsed_time(end) / 1e3
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -142,9 +171,9 @@ class Models:
     """One model object per (role, bf16, channels_last, compile), reset to the same initial weights before every
     run: torch.compile's graphs are then traced once per family and reused by every method and configuration."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, seed: int = 0):
         self.cfg = cfg
-        self.init_state = {k: v.clone() for k, v in build_model(cfg).state_dict().items()}
+        self.init_state = {k: v.clone() for k, v in build_model(cfg, seed).state_dict().items()}
         self.cache: Dict[tuple, torch.nn.Module] = {}
 
     def get(self, role: str, bf16: bool, channels_last: bool, compiled: bool) -> torch.nn.Module:
@@ -226,7 +255,12 @@ class PlainStep:
             )
 
     def attack_settings(self) -> AttackSettings:
-        return AttackSettings(eps=8 / 255, step_size=2 / 255, steps=self.cfg.attack_steps)
+        cfg = self.cfg
+        return AttackSettings(
+            eps=getattr(cfg, "epsilon", 8 / 255),
+            step_size=getattr(cfg, "attack_step_size", 2 / 255),
+            steps=cfg.attack_steps,
+        )
 
     @contextlib.contextmanager
     def part(self, name: str, timed: bool):
@@ -333,11 +367,11 @@ def run_plain(
         step(next(batches))
     reset_peak(device)
     sync(device)
-    start = time.perf_counter()
+    clock = Stopwatch(device)
+    clock.start()
     for _ in range(cfg.steps):
         step(next(batches), timed=breakdown)
-    sync(device)
-    seconds = (time.perf_counter() - start) / cfg.steps
+    seconds = clock.stop() / cfg.steps
     result = {
         "step_s": seconds,
         "peak_mib": peak_mib(device),
@@ -388,12 +422,14 @@ def trainer_arguments(cfg, method: str, config: str, out: str, max_steps: int, *
         fields = dict(speed_preset="fast", dataloader_num_workers=0)
     if compiled and cfg.compile_backend != "inductor":
         fields["torch_compile_backend"] = cfg.compile_backend
-    return CURETrainingArguments(
+    base = dict(
         output_dir=out,
         adv_method=method,
         max_steps=max_steps,
         per_device_train_batch_size=cfg.batch_size,
         attack_steps=cfg.attack_steps,
+        epsilon=getattr(cfg, "epsilon", 8 / 255),
+        attack_step_size=getattr(cfg, "attack_step_size", 2 / 255),
         seed=0,
         report_to=[],
         save_strategy="no",
@@ -402,8 +438,8 @@ def trainer_arguments(cfg, method: str, config: str, out: str, max_steps: int, *
         use_cpu=cfg.device.type == "cpu",
         dataloader_pin_memory=cfg.device.type == "cuda",
         dataloader_drop_last=True,
-        **{**fields, **extra},
     )
+    return CURETrainingArguments(**{**base, **fields, **extra})  # extra (e.g. seed, learning_rate) wins
 
 
 def run_trainer(
@@ -441,10 +477,17 @@ def run_trainer(
                 return None
 
         def __init__(self):
-            self.start = self.end = None
+            self.seconds = None
+            self.watch = Stopwatch(device)
             self.profiled = None
             self.syncs = None
             self._profiler = self._sync_counter = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # accelerate has just prepared the model: keep the first run's autocast wrapper (see reprepare)
+            forward = model.__dict__.get("forward")
+            if forward is not None:
+                model.forward = _FIRST_FORWARD.setdefault(model, forward)
 
         def on_step_end(self, args, state, control, **kwargs):
             # Windows run from one step's end to another's: they include loading the next batch.
@@ -459,16 +502,16 @@ def run_trainer(
             if step == first_timed:
                 sync(device)
                 reset_peak(device)
-                self.start = time.perf_counter()
+                self.watch.start()
             elif step == last_timed:
-                sync(device)
-                self.end = time.perf_counter()
+                self.seconds = self.watch.stop()
             if profile is not None and step == last_timed:
                 self._profiler = self._guard(lambda: profile(None, cfg.profile_steps, start=True))
             if count_syncs and step == total - 1:
                 self._sync_counter = SyncCounter(device).__enter__()
 
     model = models.get("trainer", bf16, channels_last, compiled)
+    reprepare(model)
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
         args = trainer_arguments(cfg, method, config, out, total, **extra)
@@ -479,7 +522,7 @@ def run_trainer(
         trainer.train()
         result = {"trainer": trainer}
     result.update(
-        step_s=(clock.end - clock.start) / cfg.steps if clock.end else None,
+        step_s=clock.seconds / cfg.steps if clock.seconds is not None else None,
         peak_mib=peak_mib(device),
         profile=clock.profiled,
         syncs=clock.syncs,
@@ -489,6 +532,30 @@ def run_trainer(
         del trainer
         release(device)
     return result
+
+
+# A model object reused by several CURETrainer runs (Models keeps one per compiled family) must be prepared by each
+# run's accelerator as a new model would be. accelerate marks a prepared model (`_is_accelerate_prepared`, set
+# through torch.compile's wrapper on the module itself) and returns a marked model as it is: every run after the
+# first trained uncompiled. reprepare() removes the mark and accelerate's autocast wrapper before the Trainer is
+# built; the run's accelerator then compiles and wraps it again, and once it has (on_train_begin) the first run's
+# wrapper is put back: a new wrapper holds a new autocast object, which would fail the compiled graphs' guard on it
+# (one recompilation per run).
+_FIRST_FORWARD: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def reprepare(model: torch.nn.Module) -> None:
+    """Undo what a previous run's accelerator did to ``model`` (its prepared mark and autocast wrapper)."""
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    strip_wrappers(model)
+
+
+def trained_fp32_copy(trainer) -> torch.nn.Module:
+    """The trainer's model as a plain fp32 NCHW module (no compile, no autocast wrapper), to evaluate in fp32."""
+    net = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False)
+    model = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format)
+    strip_wrappers(model)
+    return model
 
 
 def strip_wrappers(model: torch.nn.Module) -> None:
@@ -677,13 +744,15 @@ def robust_accuracy(
     attack_net=None,
     channels_last: bool = False,
 ) -> float:
-    """Accuracy of ``model`` (fp32, eval mode) under PGD-``steps`` (CE, uniform start, step 2/255, eps 8/255, fixed
-    seeds) crafted by ``attack`` on ``attack_net`` (default: the model itself, eager fp32)."""
+    """Accuracy of ``model`` (fp32, eval mode) on images (N, H, W, C), uint8 or floats in [0, 1], under
+    PGD-``steps`` (CE, uniform start, step 2/255, eps 8/255, fixed seeds) crafted by ``attack`` on ``attack_net``
+    (default: the model itself, eager fp32)."""
     correct = 0
     net = attack_net if attack_net is not None else model
     model.eval()
     for start in range(0, len(labels), batch_size):
-        x = images[start : start + batch_size].to(device).permute(0, 3, 1, 2).float().div(255)
+        x = images[start : start + batch_size].to(device).permute(0, 3, 1, 2).float()
+        x = x.div(255) if images.dtype == torch.uint8 else x
         y = labels[start : start + batch_size].to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -726,10 +795,7 @@ def run_robustness(cfg, models: Models, results) -> Dict[str, Any]:
             learning_rate=0.05,
         )
         trainer = run.pop("trainer")
-        net = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False, keep_torch_compile=False)
-        fp32_copy = copy.deepcopy(net).float().to(memory_format=torch.contiguous_format)
-        strip_wrappers(fp32_copy)
-        trained[name] = fp32_copy
+        trained[name] = fp32_copy = trained_fp32_copy(trainer)
         out[f"pgd20_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 20)
         out[f"clean_{name}"] = robust_accuracy(fp32_copy, test_images, test_labels, device, cfg.batch_size, 0)
         print(
@@ -970,6 +1036,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     unknown = [m for m in cfg.methods.split(",") if m not in METHODS] + [
         c for c in configs + trainer_configs if c not in CONFIGS
     ]
+    unknown += [f"{c} (plain loop only)" for c in trainer_configs if c in CAPTURED]
     if unknown or cfg.warmup < 1 or cfg.steps < 1 or "fp32" not in configs:
         parser.error(f"unknown methods/configs {unknown}; --warmup/--steps >= 1; configs must include fp32")
     if cfg.profile_dir:
@@ -1070,7 +1137,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         # the ladder, plain loop: which step buys what (and the CUDA-graph attack without compile)
         jobs += [
             plain_job("cure", c, profile_name=True, trace=cfg.trace_config == c)
-            for c in ("bf16", "bf16_cl", "compile", "graphs", "fp32_graphs", "bf16_cl_graphs")
+            for c in ("bf16", "bf16_cl", "compile", "graphs", "fp32_graphs", "bf16_cl_graphs", "captured")
             if has(c)
         ]
         if cfg.robust_steps > 0 and has("fast"):
@@ -1097,6 +1164,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         jobs += [breakdown_job("fp32")] + ([breakdown_job("fast")] if has("fast") else [])
     jobs += [checks_job("mask checks", lambda: check_mask(cfg, models))]
 
+    run_jobs(cfg, jobs, results, done, skipped, failed)
+    report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skipped, failed, header)
+    if cfg.json:
+        write_json(cfg, results, done, skipped, failed)
+    return results
+
+
+def run_jobs(cfg, jobs: List[Tuple[str, Callable]], results, done: List[str], skipped: List[str], failed: List[str]):
+    """Run ``jobs`` ([(name, job)], a job returning a message or None) in order: none starts after
+    ``cfg.time_budget_s`` (skipped, as is a job that raises BudgetExceeded); a failing job prints its traceback and
+    the run goes on; a SIGTERM ends the job running and skips the rest; every number goes to ``cfg.json`` (when
+    set) after every job."""
+
     def on_interrupt(signum, frame):
         raise KeyboardInterrupt()
 
@@ -1109,7 +1189,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             continue
         started = time.perf_counter()
         try:
-            message = job()
+            message = job() or f"{name} done"
             done.append(name)
             print(
                 f"[{time.perf_counter() - cfg.started:6.0f} s] {message}  ({time.perf_counter() - started:.1f} s)",
@@ -1132,10 +1212,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         finally:
             if cfg.json:
                 write_json(cfg, results, done, skipped, failed)
-    report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skipped, failed, header)
-    if cfg.json:
-        write_json(cfg, results, done, skipped, failed)
-    return results
+
+
+def print_jobs(cfg, done: List[str], skipped: List[str], failed: List[str]) -> None:
+    """How many jobs ran, and which did not (their names)."""
+    print(
+        f"\n## jobs: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed, "
+        f"{time.perf_counter() - cfg.started:.0f} s in all"
+    )
+    if skipped:
+        print("SKIPPED (time budget): " + "; ".join(skipped))
+    if failed:
+        print("FAILED (tracebacks above): " + "; ".join(failed))
 
 
 def write_json(cfg, results, done, skipped, failed) -> None:
@@ -1205,14 +1293,7 @@ def report(cfg, results, methods, configs, steps_per_epoch, profiles, done, skip
         for key, value in robust.items():
             if key.startswith("pgd20") or key.startswith("clean"):
                 print(f"{key:<34} {value:.4f}")
-    print(
-        f"\n## jobs: {len(done)} done, {len(skipped)} skipped, {len(failed)} failed, "
-        f"{time.perf_counter() - cfg.started:.0f} s in all"
-    )
-    if skipped:
-        print("SKIPPED (time budget): " + "; ".join(skipped))
-    if failed:
-        print("FAILED (tracebacks above): " + "; ".join(failed))
+    print_jobs(cfg, done, skipped, failed)
 
     print("\n## ratios and targets")
     for method in methods:

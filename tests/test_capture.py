@@ -171,3 +171,49 @@ def test_captured_configuration_of_the_plain_loop_is_its_fp32_step(one_thread, m
             step.captured.sync_host_state()
         states[config] = _state(model, step.revision if config == "fp32" else step.captured.revision)
     _assert_same(states["captured_fp32"], states["fp32"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_run.sh runs this)")
+def test_cuda_graph_step_replays_the_eager_step_on_the_gpu():
+    """On a GPU: 5 CURE steps (no random start, deterministic cuDNN) eagerly and as 2 warm-up steps, a capture and
+    replays give the same weights; the replayed steps make no host synchronisation (sync debug mode "error")."""
+    from cure_hf.methods import AttackSettings
+    from cure_hf.models import head_parameter_names
+    from cure_hf.revision import RevisionModel
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.rand(8, 3, 32, 32, generator=generator), torch.randint(0, 10, (8,), generator=generator))]
+    batches = [(x.cuda(), y.cuda()) for x, y in batches * 5]
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        states = {}
+        for capture in (False, True):
+            model = make_tiny_model("test_resnet", seed=1).cuda()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            step = CapturedStep(
+                model,
+                "cure",
+                optimizer,
+                attack_settings=AttackSettings(eps=8 / 255, step_size=2 / 255, steps=3, random_start=False),
+                hyperparameters={"clean_weight": 0.1, "prominence": "loss", "label_smoothing_factor": 0.0},
+                conserve_fraction=0.3,
+                head_names=head_parameter_names(model),
+                revision=RevisionModel(model, rate=0.5, seed=0),
+                capture=capture,
+                warmup=2,
+            )
+            for number, (x, y) in enumerate(batches):
+                if capture and number >= 3:  # replays only: nothing may wait for the device
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step(x, y)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            assert step.replays == (3 if capture else 0) and bool(step.finite)
+            step.sync_host_state()
+            states[capture] = _state(model, step.revision)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    for key, value in states[False].items():
+        assert torch.allclose(states[True][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
