@@ -7,6 +7,7 @@ from .config import CURETrainingArguments
 from .data import collate_pixels, image_transform, load_digits_dataset, load_image_dataset, set_preprocessing
 from .methods import AdversarialMethod, AttackSpec, AWPDefaults, get_method, register_method, registered_methods
 from .models import PixelNormalized, create_model, find_head_modules, load_model
+from .streaming import StreamingImageDataset, load_streaming_image_dataset
 from .trainer import CURETrainer
 
 __version__ = "0.1.0"
@@ -27,6 +28,8 @@ __all__ = [
     "find_head_modules",
     "load_digits_dataset",
     "load_image_dataset",
+    "load_streaming_image_dataset",
+    "StreamingImageDataset",
     "image_transform",
     "collate_pixels",
     "set_preprocessing",

@@ -802,11 +802,16 @@ class RobustTrainer(Trainer):
         return info
 
     def _add_beyond_paper_card_fields(self, info: Dict[str, Any]) -> None:
-        """Each component's card fields (conservation, revision, weight averaging, AWP) and the attack warm-up."""
+        """Each component's card fields (conservation, revision, weight averaging, AWP, mixup), the attack warm-up
+        and the training set's augmentation (as its cure_hf transform records it)."""
+        from .data import dataset_augmentation
+
         for component in self.components:
             component.card_fields(info)
         if self.args.attack_warmup_epochs:
             info["hyperparameters"]["attack_warmup_epochs"] = self.args.attack_warmup_epochs
+        for name, value in dataset_augmentation(self.train_dataset).items():
+            info["hyperparameters"][name] = list(value) if isinstance(value, tuple) else value
 
     def _dataset_card_fields(self) -> Dict[str, Any]:
         """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`; the

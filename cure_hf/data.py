@@ -24,6 +24,7 @@ __all__ = [
     "image_transform",
     "set_preprocessing",
     "dataset_preprocessing",
+    "dataset_augmentation",
     "dataset_label_feature",
     "dataset_card_fields",
     "collate_pixels",
@@ -233,6 +234,15 @@ def _cure_hf_transform(dataset) -> Optional[Callable]:
     fmt = getattr(dataset, "format", None) or {}
     transform = fmt.get("format_kwargs", {}).get("transform") if fmt.get("type") == "custom" else None
     return transform if hasattr(transform, "preprocessing") else None
+
+
+def dataset_augmentation(dataset) -> Dict[str, Any]:
+    """The training augmentation a dataset's cure_hf transform runs: ``{"augment": ..., <option>: value, ...}``
+    (every option it ran with, defaults included), or ``{}`` without augmentation or a cure_hf transform."""
+    transform = _cure_hf_transform(dataset)
+    if transform is None or not transform.train or transform.augment == "none":
+        return {}
+    return {"augment": transform.augment, **(getattr(transform, "augment_options", None) or {})}
 
 
 def dataset_preprocessing(*datasets):

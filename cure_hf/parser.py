@@ -303,11 +303,51 @@ class DataTrainingArguments(DatasetArguments):
     )
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the test set."})
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on a stream: the training split read as training goes (a datasets IterableDataset of "
+            "parquet shards or the Hub, decoded in the loader workers, no full pass at start-up); needs max_steps. "
+            "The test split's first max_eval_samples examples are held in memory (cure_hf.streaming)."
+        },
+    )
+    stream_shards: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "--streaming: load the dataset memory-mapped (arrow, converted once) and stream it as this many "
+            "shards (at least one per loader worker), instead of reading the source as a stream."
+        },
+    )
+    shuffle_buffer: int = field(
+        default=10000, metadata={"help": "--streaming: examples in the shuffle buffer (IterableDataset.shuffle)."}
+    )
+    dataset_id: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "The Hub id the model card names for a local copy (e.g. ILSVRC/imagenet-1k for its parquet)."
+        },
+    )
 
     def __post_init__(self):
         from .augmentation import resolve_augment_options
 
         resolve_augment_options(self.augment, self.augment_options())  # refuse bad or unused options at parse time
+        if not self.streaming:
+            for name, default in (("stream_shards", None), ("shuffle_buffer", 10000)):
+                if getattr(self, name) != default:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} is invalid without --streaming: only a streamed training "
+                        f"set reads it. Fix: add --streaming, or drop --{name}"
+                    )
+        elif self.max_train_samples is not None:
+            raise ValueError(
+                f"max_train_samples={self.max_train_samples} is invalid with --streaming: a stream is not truncated "
+                "by count; max_steps sets how much of it a run reads. Fix: drop --max_train_samples"
+            )
+        if self.stream_shards is not None and self.stream_shards < 1:
+            raise ValueError(f"stream_shards={self.stream_shards} is invalid: an integer >= 1")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer={self.shuffle_buffer} is invalid: an integer >= 1 (1: no shuffling)")
 
     def augment_options(self) -> Dict[str, Any]:
         """The augmentation options that were set (unset ones are left to their defaults)."""

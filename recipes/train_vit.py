@@ -41,6 +41,7 @@ from cure_hf.data import load_image_dataset, set_preprocessing
 from cure_hf.models import create_model
 from cure_hf.parser import ConfigArgumentParser, DataTrainingArguments, ModelArguments
 from cure_hf.runtime import use_available_cpu_threads
+from cure_hf.streaming import hub_dataset_id, load_streaming_image_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -179,12 +180,61 @@ def plan_resume(resume_from_checkpoint, output_dir, two_stages):
     )
 
 
-def train_stage(model, args, data, name, dataset_name, resume_from_checkpoint=None):
+def load_data(data_args, model_args, training_args, two_stages):
+    """The training and test sets: in memory (memory-mapped by `datasets`), or with --streaming a stream."""
+    common = dict(
+        image_size=model_args.image_size,
+        augment=data_args.augment,
+        augment_options=data_args.augment_options(),
+        config_name=data_args.dataset_config_name,
+        train_split=data_args.train_split,
+        test_split=data_args.test_split,
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=training_args.seed,
+    )
+    if not data_args.streaming:
+        return load_image_dataset(
+            data_args.dataset_name,
+            train_dir=data_args.train_dir,
+            test_dir=data_args.test_dir,
+            max_train_samples=data_args.max_train_samples,
+            **common,
+        )
+    if two_stages:
+        raise ValueError(
+            "--streaming with a natural stage 0 (natural_epochs) is invalid: stage 0 is counted in epochs, and a "
+            "stream has no length. Fix: --natural_epochs 0 (start from a natural checkpoint: --model_name_or_path)"
+        )
+    return load_streaming_image_dataset(
+        data_args.dataset_name,
+        data_dir=data_args.train_dir,
+        shuffle_buffer=data_args.shuffle_buffer,
+        streaming=data_args.stream_shards is None,
+        num_shards=data_args.stream_shards,
+        dataset_id=data_args.dataset_id,
+        **common,
+    )
+
+
+def _card_dataset_id(data_args) -> Optional[str]:
+    """The Hub id the card names: the one given, else the dataset's name when it is a Hub id."""
+    name = data_args.dataset_name
+    if data_args.dataset_id:
+        return data_args.dataset_id
+    if name in ("digits", "imagefolder", "parquet") or os.path.exists(name):
+        return None
+    return hub_dataset_id(name) or name
+
+
+def train_stage(model, args, data, name, data_args, resume_from_checkpoint=None):
     trainer = CURETrainer(model, args, train_dataset=data["train"], eval_dataset=data["test"])
+    dataset_name = data_args.dataset_name
     embedded = dataset_name == "digits"
     trainer.card_overrides = {
         "dataset": "scikit-learn digits, 32x32x3 (embedded)" if embedded else dataset_name,
-        "dataset_id": None if embedded or dataset_name == "imagefolder" else dataset_name,
+        "dataset_id": _card_dataset_id(data_args),
     }
     start = time.time()
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -208,22 +258,7 @@ def main(argv=None):
     two_stages = stage_args.natural_epochs > 0 and training_args.adv_method != "clean"
     plan = plan_resume(training_args.resume_from_checkpoint, training_args.output_dir, two_stages)
 
-    data, num_classes = load_image_dataset(
-        data_args.dataset_name,
-        image_size=model_args.image_size,
-        augment=data_args.augment,
-        augment_options=data_args.augment_options(),
-        config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir,
-        test_dir=data_args.test_dir,
-        train_split=data_args.train_split,
-        test_split=data_args.test_split,
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
-    )
+    data, num_classes = load_data(data_args, model_args, training_args, two_stages)
     # A folder (e.g. a stage-0 output_dir) or hub id carries weights: load them unless told otherwise.
     model = create_model(
         model_args.model_name_or_path,
@@ -250,7 +285,7 @@ def main(argv=None):
             push_to_hub=False,
         )
         _, results["natural"] = train_stage(
-            model, natural_args, data, STAGE0_DIR, data_args.dataset_name, resume_from_checkpoint=plan.stage0_checkpoint
+            model, natural_args, data, STAGE0_DIR, data_args, resume_from_checkpoint=plan.stage0_checkpoint
         )
     elif two_stages:
         logger.info("resuming the method from %s: stage 0 is finished, skipped", plan.method_checkpoint)
@@ -260,7 +295,7 @@ def main(argv=None):
         training_args,
         data,
         training_args.adv_method,
-        data_args.dataset_name,
+        data_args,
         resume_from_checkpoint=plan.method_checkpoint,
     )
     trainer.save_model()

@@ -293,3 +293,22 @@ def test_zero_bit_posterize_is_the_old_pillow_black_image(photo):
         assert np.array_equal(np.asarray(_posterize(photo, bits)), np.asarray(ImageOps.posterize(photo, bits)))
     # old Pillow's lookup table for 0 bits: i & ~(2**8 - 1) == 0 for every 8-bit value
     assert np.array_equal(np.asarray(_posterize(photo, 0)), np.zeros((70, 90, 3), dtype=np.uint8))
+
+
+def test_the_model_card_records_the_training_augmentation(tmp_path):
+    from conftest import make_tiny_model, tiny_run_arguments
+
+    from cure_hf import CURETrainer
+    from cure_hf.data import load_image_dataset, set_preprocessing
+
+    options = {"auto_augment": "rand-m9-mstd0.5-inc1", "random_erasing": 0.25}
+    data, _ = load_image_dataset("digits", augment="timm", augment_options=options, max_train_samples=8)
+    model = make_tiny_model("test_vit")
+    set_preprocessing(data, model)
+    trainer = CURETrainer(model, tiny_run_arguments(tmp_path, adv_method="pgd"), train_dataset=data["train"])
+    rows = trainer.model_card_info()["hyperparameters"]
+    assert rows["augment"] == "timm" and rows["auto_augment"] == "rand-m9-mstd0.5-inc1"
+    assert rows["random_erasing"] == 0.25 and rows["crop_scale"] == [0.08, 1.0]  # timm's default, as it ran
+    plain, _ = load_image_dataset("digits", max_train_samples=8)
+    trainer = CURETrainer(model, tiny_run_arguments(tmp_path / "b", adv_method="pgd"), train_dataset=plain["train"])
+    assert "augment" not in trainer.model_card_info()["hyperparameters"]

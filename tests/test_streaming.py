@@ -385,3 +385,44 @@ def test_a_streamed_evaluation_set_is_refused_with_the_fix(parquet, tmp_path):
                 train_dataset=data["train"],
                 eval_dataset=eval_dataset,
             )
+
+
+# ------------------------------------------------------------------------------------------------ the recipe
+def _train_vit():
+    import sys
+
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    if recipes not in sys.path:
+        sys.path.insert(0, recipes)
+    import train_vit
+
+    return train_vit
+
+
+def test_the_recipe_trains_on_a_stream_of_parquet_shards(parquet, tmp_path):
+    out = tmp_path / "run"
+    flags = ["--streaming", "--dataset_name", "parquet", "--train_dir", parquet["folder"], "--test_split"]
+    flags += ["validation", "--dataset_id", "ILSVRC/imagenet-1k", "--model_name_or_path", "test_resnet"]
+    flags += ["--image_size", "16", "--natural_epochs", "0", "--max_steps", "3", "--per_device_train_batch_size", "8"]
+    flags += ["--attack_steps", "1", "--eval_pgd_steps", "2", "--shuffle_buffer", "16", "--output_dir", str(out)]
+    flags += ["--use_cpu", "--dataloader_num_workers", "0", "--logging_steps", "1"]
+    results = _train_vit().main(flags)
+    metrics = results["cure"]
+    assert metrics["eval_n_examples"] == EVAL_EXAMPLES and 0.0 <= metrics["eval_pgd2_accuracy"] <= 1.0
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "ILSVRC/imagenet-1k" in card
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--streaming", "--dataset_name", "parquet"], r"--streaming with a natural stage 0.*--natural_epochs 0"),
+        (["--shuffle_buffer", "5"], r"shuffle_buffer=5 is invalid without --streaming.*add --streaming"),
+        (["--stream_shards", "4"], r"stream_shards=4 is invalid without --streaming"),
+        (["--streaming", "--max_train_samples", "10"], r"max_train_samples=10 is invalid with --streaming"),
+        (["--streaming", "--stream_shards", "0"], r"stream_shards=0 is invalid"),
+    ],
+)
+def test_the_recipes_stream_flags_are_checked(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        _train_vit().main([*flags, "--output_dir", str(tmp_path), "--use_cpu", "--max_steps", "2"])
