@@ -120,3 +120,137 @@ def test_a_checkpoint_without_the_weight_average_warns_on_the_components_logger(
         == f"{folder} has no weight_average.safetensors: weight averaging starts from its weights now"
     )
     assert trainer.component("weight_average").average is None
+
+
+# ------------------------------------------------------------------------------------------------------ AWP
+def test_awp_redoes_a_perturbation_left_from_a_step_that_never_reached_the_optimizer(tmp_path, small_train):
+    """The first micro-batch of a step perturbs; a perturbation still applied from an earlier step (whose optimizer
+    step the fp16 scaler skipped) is undone and redone at this step's weights."""
+    from cure_hf.data import collate_pixels
+
+    args = tiny_run_arguments(tmp_path, adv_method="pgd", awp_gamma="5e-3", awp_warmup_epochs=0)
+    trainer = CURETrainer(make_tiny_model(), args, train_dataset=small_train)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    trainer.current_gradient_accumulation_steps = 1
+    batch = collate_pixels([small_train[i] for i in range(8)])
+    awp = trainer.awp
+    trainer.training_step(trainer.model, dict(batch))
+    assert awp.applied and awp.step == 0
+    trainer.state.global_step = 1  # the optimizer step of step 0 never ran: its perturbation is still there
+    trainer.training_step(trainer.model, dict(batch))
+    assert awp.applied and awp.step == 1
+    metrics = trainer._metrics["awp_proxy_loss"]
+    assert len(metrics) == 2 and all(torch.isfinite(m) for m in metrics)  # logged under its name, once per step
+
+
+# ------------------------------------------------------------------------------------------- conservation
+def test_clean_weight_is_read_by_conservation_only_with_the_papers_prominence(tmp_path):
+    with pytest.raises(ValueError, match=r"clean_weight=0.3 is invalid with adv_method='trades'"):
+        tiny_run_arguments(tmp_path, adv_method="trades", conservation="soft", clean_weight=0.3)
+    args = tiny_run_arguments(tmp_path, adv_method="trades", conservation="soft", prominence="paper", clean_weight=0.3)
+    assert Conservation.reads(args, None) == Conservation.fields
+
+
+def test_the_papers_prominence_without_an_adversarial_batch_says_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"Fix: use prominence='loss' \(\|gradient\| of the loss\), or an adversarial"):
+        tiny_run_arguments(tmp_path, adv_method="clean", conservation="soft", prominence="paper")
+
+
+def test_conservation_exempts_the_head_modules_it_is_given(tmp_path):
+    model = make_tiny_model()
+    given = CURETrainer(model, tiny_run_arguments(tmp_path, adv_method="cure", head_modules=["model.conv1"]))
+    expected = {f"model.conv1.{name}" for name, _ in model.model.conv1.named_parameters()}
+    assert given.component("conservation").head_names == expected
+    auto = CURETrainer(make_tiny_model(), tiny_run_arguments(tmp_path / "auto", adv_method="cure"))
+    assert auto.component("conservation").head_names != expected
+
+
+def _with_unused_parameter(model):
+    model.unused = torch.nn.Parameter(torch.ones(3))  # trainable, never in the forward pass: its gradient is None
+    return model
+
+
+def test_the_papers_prominence_sums_a_steps_micro_batches_and_drops_a_skipped_steps(tmp_path, small_train):
+    from cure_hf.components import TrainingBatch
+    from cure_hf.data import collate_pixels
+    from cure_hf.methods import LossInputs
+
+    model = _with_unused_parameter(make_tiny_model()).eval()  # eval: the forward is a pure function of the input
+    args = tiny_run_arguments(tmp_path, adv_method="cure", prominence="paper", clean_weight=0.3)
+    conservation = CURETrainer(model, args).component("conservation")
+    params = conservation.maskable_parameters()
+    batches = [collate_pixels([small_train[i] for i in range(4 * k, 4 * k + 4)]) for k in range(3)]
+
+    def call(batch):
+        x, labels = batch["pixel_values"], batch["labels"]
+        inputs = LossInputs(labels, model(x), model(x.flip(-1)))
+        conservation.after_loss(TrainingBatch(x=x, labels=labels), inputs, 0.5)
+
+    def oracle(batch):  # 0.5 x the gradient of each cross-entropy, from a separate forward pass
+        x, labels = batch["pixel_values"], batch["labels"]
+        out = []
+        for logits in (model(x), model(x.flip(-1))):
+            grads = torch.autograd.grad(
+                0.5 * torch.nn.functional.cross_entropy(logits, labels), params, allow_unused=True
+            )
+            out.append([torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+        return out
+
+    conservation.trainer.state.global_step = 0
+    call(batches[0])
+    call(batches[1])
+    first, second = oracle(batches[0]), oracle(batches[1])
+    for kind in (0, 1):
+        for got, a, b in zip(conservation._paper_grads[kind], first[kind], second[kind]):
+            assert torch.allclose(got, a + b, atol=1e-6)
+    (unused,) = [i for i, p in enumerate(params) if p is model.unused]
+    assert torch.equal(conservation._paper_grads[0][unused], torch.zeros(3))
+    conservation.trainer.state.global_step = 1  # step 0's optimizer step never ran: its sums are dropped
+    call(batches[2])
+    third = oracle(batches[2])
+    for kind in (0, 1):
+        assert all(torch.allclose(g, t, atol=1e-6) for g, t in zip(conservation._paper_grads[kind], third[kind]))
+
+
+def test_a_model_with_an_unused_parameter_trains_with_the_papers_prominence(tmp_path, small_train):
+    model = _with_unused_parameter(make_tiny_model())
+    args = tiny_run_arguments(tmp_path, adv_method="cure", prominence="paper", clean_weight=0.3)
+    trainer = CURETrainer(model, args, train_dataset=small_train)
+    trainer.train()
+    assert trainer.state.global_step == 2 and torch.equal(model.unused.detach(), torch.ones(3))
+
+
+@pytest.mark.parametrize("prominence", ["loss", "paper"])
+def test_the_conservation_card_fields(tmp_path, prominence):
+    args = tiny_run_arguments(tmp_path, adv_method="cure", prominence=prominence, conserve_fraction=0.4)
+    rows = CURETrainer(make_tiny_model(), args).model_card_info()["hyperparameters"]
+    assert rows["conservation"] == "soft" and rows["conserve_fraction"] == 0.4 and rows["prominence"] == prominence
+
+
+# ----------------------------------------------------------------------------------------------- revision
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_revision_card_names_a_schedule_only_when_there_is_one(tmp_path, schedule):
+    args = tiny_run_arguments(tmp_path, adv_method="cure", revision_rate_schedule=schedule)
+    rows = CURETrainer(make_tiny_model(), args).model_card_info()["hyperparameters"]
+    assert rows["revision"] is True and rows["revision_rate"] == args.revision_rate
+    assert rows.get("revision_rate_schedule") == (None if schedule == "constant" else "cosine")
+
+
+def test_the_revision_rate_stays_at_zero_past_the_end_of_its_linear_decay(tmp_path):
+    args = tiny_run_arguments(tmp_path, adv_method="cure", revision_rate_schedule="linear")
+    trainer = CURETrainer(make_tiny_model(), args)
+    trainer.state.max_steps, trainer.state.global_step = 10, 12
+    assert trainer.component("revision").rate() == 0.0
+
+
+# ------------------------------------------------------------------------------------------- switches
+def test_the_switch_values_a_resume_compares_are_the_given_ones(tmp_path):
+    from cure_hf.components import component_switch_values
+    from cure_hf.methods import get_method
+
+    trades = tiny_run_arguments(tmp_path, adv_method="trades", conservation="hard")
+    assert component_switch_values(trades, get_method("trades")) == {"conservation": "hard", "revision": False}
+    cure = tiny_run_arguments(tmp_path, adv_method="cure", revision=False)
+    assert component_switch_values(cure, get_method("cure")) == {"conservation": "soft", "revision": False}
+    pgd = tiny_run_arguments(tmp_path, adv_method="pgd", revision=True)
+    assert component_switch_values(pgd, get_method("pgd")) == {"conservation": "none", "revision": True}
