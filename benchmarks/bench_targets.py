@@ -34,6 +34,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -150,23 +151,34 @@ def window_cfg(cfg, steps: int):
 
 def time_windows(cfg, models, profiles, runs, results, key: str, check_budget) -> None:
     """``cfg.repeats`` rounds; in each, every run of ``runs`` = [(name, kind, method, config)] gets one window, in
-    order (A B C ... A B C ...). The last round's windows are profiled when ``cfg.profile_steps``."""
+    order (A B C ... A B C ...). The last round's windows are profiled when ``cfg.profile_steps``. A run that fails
+    prints its traceback, is named in ``results["failed_runs"]`` and sits out the later rounds; the others go on."""
     times = results.setdefault(key, OrderedDict())
+    failed = results.setdefault("failed_runs", [])
     for repeat in range(cfg.repeats):
         last = repeat == cfg.repeats - 1
         for name, kind, method, config in runs:
+            label = f"{name} {method}"
+            if label in failed:
+                continue
             check_budget()
-            profile = profiles(f"{name} {method}") if last and cfg.profile_steps else None
+            profile = profiles(label) if last and cfg.profile_steps else None
             wcfg = window_cfg(cfg, cfg.window_steps)
-            if kind == "trainer":
-                run = run_trainer(wcfg, models, method, config, profile=profile)
-            else:
-                run = run_plain(wcfg, models, method, config, profile=profile)
-            times.setdefault(f"{name} {method}", []).append(run["step_s"])
+            try:
+                if kind == "trainer":
+                    run = run_trainer(wcfg, models, method, config, profile=profile)
+                else:
+                    run = run_plain(wcfg, models, method, config, profile=profile)
+            except Exception:
+                failed.append(label)
+                print(f"  FAILED window {repeat + 1}/{cfg.repeats} {label}:\n{traceback.format_exc()}", flush=True)
+                release(cfg.device)
+                continue
+            times.setdefault(label, []).append(run["step_s"])
             if run.get("peak_mib"):
-                results["peak_mib"][f"{name} {method}"] = run["peak_mib"]
+                results["peak_mib"][label] = run["peak_mib"]
             if run.get("profile"):
-                results["profiles"][f"{name} {method}"] = run["profile"]
+                results["profiles"][label] = run["profile"]
             print(
                 f"  [{time.perf_counter() - cfg.started:6.0f} s] window {repeat + 1}/{cfg.repeats} {name:<20} "
                 f"{method:<7} {run['step_s'] * 1e3:9.2f} ms/step",
@@ -281,7 +293,7 @@ def report(cfg, results, done, skipped, failed, header, steps_per_epoch) -> None
             print(
                 f"ROBUST {name:<28} clean {value['clean']:.4f}  PGD-20 {value['pgd20']:.4f}  ({value['steps']} steps)"
             )
-    print_jobs(cfg, done, skipped, failed)
+    print_jobs(cfg, done, skipped, failed + [f"window of {name}" for name in results.get("failed_runs", [])])
 
     print("\n## ratios and targets")
     cure = results.get("cure", {})
@@ -364,7 +376,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--robust-model", default="test_resnet")
     parser.add_argument("--robust-image-size", type=int, default=16)
     parser.add_argument("--robust-method", default="pgd")
-    parser.add_argument("--robust-train", type=int, default=4096)
+    parser.add_argument("--robust-train", type=int, default=2048)
     parser.add_argument("--robust-eval", type=int, default=1024)
     parser.add_argument("--robust-epochs", type=int, default=6)
     parser.add_argument("--robust-natural-epochs", type=int, default=10)

@@ -39,7 +39,7 @@ from .methods import AdversarialMethod, AttackSettings, LossInputs, get_method, 
 from .prominence import mask_gradients_
 from .revision import RevisionModel
 
-__all__ = ["CapturedStep", "NOT_CAPTURED"]
+__all__ = ["CapturedStep", "EagerStepGraph", "NOT_CAPTURED"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ NOT_CAPTURED = {
     "the caller makes when it chooses (CapturedStep.finite)",
     "a changing learning rate": "the optimizer's step bakes a float learning rate into the graph; a schedule needs "
     "an optimizer that reads a tensor learning rate on the device (fused SGD, capturable Adam)",
-    "AWP, weight averaging, hard conservation, the paper's prominence, the natural warm-up, the attack warm-up": (
+    "AWP, weight averaging, hard conservation, the paper's prominence, the warm-ups, gradient clipping": (
         "not written into the captured step yet (each is device work and could be)"
     ),
+    "DDP": "one process: the gradient all-reduce would have to be captured too",
 }
 
 
@@ -224,15 +225,21 @@ class CapturedStep:
             (args.max_grad_norm not in (0, 0.0, None), "max_grad_norm", args.max_grad_norm),
         ]
         conservation = resolved_conservation(args, method)
+        # a revision-rate schedule is the caller's: set_revision_rate(rate) before each step, from a constant start
+        schedule = args.revision_rate_schedule if resolved_revision(args, method) else "constant"
         refusals += [
+            (schedule != "constant", "revision_rate_schedule", schedule),
             (conservation == "hard", "conservation", conservation),
             (conservation != "none" and args.prominence == "paper", "prominence", args.prominence),
         ]
         for refused, name, value in refusals:
             if refused:
+                fix = f"train with CURETrainer, or drop {name}"
+                if name == "revision_rate_schedule":
+                    fix = "revision_rate_schedule='constant', and CapturedStep.set_revision_rate(r) before each step"
                 raise ValueError(
                     f"{name}={value!r} is not part of the captured step (cure_hf.capture.NOT_CAPTURED says why). "
-                    f"Fix: train with CURETrainer, or drop {name}."
+                    f"Fix: {fix}."
                 )
         if resolved_revision(args, method) and revision is None:
             revision = RevisionModel(
@@ -356,6 +363,7 @@ class CapturedStep:
         else:
             if self._graph is None:
                 self._capture_graph(x, labels)
+            self._check_learning_rates()
             static_x, static_labels = self._static
             static_x.copy_(x)
             static_labels.copy_(labels)
@@ -364,6 +372,21 @@ class CapturedStep:
         self.loss, self.parts, (self.finite, self.updated) = outputs
         self.calls += 1
         return self.loss
+
+    def _float_learning_rates(self) -> list:
+        # a tensor learning rate is read on the device by the optimizers that accept one in a graph: not baked in
+        return [None if isinstance(g["lr"], torch.Tensor) else float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _check_learning_rates(self) -> None:
+        """A float learning rate is baked into the captured update: a change after the capture would be ignored."""
+        now = self._float_learning_rates()
+        if now != self._captured_lrs:
+            raise ValueError(
+                f"the optimizer's learning rate changed from {self._captured_lrs} to {now} after the step was "
+                "captured, and the captured update keeps the old one. Fix: a constant learning rate "
+                "(lr_scheduler_type='constant'), or an optimizer that reads a tensor learning rate on the device "
+                "(e.g. torch.optim.SGD(..., lr=torch.tensor(0.1, device='cuda'), fused=True)), updated in place."
+            )
 
     def _warm_graph(self):
         if not hasattr(self, "_warmer"):
@@ -376,4 +399,5 @@ class CapturedStep:
         static_x, static_labels = self._static
         graph.capture(lambda: self._body(static_x, static_labels))
         self._graph = graph
+        self._captured_lrs = self._float_learning_rates()
         logger.info("captured the %s step for batches of shape %s", self.method.name, tuple(x.shape))

@@ -26,6 +26,7 @@ loader yields the batches the Trainer's DataLoader yields (same order, same crop
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import weakref
@@ -308,6 +309,10 @@ class CompiledAttackForward(nn.Module):
     def training(self, value: bool) -> None:
         if "_orig_mod" in self.__dict__.get("_modules", {}):  # nn.Module.__init__ sets a default before it exists
             self._modules["_orig_mod"].training = value
+
+    def __deepcopy__(self, memo):
+        # a copy (AWP's proxy) compiles functions of its own: sharing these, its module would fail their guards
+        return CompiledAttackForward(copy.deepcopy(self._orig_mod, memo), **self.compile_kwargs)
 
     def forward(self, *args, **kwargs):
         compiled = self._with_grad if torch.is_grad_enabled() else self._without_grad

@@ -135,11 +135,33 @@ def test_refused_fields_name_the_reason(tmp_path):
         (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
         (dict(conservation="hard"), "conservation"),
         (dict(max_grad_norm=1.0), "max_grad_norm"),
+        (dict(revision_rate_schedule="cosine"), "revision_rate_schedule"),
     ):
         with pytest.raises(ValueError, match=f"{name}=.* is not part of the captured step"):
             CapturedStep.from_arguments(_arguments(tmp_path, "cure", **fields), model, optimizer)
     with pytest.raises(ValueError, match="capture=True needs a CUDA device"):
         CapturedStep.from_arguments(_arguments(tmp_path, "pgd"), model, optimizer, capture=True)
+
+
+def test_a_learning_rate_changed_after_the_capture_is_refused():
+    """The captured update bakes a float learning rate in: a schedule that changes it must not be silently ignored."""
+    model = make_tiny_model("test_resnet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = CapturedStep(
+        model,
+        "clean",
+        optimizer,
+        attack_settings=None,
+        hyperparameters={"label_smoothing_factor": 0.0},
+        capture=True,
+        graph_factory=EagerStepGraph,
+        warmup=0,
+    )
+    x, labels = torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    step(x, labels)
+    optimizer.param_groups[0]["lr"] = 0.05
+    with pytest.raises(ValueError, match=r"learning rate changed from \[0.1\] to \[0.05\] after the step was captured"):
+        step(x, labels)
 
 
 def _bench():
