@@ -100,6 +100,7 @@ class RobustTrainer(Trainer):
 
     _tag_names = ["cure_hf", "adversarial-training", "robustness"]
     card_overrides: Optional[Dict[str, Any]] = None  # model-card fields, e.g. {"dataset": "CIFAR-10", ...}
+    _captured_step = None  # capture_step: the trainer's cure_hf.capture.TrainerCapturedStep, built at the first step
 
     def __init__(self, model: nn.Module, args: CURETrainingArguments, *pos, **kwargs):
         if not isinstance(args, CURETrainingArguments):
@@ -540,6 +541,8 @@ class RobustTrainer(Trainer):
         for NaN/inf weights, holding the lock when it writes into `output_dir`."""
         folder = output_dir if output_dir is not None else self.args.output_dir
         self.nonfinite_guard.flush()
+        if self._captured_step is not None:
+            self._captured_step.flush()  # the captured step's last finite flag, read a step late on CUDA
         check_weights_finite(self.accelerator.unwrap_model(self.model), folder)
         root = os.path.abspath(self.args.output_dir)
         inside = os.path.commonpath([os.path.abspath(folder), root]) == root
@@ -549,6 +552,9 @@ class RobustTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written into a staging folder with the method's own state and renamed to
         `checkpoint-N` only when complete, so a process killed mid-save never leaves a `checkpoint-N` to resume from."""
+        if self._captured_step is not None:  # its revision model's step and generator, as the eager step's
+            self._captured_step.flush()
+            self._captured_step.sync_host_state()
         run_dir = self._get_output_dir(trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         staging_root = staging_folder(final)  # the Trainer writes `<its run dir>/checkpoint-N`: here, inside this
@@ -701,7 +707,9 @@ class RobustTrainer(Trainer):
             component.save_state(folder)
 
     def _load_method_state(self, folder: str) -> None:
-        """The inverse of `_save_method_state`; a checkpoint written with weight averaging needs it on."""
+        """The inverse of `_save_method_state`; a checkpoint written with weight averaging needs it on. A captured
+        step is built again at the next step, from the loaded revision state."""
+        self._captured_step = None
         if os.path.isfile(os.path.join(folder, WEIGHT_AVERAGE_NAME)) and self.component("weight_average") is None:
             raise ValueError(
                 f"resume_from_checkpoint={folder!r} was written with weight averaging ({WEIGHT_AVERAGE_NAME}; its "
@@ -946,6 +954,9 @@ class RobustTrainer(Trainer):
     # -------------------------------------------------------------------------------------- logging
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         """A training log also carries the mean of each per-step loss part since the last log."""
+        if self._captured_step is not None:  # the divergence verdict before anything is reported (the last step too)
+            self._captured_step.flush()
+            self._captured_step.sync_host_state()
         if "loss" in logs:
             for component in self.components:
                 component.log_metrics(logs)
@@ -954,6 +965,14 @@ class RobustTrainer(Trainer):
                 logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's `grad_norm` log; after a captured step the captured step's (its gradients, on CUDA, live
+        in the graph, and the norm must be the one before the mask, as the eager step's is)."""
+        captured = self._captured_step
+        if grad_norm is None and captured is not None and captured.update_ran:
+            return captured.grad_norm
+        return super()._get_grad_norm(model, grad_norm)
 
 
 def _probe_example(dataset) -> Optional[Dict[str, Any]]:

@@ -28,6 +28,7 @@ the arguments that need it are refused by :meth:`CapturedStep.from_arguments` wi
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -43,21 +44,132 @@ __all__ = ["CapturedStep", "EagerStepGraph", "NOT_CAPTURED"]
 
 logger = logging.getLogger(__name__)
 
-# What stays outside the captured step, and why (docs/benchmarks.md repeats it); from_arguments refuses the fields
-# that would need one of these inside it.
+# What stays outside the captured step, and why (docs/benchmarks.md repeats it); check_arguments refuses the fields
+# that would need one of these inside it, each with its reason from here.
 NOT_CAPTURED = {
     "the Trainer's loop": "data loading, callbacks, logging and checkpoints are host work between replays",
-    "gradient accumulation": "one graph is one optimizer step on one batch",
+    "gradient accumulation": "one captured step is one optimizer step on one batch",
     "fp16's loss scaler": "skipping a step on an inf/NaN gradient is a host decision (bf16 needs no scaler)",
-    "the divergence guard's stop": "the finite flag is computed in the graph; reading it is a host synchronisation "
-    "the caller makes when it chooses (CapturedStep.finite)",
-    "a changing learning rate": "the optimizer's step bakes a float learning rate into the graph; a schedule needs "
-    "an optimizer that reads a tensor learning rate on the device (fused SGD, capturable Adam)",
-    "AWP, weight averaging, hard conservation, the paper's prominence, the warm-ups, gradient clipping": (
-        "not written into the captured step yet (each is device work and could be)"
-    ),
+    "the divergence guard's skip": "the update runs inside the captured step, before the host can read whether "
+    "the gradient was finite, so a step cannot be dropped; stopping can (the finite flag, CapturedStep.finite)",
+    "a changing learning rate on CUDA": "the optimizer's step bakes a float learning rate into the graph; a "
+    "schedule needs an optimizer that reads a tensor learning rate on the device (off CUDA the step runs eagerly "
+    "and reads the learning rate every step)",
+    "AWP, weight averaging, hard conservation, the paper's prominence, layer telemetry, the warm-ups, gradient "
+    "clipping, the attack's reuse of the clean logits": "not written into the captured step yet (each is device "
+    "work and could be)",
     "DDP": "one process: the gradient all-reduce would have to be captured too",
 }
+_NOT_YET = NOT_CAPTURED[next(k for k in NOT_CAPTURED if k.startswith("AWP"))]
+
+
+def _refusals(args, graph: bool) -> list:
+    """(refused, field, value, reason, fix) for every argument the captured step cannot honour."""
+    from .components import resolved_conservation, resolved_revision
+
+    method = get_method(args.adv_method)
+    conservation = resolved_conservation(args, method)
+    # a revision-rate schedule is the caller's: set_revision_rate(rate) before each step, from a constant start
+    schedule = args.revision_rate_schedule if resolved_revision(args, method) else "constant"
+    scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    warmup = args.warmup_steps or getattr(args, "warmup_ratio", 0) or 0
+    optim = str(getattr(args.optim, "value", args.optim))
+    compile_mode = getattr(args, "torch_compile_mode", None)
+    drop = "drop {}"
+    rows = [
+        (
+            args.gradient_accumulation_steps != 1,
+            "gradient_accumulation_steps",
+            args.gradient_accumulation_steps,
+            NOT_CAPTURED["gradient accumulation"],
+            "gradient_accumulation_steps=1 (a larger per_device_train_batch_size)",
+        ),
+        (bool(args.fp16), "fp16", args.fp16, NOT_CAPTURED["fp16's loss scaler"], "bf16=True, or fp32"),
+        (
+            args.nonfinite_policy == "skip",
+            "nonfinite_policy",
+            args.nonfinite_policy,
+            NOT_CAPTURED["the divergence guard's skip"],
+            "nonfinite_policy='stop'",
+        ),
+        (args.resolved_awp_gamma is not None, "awp_gamma", args.awp_gamma, _NOT_YET, drop.format("awp_gamma")),
+        (
+            args.weight_averaging_decay is not None,
+            "weight_averaging",
+            args.weight_averaging,
+            _NOT_YET,
+            drop.format("weight_averaging"),
+        ),
+        (
+            bool(args.natural_warmup_epochs),
+            "natural_warmup_epochs",
+            args.natural_warmup_epochs,
+            _NOT_YET,
+            "natural_warmup_epochs=0",
+        ),
+        (
+            bool(args.attack_warmup_epochs),
+            "attack_warmup_epochs",
+            args.attack_warmup_epochs,
+            _NOT_YET,
+            "attack_warmup_epochs=0",
+        ),
+        (args.max_grad_norm not in (0, 0.0, None), "max_grad_norm", args.max_grad_norm, _NOT_YET, "max_grad_norm=0"),
+        (
+            schedule != "constant",
+            "revision_rate_schedule",
+            schedule,
+            "the revision rate is a device buffer the caller sets between steps",
+            "revision_rate_schedule='constant' (CapturedStep.set_revision_rate(r) before each "
+            "step, in a loop of your own)",
+        ),
+        (conservation == "hard", "conservation", conservation, _NOT_YET, "conservation='soft'"),
+        (
+            conservation != "none" and args.prominence == "paper",
+            "prominence",
+            args.prominence,
+            _NOT_YET,
+            "prominence='loss'",
+        ),
+        (bool(args.layer_telemetry), "layer_telemetry", args.layer_telemetry, _NOT_YET, drop.format("layer_telemetry")),
+        (
+            bool(args.attack_reuse_clean_logits),
+            "attack_reuse_clean_logits",
+            args.attack_reuse_clean_logits,
+            _NOT_YET,
+            drop.format("attack_reuse_clean_logits"),
+        ),
+        (
+            getattr(args, "world_size", 1) > 1,
+            "world_size",
+            getattr(args, "world_size", 1),
+            NOT_CAPTURED["DDP"],
+            "train in one process",
+        ),
+    ]
+    if graph:
+        changing = NOT_CAPTURED["a changing learning rate on CUDA"]
+        rows += [
+            (scheduler != "constant", "lr_scheduler_type", scheduler, changing, "lr_scheduler_type='constant'"),
+            (bool(warmup), "warmup_steps", warmup, changing, "warmup_steps=0"),
+            (bool(args.lr_step_epochs), "lr_step_epochs", args.lr_step_epochs, changing, drop.format("lr_step_epochs")),
+            (
+                optim != "sgd",
+                "optim",
+                optim,
+                "on CUDA the optimizer's update is captured, and torch's SGD captures as "
+                "it is (Adam-type optimizers need capturable=True)",
+                "optim='sgd'",
+            ),
+            (
+                compile_mode in ("reduce-overhead", "max-autotune"),
+                "torch_compile_mode",
+                compile_mode,
+                "that mode captures CUDA graphs inside the compiled model, and a graph cannot contain another capture",
+                "leave torch_compile_mode unset (the default mode)",
+            ),
+        ]
+    return rows
 
 
 def _step_without_hooks(optimizer: torch.optim.Optimizer) -> None:
@@ -132,8 +244,8 @@ class CapturedStep:
         revision_block: revision draws copied to the device at a time.
 
     Call it with a batch ``(x, labels)`` of one shape: it returns the loss (a device tensor; a static one once
-    captured). ``parts`` holds the loss's parts, ``finite`` the gradient's finite flag, ``updated`` whether the
-    revision model was updated; ``sync_host_state()`` brings the revision model's step and generator to where the
+    captured). ``parts`` holds the loss's parts, ``finite`` the gradient's finite flag, ``grad_norm`` its 2-norm
+    before the mask, ``updated`` whether the revision model was updated; ``sync_host_state()`` brings the revision model's step and generator to where the
     eager trainer's would be (before saving it).
     """
 
@@ -177,7 +289,6 @@ class CapturedStep:
         self.conserve_fraction = conserve_fraction
         heads = set(head_names)
         self.maskable = [p for n, p in model.named_parameters() if p.requires_grad and n not in heads]
-        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         device = next(model.parameters()).device
         self.device = device
         self.capture = device.type == "cuda" if capture is None else bool(capture)
@@ -195,6 +306,7 @@ class CapturedStep:
         self.parts: Dict[str, torch.Tensor] = {}
         self.finite: Optional[torch.Tensor] = None
         self.updated: Optional[torch.Tensor] = None
+        self.grad_norm: Optional[torch.Tensor] = None
         if revision is not None:
             self._init_revision(revision, revision_rate, revision_block)
 
@@ -214,33 +326,11 @@ class CapturedStep:
         from .components import resolved_conservation, resolved_revision
         from .models import head_parameter_names
 
+        capture = kwargs.get("capture")
+        graph = next(model.parameters()).device.type == "cuda" if capture is None else bool(capture)
+        cls.check_arguments(args, graph=graph)
         method = get_method(args.adv_method)
-        refusals = [
-            (args.gradient_accumulation_steps != 1, "gradient_accumulation_steps", args.gradient_accumulation_steps),
-            (bool(args.fp16), "fp16", args.fp16),
-            (args.resolved_awp_gamma is not None, "awp_gamma", args.awp_gamma),
-            (args.weight_averaging_decay is not None, "weight_averaging", args.weight_averaging),
-            (bool(args.natural_warmup_epochs), "natural_warmup_epochs", args.natural_warmup_epochs),
-            (bool(args.attack_warmup_epochs), "attack_warmup_epochs", args.attack_warmup_epochs),
-            (args.max_grad_norm not in (0, 0.0, None), "max_grad_norm", args.max_grad_norm),
-        ]
         conservation = resolved_conservation(args, method)
-        # a revision-rate schedule is the caller's: set_revision_rate(rate) before each step, from a constant start
-        schedule = args.revision_rate_schedule if resolved_revision(args, method) else "constant"
-        refusals += [
-            (schedule != "constant", "revision_rate_schedule", schedule),
-            (conservation == "hard", "conservation", conservation),
-            (conservation != "none" and args.prominence == "paper", "prominence", args.prominence),
-        ]
-        for refused, name, value in refusals:
-            if refused:
-                fix = f"train with CURETrainer, or drop {name}"
-                if name == "revision_rate_schedule":
-                    fix = "revision_rate_schedule='constant', and CapturedStep.set_revision_rate(r) before each step"
-                raise ValueError(
-                    f"{name}={value!r} is not part of the captured step (cure_hf.capture.NOT_CAPTURED says why). "
-                    f"Fix: {fix}."
-                )
         if resolved_revision(args, method) and revision is None:
             revision = RevisionModel(
                 model,
@@ -261,6 +351,19 @@ class CapturedStep:
             consistency_weight=args.consistency_weight,
             **kwargs,
         )
+
+    @staticmethod
+    def check_arguments(args, *, graph: bool) -> None:
+        """Refuse, with the reason and the fix, the first argument whose work the captured step cannot do
+        (``NOT_CAPTURED``); ``graph``: the step will be replayed from a captured graph (CUDA), which bakes in the
+        learning rate and needs a capturable optimizer.
+        ``CURETrainingArguments(capture_step=True)`` and :meth:`from_arguments` both call it."""
+        for refused, name, value, reason, fix in _refusals(args, graph):
+            if refused:
+                raise ValueError(
+                    f"{name}={value!r} is not part of the captured step: {reason}. Fix: {fix}, or train with the "
+                    "eager step (capture_step=False)."
+                )
 
     def _init_revision(self, revision: RevisionModel, rate: Optional[float], block: int) -> None:
         device = self.device
@@ -316,13 +419,15 @@ class CapturedStep:
             loss, parts = with_consistency((loss, parts), z_nat, z_adv, r_nat, r_adv, self.consistency_weight)
         loss.backward()
         with torch.no_grad():
-            grads = [p.grad for p in self.parameters if p.grad is not None]
-            finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)).float().sum())
+            # the gradient's norm as the Trainer logs it (clip_grad_norm_ over model.parameters(), before the mask)
+            norms = torch.stack(torch._foreach_norm([p.grad for p in model.parameters() if p.grad is not None]))
+            grad_norm = torch.linalg.vector_norm(norms, 2.0)
+            finite = torch.isfinite(norms.float().sum())
             if self.conserve_fraction is not None:
                 mask_gradients_(self.maskable, self.conserve_fraction)
             _step_without_hooks(self.optimizer)
             updated = self._revise() if self.revision is not None else None
-        return loss.detach(), {k: v.detach() for k, v in parts.items()}, (finite, updated)
+        return loss.detach(), {k: v.detach() for k, v in parts.items()}, (finite, updated, grad_norm)
 
     @torch.no_grad()
     def _revise(self) -> torch.Tensor:
@@ -369,7 +474,7 @@ class CapturedStep:
             static_labels.copy_(labels)
             outputs = self._graph.replay()
             self.replays += 1
-        self.loss, self.parts, (self.finite, self.updated) = outputs
+        self.loss, self.parts, (self.finite, self.updated, self.grad_norm) = outputs
         self.calls += 1
         return self.loss
 
@@ -401,3 +506,120 @@ class CapturedStep:
         self._graph = graph
         self._captured_lrs = self._float_learning_rates()
         logger.info("captured the %s step for batches of shape %s", self.method.name, tuple(x.shape))
+
+
+class TrainerCapturedStep:
+    """``CURETrainer``'s step with ``capture_step=True``: everything after the batch transforms (mixup) is one
+    :class:`CapturedStep` (on CUDA a CUDA graph, off CUDA the same work eagerly, bit for bit the eager step's).
+
+    The Trainer's loop stays the Trainer's, and after ``training_step`` it still calls ``optimizer.step()``,
+    ``lr_scheduler.step()`` and ``model.zero_grad()``. The update already ran inside the captured step, so the
+    accelerate optimizer's ``step`` is wrapped once: after a captured step it does nothing (no second update, and
+    none of the components' optimizer hooks, whose work the captured step did: mask, revision). The scheduler still
+    steps the ``param_groups``' learning rate, which the next captured step reads (off CUDA; on CUDA a changing
+    learning rate is refused at construction). What the eager step's hooks log is logged from the captured step's
+    outputs: the loss parts, ``revision_updated`` and the Trainer's ``grad_norm`` (the norm before the mask).
+
+    Divergence (``nonfinite_policy="stop"``; "skip" is refused): the captured step's finite flag is read every step;
+    off CUDA at once (one host read, as the eager guard's), on CUDA a step late, copied to pinned memory without
+    waiting and read after the next step has been queued, so the device never waits for the host; :meth:`flush`
+    reads the last one (before a save, at every log). ``sync_host_state`` (before a checkpoint) brings the revision
+    model's step and generator to where the eager step's would be.
+    """
+
+    def __init__(self, trainer, model: nn.Module):
+        from .speed import attack_module
+
+        self.trainer = trainer
+        self.accelerated = trainer.optimizer  # what the Trainer's loop calls step() on
+        self.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        self.train_forward = model
+        component = trainer.component("revision")
+        self.step = CapturedStep.from_arguments(
+            trainer.args,
+            trainer._unwrapped_model(),  # parameter names as the mask's head exemption names them
+            self.optimizer,
+            revision=component.ensure() if component is not None else None,  # the component's: it saves it
+            train_forward=model,
+            attack_net=attack_module(model),
+        )
+        self.update_ran = False
+        self._pending: Optional[Tuple[torch.Tensor, Any, int]] = None  # CUDA: (host flag, event, step) unread
+        update = self.accelerated.step
+
+        @functools.wraps(update)  # keeps the marks of torch's learning-rate scheduler on its wrapper of step()
+        def step(*args, **kwargs):
+            if not self.update_ran:
+                return update(*args, **kwargs)
+            self.update_ran = False
+            self.accelerated._opt_called = True  # what that wrapper records: an update was made (in the capture)
+            return None
+
+        self.accelerated.step = step
+
+    def serves(self, trainer, model: nn.Module) -> bool:
+        """Whether this step is still the trainer's: the same optimizer object (a new train() prepares a new one,
+        a resume loads new state: then the step is built again) and the same training module."""
+        return self.accelerated is trainer.optimizer and self.train_forward is model
+
+    def __call__(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        step, metrics = self.step, self.trainer._metrics
+        loss = step(x, labels)
+        self.update_ran = True
+        # copies: once captured, the outputs are static buffers that the next replay overwrites
+        for name, value in step.parts.items():
+            metrics[name].append(value.clone())
+        if step.updated is not None:
+            metrics["revision_updated"].append(step.updated.float())
+        self._check_finite(step.finite)
+        return loss.clone()
+
+    @property
+    def grad_norm(self) -> torch.Tensor:
+        """The last step's gradient norm before the mask (what the Trainer logs as ``grad_norm``)."""
+        return self.step.grad_norm.clone()
+
+    def sync_host_state(self) -> None:
+        self.step.sync_host_state()
+
+    def _check_finite(self, finite: torch.Tensor) -> None:
+        number = self.trainer.state.global_step + 1
+        if finite.device.type != "cuda":
+            if not bool(finite):
+                self._diverged(number, late=False)
+            return
+        previous, self._pending = self._pending, None
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        if previous is not None:  # this step is queued: reading the one before does not idle the device
+            self._read(previous)
+        self._pending = (host, event, number)
+
+    def flush(self) -> None:
+        """Read the last step's finite flag still unread (CUDA); raise if its gradient was not finite."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._read(pending)
+
+    def _read(self, pending) -> None:
+        host, event, number = pending
+        event.synchronize()
+        if not bool(host):
+            self._diverged(number, late=True)
+
+    def _diverged(self, number: int, late: bool) -> None:
+        from .safety import NonFiniteTrainingError
+
+        context = self.trainer._divergence_context()
+        raise NonFiniteTrainingError(
+            f"training diverged at step {number}: NaN or infinite gradient (the captured step's finite flag, "
+            "capture_step=True). That step's update was applied in memory (it runs inside the captured step"
+            + (", and the flag is read a step late so the device never waits" if late else "")
+            + f"), but nothing from it on is saved{context.get('last_checkpoint', '')}. Likely causes: a learning "
+            f"rate too high (learning_rate={context.get('learning_rate')!r}, {context.get('current_lr')!r} at this "
+            f"step: try 10x lower), or bad data (NaN/inf pixels or labels). Fix: resume from the last checkpoint with "
+            "a lower learning rate; capture_step=False names the tensors (and nonfinite_policy='skip' drops such "
+            "steps)."
+        )

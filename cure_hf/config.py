@@ -371,6 +371,15 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             Augmentation of device-resident data: `none` or `crop_flip` (pad-4 random crop + horizontal flip).
         cudnn_benchmark (`bool`, *optional*):
             Set `torch.backends.cudnn.benchmark` (None: on under the preset on CUDA, else unchanged).
+        capture_step (`bool`, *optional*, defaults to `False`):
+            The whole adversarial step (attack, forwards, loss, backward, conservation mask, optimizer update,
+            revision update) as one `cure_hf.capture.CapturedStep`: on CUDA one CUDA graph replayed per step (it
+            replaces `attack_cuda_graph`), off CUDA the same work eagerly, bit for bit the eager step. Refused, with
+            the reason, where the captured step cannot do a field's work: gradient accumulation, fp16, AWP, weight
+            averaging, hard conservation, the paper's prominence, layer telemetry, the warm-ups, clipping, a
+            revision-rate schedule, `nonfinite_policy="skip"`, `attack_reuse_clean_logits`, DDP, and on CUDA a
+            changing learning rate or an optimizer other than SGD. Mixup/cutmix run before it. See
+            docs/benchmarks.md ("The whole step, captured").
 
     Distributed: DDP via `accelerate launch` (docs/distributed.md); FSDP and DeepSpeed are refused.
     """
@@ -544,6 +553,15 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
             "None: True under speed_preset='fast' on CUDA, else left as it is."
         },
     )
+    capture_step: bool = field(
+        default=False,
+        metadata={
+            "help": "The whole step (attack, forwards, loss, backward, mask, update, revision) as one captured "
+            "step: a CUDA graph replayed per step on CUDA, the same work eagerly elsewhere. Refuses what it "
+            "cannot do (gradient accumulation, fp16, AWP, weight averaging, clipping, warm-ups, DDP, on CUDA a "
+            "changing learning rate, ...) with the reason."
+        },
+    )
     # Beyond the paper: weight averaging, adversarial weight perturbation, attack warm-up (docs/beyond.md);
     # validated by _validate_beyond_paper_fields.
     weight_averaging: Optional[str] = field(
@@ -590,6 +608,15 @@ class CURETrainingArguments(RobustEvaluationArguments, TrainingArguments):
         self._default_model_selection()
         self._validate_speed_fields()  # before TrainingArguments': the preset sets bf16/torch_compile, which it checks
         super(RobustEvaluationArguments, self).__post_init__()  # TrainingArguments'
+        self._validate_capture_step()  # after it: world_size and the schedule's type are then resolved
+
+    def _validate_capture_step(self) -> None:
+        """`capture_step=True`: refused for every field whose work the captured step cannot do, by the captured
+        step's own rules (`cure_hf.capture.CapturedStep.check_arguments`, with its reason and fix)."""
+        if self.capture_step:
+            from .capture import CapturedStep
+
+            CapturedStep.check_arguments(self, graph=torch.cuda.is_available() and not self.use_cpu)
 
     def _validate_trainer_step_fields(self) -> None:
         """The Trainer's step features that cannot work with an adversarial step are refused, not ignored."""

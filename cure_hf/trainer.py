@@ -117,7 +117,8 @@ class CURETrainer(RobustTrainer):
 
     def training_step(self, model: nn.Module, inputs: Dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         """Craft the adversarial batch and let the components prepare the step; `Trainer.training_step` then
-        computes the loss (`compute_loss`) and does the backward."""
+        computes the loss (`compute_loss`) and does the backward. With `capture_step`, everything after the batch
+        transforms is one captured step (`_captured_training_step`)."""
         model.train()
         inputs = self._prepare_inputs(inputs)
         x, labels = inputs["pixel_values"], inputs["labels"]
@@ -129,6 +130,8 @@ class CURETrainer(RobustTrainer):
         batch = TrainingBatch(x=x, labels=labels, natural=self.in_natural_warmup)
         for component in self.components:
             component.before_attack(batch)  # mixup/cutmix: mixed pixels, soft targets
+        if self.args.capture_step:  # refused with a natural warm-up: never a clean step here
+            return self._captured_training_step(model, batch)
         if not batch.natural:
             if self.args.natural_warmup_epochs and self._method_start_step is None:
                 self._method_start_step = self.state.global_step
@@ -152,6 +155,16 @@ class CURETrainer(RobustTrainer):
             return super().training_step(model, prepared, num_items_in_batch)
         finally:
             self._batch = None
+
+    def _captured_training_step(self, model: nn.Module, batch: TrainingBatch) -> torch.Tensor:
+        """`capture_step`: the attack, the forwards, the loss, the backward, the mask, the update and the revision
+        as one captured step (`cure_hf.capture.TrainerCapturedStep`, built at the first step and again for a new
+        optimizer or a resume); the Trainer's `optimizer.step()` that follows is then a no-op."""
+        from .capture import TrainerCapturedStep
+
+        if self._captured_step is None or not self._captured_step.serves(self, model):
+            self._captured_step = TrainerCapturedStep(self, model)
+        return self._captured_step(batch.x, batch.labels)
 
     # Replaces Trainer.compute_loss on purpose: the loss is the method's on the batch training_step prepared, not
     # the model's own loss on `inputs`.

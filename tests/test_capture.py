@@ -1,4 +1,5 @@
-"""The captured whole step (cure_hf.capture) computes CURETrainer's step, and the benchmark's plain loop's.
+"""The captured whole step (cure_hf.capture) computes CURETrainer's step, and the benchmark's plain loop's; with
+``capture_step=True`` CURETrainer trains through it, to the same weights, logs and checkpoints as its eager step.
 
 Off CUDA the step runs eagerly, through the capture's plumbing (``EagerStepGraph``: warm-up, then static batch
 buffers replayed, gradients allocated by the captured backward), on the CPU, in fp32, with the same random draws.
@@ -12,12 +13,16 @@ import sys
 import types
 
 import pytest
+import safetensors
+import safetensors.torch
 import torch
-from conftest import make_tiny_model
+from conftest import make_tiny_model, stop_after_save
 from test_speed import _args
 
-from cure_hf import CURETrainer
+from cure_hf import CURETrainer, CURETrainingArguments
 from cure_hf.capture import CapturedStep, EagerStepGraph
+from cure_hf.revision import REVISION_WEIGHTS_NAME
+from cure_hf.safety import NonFiniteTrainingError
 from cure_hf.speed import TensorImageDataset
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -162,6 +167,150 @@ def test_a_learning_rate_changed_after_the_capture_is_refused():
     optimizer.param_groups[0]["lr"] = 0.05
     with pytest.raises(ValueError, match=r"learning rate changed from \[0.1\] to \[0.05\] after the step was captured"):
         step(x, labels)
+
+
+# ------------------------------------------------------------------------------- capture_step in CURETrainer
+RUNTIME_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+
+
+def _trainer(tmp_path, method, capture, steps=STEPS, callbacks=(), **fields):
+    """CURETrainer on the tiny ResNet with the Trainer's default (linear) schedule, logging every step."""
+    args = _args(
+        tmp_path,
+        adv_method=method,
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        attack_steps=2,
+        logging_strategy="steps",
+        logging_steps=1,
+        capture_step=capture,
+        **fields,
+    )
+    return CURETrainer(
+        make_tiny_model("test_resnet", seed=1), args, train_dataset=_dataset(4 * steps), callbacks=list(callbacks)
+    )
+
+
+def _train(tmp_path, method, capture, steps=STEPS, resume=None, callbacks=(), **fields):
+    trainer = _trainer(tmp_path, method, capture, steps, callbacks, **fields)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def _trained(trainer):
+    """Every tensor of the run's end: weights, BatchNorm statistics, the revision model and its host-side state."""
+    revision = trainer.revision
+    state = _state(trainer.model, revision)
+    if revision is not None:
+        state["revision step"] = torch.tensor(revision.step)
+        state["revision generator"] = revision.generator.get_state()
+    return state
+
+
+def _logs(trainer):
+    return [{k: v for k, v in entry.items() if k not in RUNTIME_KEYS} for entry in trainer.state.log_history]
+
+
+@pytest.mark.parametrize(
+    "method, fields",
+    [(m, {}) for m in METHODS] + [("cure", dict(mixup_alpha=0.8, dataloader_drop_last=True))],
+    ids=list(METHODS) + ["cure-mixup"],
+)
+def test_capture_step_trains_to_the_eager_steps_weights_and_logs(tmp_path, one_thread, method, fields):
+    """capture_step=True through CURETrainer.train(): the same weights, BatchNorm statistics, revision model (its
+    step and generator too) and logged values (loss, parts, grad_norm, learning rate, revision_updated) as the eager
+    step, bit for bit, with a learning rate that changes every step (linear decay) and mixup before the step."""
+    eager = _train(tmp_path / "eager", method, False, **fields)
+    captured = _train(tmp_path / "captured", method, True, **fields)
+    assert eager._captured_step is None and captured._captured_step.step.calls == STEPS  # the captured path ran
+    _assert_same(_trained(captured), _trained(eager))
+    logs = _logs(captured)
+    assert logs == _logs(eager)
+    learning_rates = [entry["learning_rate"] for entry in logs if "learning_rate" in entry]
+    assert len(set(learning_rates)) == STEPS  # the schedule reached every captured update
+    assert all("grad_norm" in entry and entry["grad_norm"] > 0 for entry in logs if "loss" in entry)
+
+
+def test_capture_step_resumes_from_a_mid_run_checkpoint_bit_identically(tmp_path, one_thread):
+    """CURE with capture_step, checkpoint at step 2 of 4, a new trainer resumed from it: the final weights, revision
+    model (step, generator) and optimizer state are those of the uninterrupted eager run."""
+    fields = dict(save_strategy="steps", save_steps=2, revision_rate=0.5)
+    full = _train(tmp_path / "full", "cure", False, steps=4, **fields)
+    _train(tmp_path / "cut", "cure", True, steps=4, callbacks=[stop_after_save(2)], **fields)
+    checkpoint = tmp_path / "cut" / "checkpoint-2"
+    # the revision state on disk is the eager run's at the same step: synced from the captured step before the save
+    for name in ("model.safetensors", REVISION_WEIGHTS_NAME):
+        eager_file = safetensors.torch.load_file(str(tmp_path / "full" / "checkpoint-2" / name))
+        _assert_same(safetensors.torch.load_file(str(checkpoint / name)), eager_file)
+    with safetensors.safe_open(str(checkpoint / REVISION_WEIGHTS_NAME), framework="pt") as f:
+        assert f.metadata()["step"] == "2"
+    resumed = _train(tmp_path / "cut", "cure", True, steps=4, resume=str(checkpoint), **fields)
+    assert resumed._captured_step.step.calls == 2  # rebuilt for the resumed run, from the loaded state
+    _assert_same(_trained(resumed), _trained(full))
+    momentum = [resumed.optimizer.state[p]["momentum_buffer"] for p in resumed.model.parameters()]
+    assert all(
+        torch.equal(a, full.optimizer.state[p]["momentum_buffer"]) for a, p in zip(momentum, full.model.parameters())
+    )
+
+
+@pytest.mark.parametrize(
+    "fields, name",
+    [
+        (dict(gradient_accumulation_steps=2), "gradient_accumulation_steps"),
+        (dict(nonfinite_policy="skip"), "nonfinite_policy"),
+        (dict(awp_gamma="true"), "awp_gamma"),
+        (dict(weight_averaging="true"), "weight_averaging"),
+        (dict(natural_warmup_epochs=1.0), "natural_warmup_epochs"),
+        (dict(attack_warmup_epochs=1.0), "attack_warmup_epochs"),
+        (dict(max_grad_norm=1.0), "max_grad_norm"),
+        (dict(revision_rate_schedule="cosine"), "revision_rate_schedule"),
+        (dict(conservation="hard"), "conservation"),
+        (dict(prominence="paper"), "prominence"),
+        (dict(layer_telemetry=True), "layer_telemetry"),
+        (dict(attack_reuse_clean_logits=True, adv_method="pgd"), "attack_reuse_clean_logits"),
+    ],
+)
+def test_capture_step_refuses_what_the_captured_step_cannot_do(tmp_path, fields, name):
+    """Each refusal at construction names the field, says why, and gives the fix (including capture_step=False)."""
+    with pytest.raises(ValueError, match=f"{name}=.* is not part of the captured step: .+Fix: .*capture_step=False"):
+        _args(tmp_path, capture_step=True, **{"adv_method": "cure", **fields})
+    _args(tmp_path, capture_step=False, **{"adv_method": "cure", **fields})  # the eager step takes it
+
+
+@pytest.mark.parametrize(
+    "fields, name, reason",
+    [
+        (dict(lr_scheduler_type="linear"), "lr_scheduler_type", "bakes a float learning rate into the graph"),
+        (dict(warmup_steps=2), "warmup_steps", "bakes a float learning rate"),
+        (dict(lr_step_epochs="1"), "lr_step_epochs", "bakes a float learning rate"),
+        (dict(optim="adamw_torch"), "optim", "capturable"),
+    ],
+)
+def test_a_cuda_graph_refuses_a_changing_learning_rate_and_uncapturable_optimizers(tmp_path, fields, name, reason):
+    """On CUDA (graph=True) the update is replayed with the captured learning rate: what would change it is refused;
+    off CUDA (graph=False) the step reads it live, and the same arguments pass."""
+    args = _args(tmp_path, capture_step=True, **{"lr_scheduler_type": "constant", **fields})
+    with pytest.raises(ValueError, match=f"{name}=.* is not part of the captured step: .*{reason}"):
+        CapturedStep.check_arguments(args, graph=True)
+    CapturedStep.check_arguments(args, graph=False)
+
+
+def test_capture_step_refuses_several_processes(tmp_path, monkeypatch):
+    args = _args(tmp_path, capture_step=True)
+    monkeypatch.setattr(CURETrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="world_size=2 is not part of the captured step: one process"):
+        CapturedStep.check_arguments(args, graph=False)
+
+
+def test_a_divergence_in_the_captured_step_stops_training_before_a_save(tmp_path, one_thread):
+    """A NaN weight makes the first captured step's gradient non-finite: training stops there with the captured
+    step's message, and no checkpoint is written."""
+    trainer = _trainer(tmp_path, "pgd", True, steps=2, save_strategy="steps", save_steps=1)
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteTrainingError, match="training diverged at step 1: .*captured step's finite flag"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def _bench():
