@@ -4,7 +4,9 @@ What it measures, in one process, in order of importance (jobs after ``--time-bu
 
 1. CURE, timed in windows that alternate the configurations (A B C ... A B C ...): CURETrainer with the preset
    (``speed_preset="fast"``), the plain loop with the preset's pieces, the whole step captured (``captured``: the
-   preset's pieces in one CUDA graph, ``cure_hf.capture``), and the whole step captured with eager kernels in bf16 +
+   preset's pieces in one CUDA graph, ``cure_hf.capture``), CURETrainer with the preset and ``capture_step=True``
+   (``trainer captured``: the same captured step inside the Trainer's loop, constant learning rate), and the whole
+   step captured with eager kernels in bf16 +
    channels_last and in fp32 (``captured_bf16``, ``captured_fp32``: what bf16 buys once the host no longer paces the
    step). Each window is a fresh run from the same weights: ``--warmup`` steps, then ``--window-steps`` steps timed
    with CUDA events (``bench_step.Stopwatch``); ``--repeats`` windows per configuration. Reported: the median and
@@ -85,13 +87,17 @@ PEAK_TFLOPS = (
     ("A100", (312.0, 156.0)),
 )
 METHOD_ORDER = ("cure", "trades", "pgd", "mart", "fgsm_rs", "clean")
-# The CURE configurations of job 1: (name, kind, configuration)
+# CURETrainer with the preset and capture_step=True: the whole step captured inside the Trainer's loop (a graph
+# bakes its learning rate in, so the schedule is constant, as the plain loop's)
+TRAINER_CAPTURED = {"capture_step": True, "lr_scheduler_type": "constant"}
+# The CURE configurations of job 1: (name, kind, configuration, extra CURETrainingArguments fields)
 CURE_RUNS = (
-    ("trainer fast", "trainer", "fast"),
-    ("plain fast", "plain", "fast"),
-    ("plain captured", "plain", "captured"),
-    ("plain captured_bf16", "plain", "captured_bf16"),
-    ("plain captured_fp32", "plain", "captured_fp32"),
+    ("trainer fast", "trainer", "fast", {}),
+    ("plain fast", "plain", "fast", {}),
+    ("plain captured", "plain", "captured", {}),
+    ("trainer captured", "trainer", "fast", TRAINER_CAPTURED),
+    ("plain captured_bf16", "plain", "captured_bf16", {}),
+    ("plain captured_fp32", "plain", "captured_fp32", {}),
 )
 
 
@@ -150,14 +156,15 @@ def window_cfg(cfg, steps: int):
 
 
 def time_windows(cfg, models, profiles, runs, results, key: str, check_budget) -> None:
-    """``cfg.repeats`` rounds; in each, every run of ``runs`` = [(name, kind, method, config)] gets one window, in
+    """``cfg.repeats`` rounds; in each, every run of ``runs`` = [(name, kind, method, config, extra)] (extra: fields
+    of a trainer run's arguments) gets one window, in
     order (A B C ... A B C ...). The last round's windows are profiled when ``cfg.profile_steps``. A run that fails
     prints its traceback, is named in ``results["failed_runs"]`` and sits out the later rounds; the others go on."""
     times = results.setdefault(key, OrderedDict())
     failed = results.setdefault("failed_runs", [])
     for repeat in range(cfg.repeats):
         last = repeat == cfg.repeats - 1
-        for name, kind, method, config in runs:
+        for name, kind, method, config, extra in runs:
             label = f"{name} {method}"
             if label in failed:
                 continue
@@ -166,7 +173,7 @@ def time_windows(cfg, models, profiles, runs, results, key: str, check_budget) -
             wcfg = window_cfg(cfg, cfg.window_steps)
             try:
                 if kind == "trainer":
-                    run = run_trainer(wcfg, models, method, config, profile=profile)
+                    run = run_trainer(wcfg, models, method, config, profile=profile, **extra)
                 else:
                     run = run_plain(wcfg, models, method, config, profile=profile)
             except Exception:
@@ -314,7 +321,15 @@ def report(cfg, results, done, skipped, failed, header, steps_per_epoch) -> None
             f"RATIO cure_epoch_captured = {epoch:.1f} s (the whole step captured, plain loop) (target <= "
             f"{TARGETS['cure_epoch_fast_s']:.0f} s: {verdict(epoch <= TARGETS['cure_epoch_fast_s'])})"
         )
-    for name in ("trainer fast cure", "plain fast cure", "plain captured cure"):
+    trainer_captured = cure.get("trainer captured cure")
+    if trainer_captured and captured:
+        overhead = summary(trainer_captured)["median"] / summary(captured)["median"] - 1
+        paired = [r - 1 for r in paired_ratios(trainer_captured, captured)]
+        print(
+            f"RATIO trainer_overhead[cure captured] = {overhead:+.1%} (CURETrainer with capture_step=True over the "
+            f"plain loop's captured step, medians; windows {min(paired):+.1%} to {max(paired):+.1%})"
+        )
+    for name in ("trainer fast cure", "plain fast cure", "plain captured cure", "trainer captured cure"):
         profile = results["profiles"].get(name)
         if profile and cfg.device.type != "cuda":
             print(f"TARGET gpu_busy[{name}] = n/a off CUDA (no GPU kernels to time)")
@@ -435,12 +450,13 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return lambda: time_windows(cfg, models, profiles, runs, results, key, check_budget)
 
     if "cure" in cfg.methods:
-        jobs.append(("CURE timing", timing([(name, kind, "cure", config) for name, kind, config in CURE_RUNS], "cure")))
+        runs = [(name, kind, "cure", config, extra) for name, kind, config, extra in CURE_RUNS]
+        jobs.append(("CURE timing", timing(runs, "cure")))
         jobs.append(("CURE FLOPs", lambda: results["flops_per_step"].__setitem__("cure", count_flops(cfg, "cure"))))
     jobs.append(("robust accuracy", lambda: run_robust_check(cfg, results)))
     if others:
         pairs = (("trainer fast", "trainer"), ("plain fast", "plain"))
-        jobs.append(("other methods", timing([(n, k, m, "fast") for m in others for n, k in pairs], "methods")))
+        jobs.append(("other methods", timing([(n, k, m, "fast", {}) for m in others for n, k in pairs], "methods")))
 
     run_jobs(cfg, jobs, results, done, skipped, failed)
     report(cfg, results, done, skipped, failed, header, steps_per_epoch)

@@ -5,10 +5,10 @@
 #
 # Three parts, each under a budget (no new job after it) and a kill timer (SIGTERM: the part reports what it has,
 # SIGKILL 15 s later), in seconds from the start, so the whole run ends within 6 minutes wall, compilation included:
-#   1. the CUDA-only tests: CUDA-graph attack and captured whole step replay their eager versions, no host sync
-#      (tests.txt; at most 45 s)
-#   2. benchmarks/bench_targets.py: alternating CUDA-event windows of CURE (trainer, plain, captured, captured
-#      bf16 / fp32), profiles, FLOPs and MFU, robust accuracy fp32 vs preset over 2 seeds on the synthetic task,
+#   1. the CUDA-only tests: CUDA-graph attack and captured whole step (alone and inside CURETrainer with
+#      capture_step=True) replay their eager versions, no host sync (tests.txt; at most 45 s)
+#   2. benchmarks/bench_targets.py: alternating CUDA-event windows of CURE (trainer, plain, captured, trainer with
+#      capture_step=True, captured bf16 / fp32), profiles, FLOPs and MFU, robust accuracy fp32 vs preset over 2 seeds on the synthetic task,
 #      every other method's trainer overhead (targets.txt, targets.json, profiles.txt; no job after 235 s,
 #      SIGTERM at 250 s)
 #   3. benchmarks/bench_vit_b.py: the ViT-B/16 line, fp32, bf16 and the preset, plain loop and trainer (vit.txt,
@@ -55,6 +55,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 python -c "import torch, transformers, accelerate, timm; print('# torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), '| transformers', transformers.__version__, '| accelerate', accelerate.__version__, '| timm', timm.__version__)"
 
 # 1. CUDA-only tests: sync-free attack, CUDA-graph attack replay == eager, whole-step graph replay == eager step
+#    (alone and inside CURETrainer)
 if [ "$TEST_DEVICE" = "cuda" ]; then
     timeout -k 10 45 python -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_capture.py -k "gpu or cuda" \
         tests/test_safety.py::test_on_a_gpu_the_divergence_verdict_is_read_a_step_late_without_a_host_sync > "$OUT/tests.txt" 2>&1

@@ -286,7 +286,7 @@ def test_capture_step_refuses_what_the_captured_step_cannot_do(tmp_path, fields,
         (dict(optim="adamw_torch"), "optim", "capturable"),
     ],
 )
-def test_a_cuda_graph_refuses_a_changing_learning_rate_and_uncapturable_optimizers(tmp_path, fields, name, reason):
+def test_a_graph_refuses_a_changing_learning_rate_and_uncapturable_optimizers(tmp_path, fields, name, reason):
     """On CUDA (graph=True) the update is replayed with the captured learning rate: what would change it is refused;
     off CUDA (graph=False) the step reads it live, and the same arguments pass."""
     args = _args(tmp_path, capture_step=True, **{"lr_scheduler_type": "constant", **fields})
@@ -384,6 +384,37 @@ def test_cuda_graph_step_replays_the_eager_step_on_the_gpu():
             assert step.replays == (3 if capture else 0) and bool(step.finite)
             step.sync_host_state()
             states[capture] = _state(model, step.revision)
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    for key, value in states[False].items():
+        assert torch.allclose(states[True][key].float(), value.float(), rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_run.sh runs this)")
+def test_capture_step_on_cuda_replays_the_graph_inside_the_trainer(tmp_path):
+    """On a GPU: 6 CURE steps of CURETrainer with capture_step=True (2 eager warm-up steps, the capture, 3 replays;
+    no random start, deterministic cuDNN) end at the eager trainer's weights within 1e-5."""
+    fields = dict(
+        use_cpu=False,
+        adv_method="cure",
+        max_steps=6,
+        per_device_train_batch_size=8,
+        attack_steps=2,
+        attack_random_start=False,
+        lr_scheduler_type="constant",
+        dataloader_pin_memory=False,
+    )
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    try:
+        states = {}
+        for capture in (False, True):
+            args = _args(tmp_path / str(capture), capture_step=capture, **fields)
+            trainer = CURETrainer(make_tiny_model("test_resnet", seed=1), args, train_dataset=_dataset(48, size=32))
+            trainer.train()
+            if capture:
+                assert trainer._captured_step.step.replays == 3
+            states[capture] = _state(trainer.model, trainer.revision)
     finally:
         torch.backends.cudnn.deterministic = deterministic
     for key, value in states[False].items():
