@@ -184,7 +184,7 @@ def _one_batch(train_set):
 MIXES = {
     "mixup": dict(mixup_alpha=0.8),
     "cutmix": dict(cutmix_alpha=1.0),
-    "both_elem": dict(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_mode="elem", mixup_switch_prob=0.5),
+    "both_elem": dict(mixup_alpha=0.8, cutmix_alpha=1.0, mixup_mode="elem", mixup_prob=0.7, mixup_switch_prob=0.3),
 }
 
 
@@ -221,6 +221,7 @@ def test_the_attack_and_the_loss_receive_timms_mixed_batch_and_soft_target(tmp_p
         cutmix_alpha=options.get("cutmix_alpha", 0.0),
         mode=options.get("mixup_mode", "batch"),
         switch_prob=options.get("mixup_switch_prob", 0.5),
+        prob=options.get("mixup_prob", 1.0),
         label_smoothing=0.0,
         num_classes=10,
     )
@@ -268,8 +269,12 @@ def test_mixup_settings_are_on_the_card_and_in_the_resume_check(tmp_path, train_
         (dict(mixup_alpha=0.5, mixup_prob=1.5), r"mixup_prob=1.5 is invalid"),
         (dict(mixup_alpha=0.5, mixup_mode="pairs"), r"mixup_mode='pairs' is invalid"),
         (dict(mixup_prob=0.5), r"mixup_prob=0.5 is invalid with adv_method='pgd'.*silently ignored"),
-        (dict(mixup_alpha=0.5, per_device_train_batch_size=7), r"even batch.*per_device_train_batch_size=7"),
-        (dict(mixup_alpha=0.5, dataloader_drop_last=False), r"dataloader_drop_last=False"),
+        (
+            dict(mixup_alpha=0.5, per_device_train_batch_size=7),
+            r"^mixup_alpha=0.5 is invalid: .*even batch.*per_device_train_batch_size=7.*Fix: use an even "
+            r"per_device_train_batch_size and dataloader_drop_last=True$",
+        ),
+        (dict(cutmix_alpha=1.0, dataloader_drop_last=False), r"^cutmix_alpha=1.0 is invalid: .*drop_last=False"),
     ],
 )
 def test_mixup_arguments_are_checked(tmp_path, changes, message):
@@ -294,15 +299,24 @@ class _MarginMethod(_HardLabelPairing):
 @pytest.mark.parametrize(
     "method, message",
     [
-        (_HardLabelPairing, r"does not take them: its loss reads class indices.*soft_targets = True"),
-        (_MarginMethod, "margin"),
+        (
+            _HardLabelPairing,
+            r"^cutmix_alpha=0.4 is invalid: .*does not take them: its loss reads class indices. Fix: drop "
+            r"mixup_alpha/cutmix_alpha \(label_smoothing_factor keeps hard labels\), or use a method whose loss takes "
+            r"soft targets \(clean, pgd, fgsm_rs, trades, cure; a method of yours: soft_targets = True\)$",
+        ),
+        (
+            _MarginMethod,
+            r"^cutmix_alpha=0.4 is invalid: adv_method='margin_method' attacks the margin of the true class, and a "
+            r"mixed target has two. Fix: drop mixup_alpha/cutmix_alpha, or use a method whose attack ascends CE or KL$",
+        ),
     ],
 )
 def test_a_method_of_yours_gets_soft_targets_only_when_it_says_so(tmp_path, method, message):
     register_method(method, replace=True)
     try:
         with pytest.raises(ValueError, match=message):
-            _args(tmp_path, adv_method=method.name, mixup_alpha=0.4)
+            _args(tmp_path, adv_method=method.name, cutmix_alpha=0.4)
         _args(tmp_path, adv_method=method.name)  # without mixup it trains on class indices
     finally:
         methods_module._REGISTRY.pop(method.name, None)
@@ -316,7 +330,7 @@ def test_an_odd_batch_at_run_time_is_refused_with_the_fix(tmp_path, train_set):
     odd = {k: v[:7] for k, v in batch.items()}
     trainer.create_optimizer_and_scheduler(num_training_steps=2)
     trainer.current_gradient_accumulation_steps = 1
-    with pytest.raises(ValueError, match="batch of 7 examples.*dataloader_drop_last=True"):
+    with pytest.raises(ValueError, match=r"batch of 7 examples.*Fix: an even per_device_train_batch_size with "):
         trainer.training_step(trainer.model, odd)
 
 
@@ -351,3 +365,15 @@ def test_every_method_trains_with_mixup_and_the_components(tmp_path, train_set, 
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert len(losses) == 3 and all(np.isfinite(losses))
+
+
+def test_mixup_without_a_class_count_says_how_to_give_one(tmp_path):
+    model = make_tiny_model()
+    model.model.num_classes = None  # declares no class count, and there is no data to probe it on
+    with pytest.raises(
+        ValueError,
+        match=r"^mixup/cutmix need the number of classes for their soft targets, and the model declares none and "
+        r"could not be probed on a training example. Fix: give the model num_classes \(timm\) or config.num_labels "
+        r"\(transformers\), or train on a dataset whose first example can be read$",
+    ):
+        CURETrainer(model, _args(tmp_path, adv_method="pgd", mixup_alpha=0.4))
