@@ -151,6 +151,11 @@ def paired_ratios(a: List[float], b: List[float]) -> List[float]:
     return [x / y for x, y in zip(a, b) if y]
 
 
+def trainer_overhead(trainer: List[float], plain: List[float]) -> Tuple[float, List[float]]:
+    """The trainer's median step over the plain loop's, minus 1, and the same for each pair of windows."""
+    return summary(trainer)["median"] / summary(plain)["median"] - 1, [r - 1 for r in paired_ratios(trainer, plain)]
+
+
 def window_cfg(cfg, steps: int):
     return argparse.Namespace(**{**vars(cfg), "steps": steps})
 
@@ -323,8 +328,7 @@ def report(cfg, results, done, skipped, failed, header, steps_per_epoch) -> None
         )
     trainer_captured = cure.get("trainer captured cure")
     if trainer_captured and captured:
-        overhead = summary(trainer_captured)["median"] / summary(captured)["median"] - 1
-        paired = [r - 1 for r in paired_ratios(trainer_captured, captured)]
+        overhead, paired = trainer_overhead(trainer_captured, captured)
         print(
             f"RATIO trainer_overhead[cure captured] = {overhead:+.1%} (CURETrainer with capture_step=True over the "
             f"plain loop's captured step, medians; windows {min(paired):+.1%} to {max(paired):+.1%})"
@@ -353,8 +357,7 @@ def report(cfg, results, done, skipped, failed, header, steps_per_epoch) -> None
     for method in [m for m in METHOD_ORDER if m in cfg.methods]:
         t, p = times.get(f"trainer fast {method}"), times.get(f"plain fast {method}")
         if t and p:
-            overhead = summary(t)["median"] / summary(p)["median"] - 1
-            paired = [r - 1 for r in paired_ratios(t, p)]
+            overhead, paired = trainer_overhead(t, p)
             print(
                 f"TARGET trainer_overhead[{method} fast] = {overhead:+.1%} (medians; windows {min(paired):+.1%} to "
                 f"{max(paired):+.1%}) (target <= {TARGETS['trainer_overhead']:.0%}: "

@@ -394,23 +394,14 @@ def test_cuda_graph_step_replays_the_eager_step_on_the_gpu():
 def test_capture_step_on_cuda_replays_the_graph_inside_the_trainer(tmp_path):
     """On a GPU: 6 CURE steps of CURETrainer with capture_step=True (2 eager warm-up steps, the capture, 3 replays;
     no random start, deterministic cuDNN) end at the eager trainer's weights within 1e-5."""
-    fields = dict(
-        use_cpu=False,
-        adv_method="cure",
-        max_steps=6,
-        per_device_train_batch_size=8,
-        attack_steps=2,
-        attack_random_start=False,
-        lr_scheduler_type="constant",
-        dataloader_pin_memory=False,
-    )
+    # on the GPU, no random start (the graph's draws are the device generator's), a constant learning rate
+    fields = dict(use_cpu=False, attack_random_start=False, lr_scheduler_type="constant", dataloader_pin_memory=False)
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True
     try:
         states = {}
         for capture in (False, True):
-            args = _args(tmp_path / str(capture), capture_step=capture, **fields)
-            trainer = CURETrainer(make_tiny_model("test_resnet", seed=1), args, train_dataset=_dataset(48, size=32))
+            trainer = _trainer(tmp_path / str(capture), "cure", capture, steps=6, **fields)
             trainer.train()
             if capture:
                 assert trainer._captured_step.step.replays == 3
