@@ -753,7 +753,9 @@ def test_the_step_schedule_counts_the_optimizer_steps_of_an_epoch(tmp_path, exam
     assert sorted(trainer.lr_scheduler.milestones) == milestones
 
 
-@pytest.mark.parametrize("epochs, total, milestones", [(3, 12, [4, 8]), (1, 6, [6, 12]), (2.5, 9, [3, 6])])
+@pytest.mark.parametrize(
+    "epochs, total, milestones", [(3, 12, [4, 8]), (1, 6, [6, 12]), (2.5, 9, [3, 6]), (3, 3, [1, 2]), (3, 10, [3, 6])]
+)
 def test_without_a_training_set_the_step_schedule_divides_the_steps_by_the_epochs(tmp_path, epochs, total, milestones):
     """A trainer built for manual use (no train_dataset): an epoch is the given steps over ceil(num_train_epochs)."""
     args = _args(tmp_path, adv_method="pgd", max_steps=-1, num_train_epochs=epochs, lr_step_epochs="1,2")
@@ -771,3 +773,37 @@ def test_the_step_schedule_is_refused_for_a_training_set_without_length(tmp_path
     args = _args(tmp_path, adv_method="pgd", lr_step_epochs="1")
     with pytest.raises(ValueError, match=r"lr_step_epochs='1' needs the length of an epoch.*Stream"):
         CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=Stream())
+
+
+def test_the_step_schedule_counts_epochs_from_the_data_not_from_max_steps(tmp_path):
+    """24 examples at batch 8: 3 steps an epoch, whatever max_steps cuts the run to (5 steps over the default 3
+    epochs would give 1 step an epoch)."""
+    from cure_hf.data import image_transform, load_digits_dataset
+
+    train = load_digits_dataset()["train"].select(range(24))
+    train.set_transform(image_transform(16, train=True))
+    trainer = CURETrainer(
+        make_tiny_model("test_resnet"),
+        _args(tmp_path, adv_method="pgd", max_steps=5, lr_step_epochs="1,2"),
+        train_dataset=train,
+    )
+    trainer.create_optimizer_and_scheduler(num_training_steps=5)
+    assert sorted(trainer.lr_scheduler.milestones) == [3, 6]
+
+
+def test_the_step_schedule_is_built_on_the_optimizer_it_is_given(tmp_path):
+    trainer = CURETrainer(make_tiny_model("test_resnet"), _args(tmp_path, adv_method="pgd", lr_step_epochs="1"))
+    trainer.create_optimizer()
+    other = torch.optim.SGD(make_tiny_model("test_resnet").parameters(), lr=0.3)
+    scheduler = trainer.create_scheduler(num_training_steps=6, optimizer=other)
+    assert scheduler.optimizer is other and trainer.lr_scheduler is scheduler
+
+
+def test_a_second_train_call_builds_a_fresh_step_schedule(tmp_path, small_train):
+    args = _args(tmp_path, adv_method="pgd", max_steps=2, lr_step_epochs="1", lr_step_factor=0.5, learning_rate=0.08)
+    trainer = CURETrainer(make_tiny_model("test_resnet"), args, train_dataset=small_train)
+    trainer.train()
+    first = trainer.lr_scheduler
+    trainer.train()
+    assert trainer.lr_scheduler is not first and isinstance(trainer.lr_scheduler, torch.optim.lr_scheduler.MultiStepLR)
+    assert trainer.lr_scheduler.get_last_lr() == pytest.approx([0.08] * len(trainer.optimizer.param_groups))
