@@ -5,7 +5,8 @@ What it measures, in one process, in order of importance (jobs after ``--time-bu
 1. CURE, timed in windows that alternate the configurations (A B C ... A B C ...): CURETrainer with the preset
    (``speed_preset="fast"``), the plain loop with the preset's pieces, the whole step captured (``captured``: the
    preset's pieces in one CUDA graph, ``cure_hf.capture``), CURETrainer with the preset and ``capture_step=True``
-   (``trainer captured``: the same captured step inside the Trainer's loop, constant learning rate), and the whole
+   (``trainer captured``: the same captured step inside the Trainer's loop, constant learning rate; on CUDA, or
+   with ``--trainer-captured``), and the whole
    step captured with eager kernels in bf16 +
    channels_last and in fp32 (``captured_bf16``, ``captured_fp32``: what bf16 buys once the host no longer paces the
    step). Each window is a fresh run from the same weights: ``--warmup`` steps, then ``--window-steps`` steps timed
@@ -161,15 +162,16 @@ def window_cfg(cfg, steps: int):
 
 
 def time_windows(cfg, models, profiles, runs, results, key: str, check_budget) -> None:
-    """``cfg.repeats`` rounds; in each, every run of ``runs`` = [(name, kind, method, config, extra)] (extra: fields
-    of a trainer run's arguments) gets one window, in
+    """``cfg.repeats`` rounds; in each, every run of ``runs`` = [(name, kind, method, config[, extra])] (extra:
+    fields of a trainer run's arguments) gets one window, in
     order (A B C ... A B C ...). The last round's windows are profiled when ``cfg.profile_steps``. A run that fails
     prints its traceback, is named in ``results["failed_runs"]`` and sits out the later rounds; the others go on."""
     times = results.setdefault(key, OrderedDict())
     failed = results.setdefault("failed_runs", [])
     for repeat in range(cfg.repeats):
         last = repeat == cfg.repeats - 1
-        for name, kind, method, config, extra in runs:
+        for name, kind, method, config, *extra in runs:
+            extra = extra[0] if extra else {}
             label = f"{name} {method}"
             if label in failed:
                 continue
@@ -403,6 +405,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--profile-steps", type=int, default=2, help="profiled steps after the last window (0: none)")
     parser.add_argument("--time-budget-s", type=float, default=1e9, help="no job starts after this")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--trainer-captured",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time CURETrainer with capture_step=True among the CURE windows (default: on CUDA only)",
+    )
     parser.add_argument("--json", default=None, help="every number, rewritten after every job")
     cfg = parser.parse_args(argv)
     cfg.device = torch.device(cfg.device)
@@ -453,13 +461,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return lambda: time_windows(cfg, models, profiles, runs, results, key, check_budget)
 
     if "cure" in cfg.methods:
-        runs = [(name, kind, "cure", config, extra) for name, kind, config, extra in CURE_RUNS]
+        captured_trainer = cfg.trainer_captured if cfg.trainer_captured is not None else cfg.device.type == "cuda"
+        runs = [
+            (name, kind, "cure", config, extra)
+            for name, kind, config, extra in CURE_RUNS
+            if captured_trainer or name != "trainer captured"
+        ]
         jobs.append(("CURE timing", timing(runs, "cure")))
         jobs.append(("CURE FLOPs", lambda: results["flops_per_step"].__setitem__("cure", count_flops(cfg, "cure"))))
     jobs.append(("robust accuracy", lambda: run_robust_check(cfg, results)))
     if others:
         pairs = (("trainer fast", "trainer"), ("plain fast", "plain"))
-        jobs.append(("other methods", timing([(n, k, m, "fast", {}) for m in others for n, k in pairs], "methods")))
+        jobs.append(("other methods", timing([(n, k, m, "fast") for m in others for n, k in pairs], "methods")))
 
     run_jobs(cfg, jobs, results, done, skipped, failed)
     report(cfg, results, done, skipped, failed, header, steps_per_epoch)
