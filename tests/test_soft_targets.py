@@ -264,10 +264,14 @@ def test_mixup_settings_are_on_the_card_and_in_the_resume_check(tmp_path, train_
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(mixup_alpha=-0.1), r"mixup_alpha=-0.1 is invalid"),
-        (dict(cutmix_alpha=float("inf")), r"cutmix_alpha=inf is invalid"),
-        (dict(mixup_alpha=0.5, mixup_prob=1.5), r"mixup_prob=1.5 is invalid"),
-        (dict(mixup_alpha=0.5, mixup_mode="pairs"), r"mixup_mode='pairs' is invalid"),
+        (dict(mixup_alpha=-0.1), r"mixup_alpha=-0.1 is invalid.*a Beta\(alpha, alpha\) alpha >= 0 \(0: off\)"),
+        (dict(cutmix_alpha=float("inf")), r"cutmix_alpha=inf is invalid.*a Beta\(alpha, alpha\) alpha >= 0"),
+        (dict(mixup_alpha=0.5, mixup_prob=1.5), r"mixup_prob=1.5 is invalid.*a probability in \[0, 1\]"),
+        (dict(mixup_alpha=0.5, mixup_switch_prob=-0.5), r"mixup_switch_prob=-0.5 is invalid.*a probability in"),
+        (
+            dict(mixup_alpha=0.5, mixup_mode="pairs"),
+            r"mixup_mode='pairs' is invalid.*one of \('batch', 'pair', 'elem'\)",
+        ),
         (dict(mixup_prob=0.5), r"mixup_prob=0.5 is invalid with adv_method='pgd'.*silently ignored"),
         (
             dict(mixup_alpha=0.5, per_device_train_batch_size=7),
@@ -377,3 +381,9 @@ def test_mixup_without_a_class_count_says_how_to_give_one(tmp_path):
         r"\(transformers\), or train on a dataset whose first example can be read$",
     ):
         CURETrainer(model, _args(tmp_path, adv_method="pgd", mixup_alpha=0.4))
+
+
+@pytest.mark.parametrize("probabilities", [dict(mixup_prob=0.0, mixup_switch_prob=0.0), dict(mixup_switch_prob=1.0)])
+def test_mixup_probabilities_at_their_bounds_are_accepted(tmp_path, probabilities):
+    args = _args(tmp_path, adv_method="pgd", mixup_alpha=0.5, cutmix_alpha=1.0, **probabilities)
+    assert all(getattr(args, k) == v for k, v in probabilities.items())
