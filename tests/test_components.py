@@ -254,3 +254,23 @@ def test_the_switch_values_a_resume_compares_are_the_given_ones(tmp_path):
     assert component_switch_values(cure, get_method("cure")) == {"conservation": "soft", "revision": False}
     pgd = tiny_run_arguments(tmp_path, adv_method="pgd", revision=True)
     assert component_switch_values(pgd, get_method("pgd")) == {"conservation": "none", "revision": True}
+
+
+@pytest.mark.parametrize(
+    "changes, clean_pass",
+    [
+        (dict(adv_method="pgd"), False),  # PGD-AT's loss reads only the adversarial logits
+        (dict(adv_method="fgsm_rs", revision=True), True),  # the consistency term compares the clean predictions
+        (dict(adv_method="pgd", conservation="soft"), False),  # the loss-gradient score needs no clean pass
+        (dict(adv_method="pgd", conservation="hard", prominence="paper"), True),  # the paper's score reads CE_nat
+        (dict(adv_method="trades"), True),
+        (dict(adv_method="cure", revision=False, conservation="none"), True),
+    ],
+)
+def test_the_clean_training_forward_runs_when_the_loss_or_a_component_reads_it(tmp_path, changes, clean_pass):
+    from cure_hf.components import runs_clean_pass
+    from cure_hf.methods import get_method
+
+    args = tiny_run_arguments(tmp_path, **changes)
+    assert runs_clean_pass(args) is clean_pass  # the method looked up from the arguments
+    assert runs_clean_pass(args, get_method(args.adv_method)) is clean_pass
