@@ -376,14 +376,7 @@ class Conservation(Component):
                 args.conservation,
                 f"one of {CONSERVATION_MODES} or None (the method's default)",
             )
-        heads = args.head_modules
-        if heads is not None:
-            check_argument(
-                isinstance(heads, (list, tuple)) and all(isinstance(n, str) for n in heads),
-                "head_modules",
-                heads,
-                "a list of module names, e.g. ['head']",
-            )
+        # head_modules' type (a list of names) is the annotation's, checked first by check_field_types
 
     @classmethod
     def validate(cls, args, method):
@@ -564,10 +557,7 @@ class Revision(Component):
             f"one of {REVISION_SCHEDULES}",
         )
         check_seed("revision_seed", args.revision_seed)
-        if args.revision is not None:
-            check_argument(
-                isinstance(args.revision, bool), "revision", args.revision, "True, False or None (the method's default)"
-            )
+        # revision's type (True, False or None) is the annotation's, checked first by check_field_types
 
     def __init__(self, trainer):
         super().__init__(trainer)

@@ -274,3 +274,48 @@ def test_the_clean_training_forward_runs_when_the_loss_or_a_component_reads_it(t
     args = tiny_run_arguments(tmp_path, **changes)
     assert runs_clean_pass(args) is clean_pass  # the method looked up from the arguments
     assert runs_clean_pass(args, get_method(args.adv_method)) is clean_pass
+
+
+# ------------------------------------------------------------------------------------- the fields' ranges
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(conserve_fraction=1.0), "conserve_fraction=1.0 is invalid: allowed 0 <= p < 1."),
+        (dict(prominence="grad"), "prominence='grad' is invalid: allowed one of ('loss', 'paper')."),
+        (
+            dict(conservation="strict"),
+            "conservation='strict' is invalid: allowed one of ('soft', 'hard', 'none') or None (the method's default).",
+        ),
+        (dict(consistency_weight=-1.0), "consistency_weight=-1.0 is invalid: allowed a finite gamma >= 0."),
+        (dict(revision_rate=1.5), "revision_rate=1.5 is invalid: allowed 0 <= r <= 1."),
+        (dict(revision_decay=1.0), "revision_decay=1.0 is invalid: allowed 0 <= d < 1."),
+        (
+            dict(revision_rate_schedule="step"),
+            "revision_rate_schedule='step' is invalid: allowed one of ('constant', 'linear', 'cosine').",
+        ),
+    ],
+)
+def test_a_component_field_out_of_range_names_the_field_the_value_and_the_range(tmp_path, changes, message):
+    with pytest.raises(ValueError) as refused:
+        tiny_run_arguments(tmp_path, adv_method="cure", **changes)
+    assert str(refused.value) == message
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [dict(consistency_weight=0.0), dict(revision_rate=0.0), dict(revision_rate=1.0), dict(revision_decay=0.0)],
+)
+def test_the_revision_fields_at_their_inclusive_bounds_are_accepted(tmp_path, changes):
+    args = tiny_run_arguments(tmp_path, adv_method="cure", **changes)
+    assert all(getattr(args, k) == v for k, v in changes.items())
+
+
+def test_a_refused_field_names_every_owner(tmp_path):
+    """clean_weight is read by CURE and by conservation with the paper's prominence: both are named."""
+    with pytest.raises(ValueError, match=r"it is read by adv_method='cure' and the conservation component, which"):
+        tiny_run_arguments(tmp_path, adv_method="pgd", clean_weight=0.3)
+
+
+def test_the_replica_statistics_run_in_every_step(tmp_path):
+    trainer = CURETrainer(make_tiny_model(), tiny_run_arguments(tmp_path, adv_method="pgd"))
+    assert [c.name for c in trainer.components] == ["divergence", "replicas"]
