@@ -73,3 +73,25 @@ class RobustTask:
         pixels[:, 1:] = 0.5 + self.nonrobust_amplitude_over_eps * self.eps * nonrobust[labels]
         pixels += self.noise * torch.randn(pixels.shape, generator=generator)
         return pixels.clamp_(0.0, 1.0).permute(0, 2, 3, 1).contiguous(), labels
+
+
+def main(argv=None) -> None:
+    """Describe the task: its parameters, the robust code's ceiling and one sample's label balance."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=RobustTask.image_size)
+    parser.add_argument("--num-classes", type=int, default=RobustTask.num_classes)
+    parser.add_argument("--samples", type=int, default=1000, help="examples drawn to show the label balance")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn examples")
+    args = parser.parse_args(argv)
+    task = RobustTask(image_size=args.image_size, num_classes=args.num_classes)
+    images, labels = task.sample(args.samples, seed=args.seed)
+    print(task)
+    print(f"robust ceiling (accuracy of the robust code): {task.robust_ceiling:.3f}")
+    print(f"images {tuple(images.shape)} in [{images.min():.3f}, {images.max():.3f}]")
+    print("examples per class:", torch.bincount(labels, minlength=task.num_classes).tolist())
+
+
+if __name__ == "__main__":
+    main()
