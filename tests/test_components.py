@@ -319,3 +319,9 @@ def test_a_refused_field_names_every_owner(tmp_path):
 def test_the_replica_statistics_run_in_every_step(tmp_path):
     trainer = CURETrainer(make_tiny_model(), tiny_run_arguments(tmp_path, adv_method="pgd"))
     assert [c.name for c in trainer.components] == ["divergence", "replicas"]
+
+
+def test_conservation_puts_its_prominence_on_the_card_of_a_method_without_one(tmp_path):
+    args = tiny_run_arguments(tmp_path, adv_method="trades", conservation="soft")
+    rows = CURETrainer(make_tiny_model(), args).model_card_info()["hyperparameters"]
+    assert rows["prominence"] == "loss" and rows["conservation"] == "soft"  # TRADES itself has no prominence
