@@ -325,3 +325,23 @@ def test_conservation_puts_its_prominence_on_the_card_of_a_method_without_one(tm
     args = tiny_run_arguments(tmp_path, adv_method="trades", conservation="soft")
     rows = CURETrainer(make_tiny_model(), args).model_card_info()["hyperparameters"]
     assert rows["prominence"] == "loss" and rows["conservation"] == "soft"  # TRADES itself has no prominence
+
+
+@pytest.mark.parametrize(
+    "changes, on",
+    [
+        (dict(adv_method="pgd", revision=True), {"divergence", "revision", "replicas"}),
+        (dict(adv_method="cure", revision=False), {"divergence", "conservation", "replicas"}),
+        (dict(adv_method="trades", conservation="hard"), {"divergence", "conservation", "replicas"}),
+    ],
+)
+def test_the_components_a_run_gets_follow_its_switches(tmp_path, changes, on):
+    from cure_hf.components import components_for
+
+    assert {c.name for c in components_for(tiny_run_arguments(tmp_path, **changes))} == on
+
+
+def test_a_switch_set_to_off_does_not_hide_a_refused_field_after_it(tmp_path):
+    """conservation='none' (a switch, off) is not refused; revision_rate, whose component is off, still is."""
+    with pytest.raises(ValueError, match=r"revision_rate=0.9 is invalid with adv_method='pgd'"):
+        tiny_run_arguments(tmp_path, adv_method="pgd", conservation="none", revision_rate=0.9)
