@@ -107,7 +107,7 @@ def field_types(cls: type) -> Dict[str, Any]:
                 hints[name] = Any if isinstance(annotation, str) else annotation
             try:
                 hints.update(typing.get_type_hints(klass))
-            except Exception:
+            except Exception:  # a forward reference that cannot be resolved: the raw annotations above stand
                 pass
     return {f.name: DOCUMENTED_TYPES.get(f.name, hints.get(f.name, Any)) for f in dataclasses.fields(cls) if f.init}
 

@@ -541,8 +541,7 @@ class RobustTrainer(Trainer):
         for NaN/inf weights, holding the lock when it writes into `output_dir`."""
         folder = output_dir if output_dir is not None else self.args.output_dir
         self.nonfinite_guard.flush()
-        if self._captured_step is not None:
-            self._captured_step.flush()  # the captured step's last finite flag, read a step late on CUDA
+        self._settle_captured_step()
         check_weights_finite(self.accelerator.unwrap_model(self.model), folder)
         root = os.path.abspath(self.args.output_dir)
         inside = os.path.commonpath([os.path.abspath(folder), root]) == root
@@ -552,9 +551,7 @@ class RobustTrainer(Trainer):
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, written into a staging folder with the method's own state and renamed to
         `checkpoint-N` only when complete, so a process killed mid-save never leaves a `checkpoint-N` to resume from."""
-        if self._captured_step is not None:  # its revision model's step and generator, as the eager step's
-            self._captured_step.flush()
-            self._captured_step.sync_host_state()
+        self._settle_captured_step()  # its revision model's step and generator, as the eager step's
         run_dir = self._get_output_dir(trial)
         final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         staging_root = staging_folder(final)  # the Trainer writes `<its run dir>/checkpoint-N`: here, inside this
@@ -824,8 +821,8 @@ class RobustTrainer(Trainer):
     def _dataset_card_fields(self) -> Dict[str, Any]:
         """The training set's name and Hub id, from its `datasets` metadata (`cure_hf.data.dataset_card_fields`; the
         name `datasets` records for a dataset that moved into an organisation gives its id today,
-        `cure_hf.streaming.hub_dataset_id`); for a streamed training set also the evaluation split's name (ImageNet-1k reports on "validation"), which
-        `load_streaming_image_dataset` records on the evaluation set it builds."""
+        `cure_hf.streaming.hub_dataset_id`); for a streamed training set also the evaluation split's name
+        (ImageNet-1k reports on "validation"), which `load_streaming_image_dataset` records on the evaluation set."""
         fields = dataset_card_fields(self.train_dataset)
         if "dataset_id" not in fields and hub_dataset_id(fields.get("dataset")):  # e.g. "imagenet-1k" of the Hub
             fields["dataset_id"] = hub_dataset_id(fields["dataset"])
@@ -954,9 +951,7 @@ class RobustTrainer(Trainer):
     # -------------------------------------------------------------------------------------- logging
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         """A training log also carries the mean of each per-step loss part since the last log."""
-        if self._captured_step is not None:  # the divergence verdict before anything is reported (the last step too)
-            self._captured_step.flush()
-            self._captured_step.sync_host_state()
+        self._settle_captured_step()  # the divergence verdict before anything is reported (the last step too)
         if "loss" in logs:
             for component in self.components:
                 component.log_metrics(logs)
@@ -965,6 +960,13 @@ class RobustTrainer(Trainer):
                 logs[name] = round(torch.stack(values).float().mean().item(), 6)  # one copy per metric
             self._metrics.clear()
         super().log(logs, start_time)
+
+    def _settle_captured_step(self) -> None:
+        """`capture_step`: read the last step's finite flag (a step late on CUDA; raises on a divergence) and bring
+        the revision model's host state (step, generator) up to the steps replayed; before saving and logging."""
+        if self._captured_step is not None:
+            self._captured_step.flush()
+            self._captured_step.sync_host_state()
 
     def _get_grad_norm(self, model, grad_norm=None):
         """The Trainer's `grad_norm` log; after a captured step the captured step's (its gradients, on CUDA, live
